@@ -1,0 +1,28 @@
+// Op schemas for every fused pass, and the Python module init.
+// Kernels register their implementations per device in csrc/cpu and csrc/cuda;
+// fakes and autograd live in Python next to the public functions.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import manet_kernels._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(manet_kernels, m) {
+  // Mixed attention (DESIGN.md section 1). x, g: (N,C,H,W), NCHW- or NHWC-contiguous.
+  // Small tensors are contiguous in the accumulation dtype (float64 for double x,
+  // float32 otherwise); index tensors are int32.
+  m.def("mixed_attention_channel_pool(Tensor x) -> (Tensor avg, Tensor mx, Tensor im)");
+  m.def("mixed_attention_spatial_pool(Tensor x, Tensor mc) -> (Tensor sa, Tensor sm, Tensor ic)");
+  m.def("mixed_attention_apply(Tensor x, Tensor mc, Tensor ms) -> Tensor");
+  m.def("mixed_attention_bwd_reduce(Tensor g, Tensor x, Tensor mc, Tensor ms) -> (Tensor dms, Tensor dmc)");
+  m.def("mixed_attention_bwd_channel(Tensor x, Tensor da_s, Tensor dm_s, Tensor ic) -> Tensor");
+  m.def(
+      "mixed_attention_bwd_dx(Tensor g, Tensor mc, Tensor ms, Tensor da_s, Tensor dm_s, "
+      "Tensor ic, Tensor d_avg, Tensor d_mx, Tensor im) -> Tensor");
+}

@@ -1,0 +1,94 @@
+"""Pure-PyTorch definitions of every fused pass.
+
+This file is the contract the C++ / CUDA / Triton pass kernels implement, and
+the oracle their unit tests compare with. Each function mirrors one schema in
+``csrc/manet_kernels.cpp``. Conventions shared by every backend:
+
+* ``x``, ``g``: ``(N, C, H, W)`` activations, NCHW- or channels_last-contiguous.
+* ``acc`` dtype: ``float64`` when ``x`` is ``float64``, ``float32`` otherwise.
+  Every small tensor passed in or returned is contiguous in ``acc`` dtype, and
+  every reduction accumulates in it.
+* index tensors are ``int32``; on ties the *first* maximum wins (lowest index),
+  as ``torch.max(dim)`` documents.
+* ``P = H * W``; positions are flattened row-major, ``p = h * W + w``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like_x(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` cast to ``x``'s dtype, in ``x``'s memory format."""
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)) else torch.contiguous_format
+    return t.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _first_max(v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    # torch.max(dim) returns the first maximal index on every device.
+    val, idx = torch.max(v, dim=dim)
+    return val, idx.to(torch.int32)
+
+
+def mixed_attention_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """F1: ``avg[n,c] = mean_p x``, ``mx[n,c] = max_p x``, ``im[n,c] = argmax_p x``."""
+    n, c, h, w = x.shape
+    xa = x.to(acc_dtype(x.dtype)).reshape(n, c, h * w)
+    mx, im = _first_max(xa, 2)
+    return xa.mean(2), mx, im
+
+
+def mixed_attention_spatial_pool(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """F2: with ``x1 = mc[n,c] * x``: ``sa = mean_c x1``, ``sm = max_c x1``,
+    ``ic = argmax_c x1``; each ``(N, H, W)``."""
+    x1 = x.to(mc.dtype) * mc[:, :, None, None]
+    sm, ic = _first_max(x1, 1)
+    return x1.mean(1), sm, ic
+
+
+def mixed_attention_apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    """F3: ``y = x * mc[n,c] * ms[n,h,w]`` computed in acc dtype, returned in
+    ``x``'s dtype and memory format."""
+    y = x.to(mc.dtype) * mc[:, :, None, None] * ms[:, None]
+    return _like_x(y, x)
+
+
+def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+    """B1: ``dms[n,h,w] = sum_c g*mc*x`` and ``dmc[n,c] = sum_p g*ms*x``."""
+    gx = g.to(mc.dtype) * x.to(mc.dtype)
+    dms = (gx * mc[:, :, None, None]).sum(1)
+    dmc = (gx * ms[:, None]).sum((2, 3))
+    return dms, dmc
+
+
+def mixed_attention_bwd_channel(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: Tensor) -> Tensor:
+    """B2: ``dmc[n,c] = sum_p (da_s[n,p] / C) * x[n,c,p]
+    + sum_{p : ic[n,p] == c} dm_s[n,p] * x[n,c,p]``."""
+    n, c, h, w = x.shape
+    xa = x.to(da_s.dtype)
+    dense = (xa * (da_s / c)[:, None]).sum((2, 3))
+    picked = xa.gather(1, ic.long()[:, None]).squeeze(1)  # x[n, ic[n,p], p]
+    sparse = torch.zeros_like(dense).scatter_add_(
+        1, ic.long().reshape(n, h * w), (dm_s * picked).reshape(n, h * w))
+    return dense + sparse
+
+
+def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s: Tensor,
+                           ic: Tensor, d_avg: Tensor, d_mx: Tensor, im: Tensor) -> Tensor:
+    """B3: ``dx = mc*(g*ms + da_s/C + dm_s*[c == ic]) + d_avg/P + d_mx*[p == im]``,
+    returned in ``g``'s dtype and memory format."""
+    n, c, h, w = g.shape
+    p = h * w
+    chan = torch.arange(c, device=g.device)[None, :, None, None]
+    inner = (g.to(mc.dtype) * ms[:, None] + (da_s / c)[:, None]
+             + dm_s[:, None] * (chan == ic[:, None]).to(mc.dtype))
+    pos = torch.arange(p, device=g.device).reshape(1, 1, h, w)
+    dx = (mc[:, :, None, None] * inner + (d_avg / p)[:, :, None, None]
+          + d_mx[:, :, None, None] * (pos == im[:, :, None, None]).to(mc.dtype))
+    return _like_x(dx, g)

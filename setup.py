@@ -1,0 +1,139 @@
+"""Builds one extension, ``manet_kernels._C``.
+
+C++ CPU sources are always built. CUDA sources (``csrc/cuda/*.cu``) are built when
+torch has CUDA and nvcc is found. Environment switches:
+
+* ``MANET_KERNELS_CUDA=0`` never build CUDA; ``=1`` require it (fail if impossible);
+  unset: build it when possible, otherwise warn and build the CPU package.
+* ``TORCH_CUDA_ARCH_LIST``: GPU architectures; default ``8.0;9.0`` when no GPU is
+  visible to pick one from.
+* ``MANET_KERNELS_NO_EXT=1``: skip the extension (pure-Python package: reference
+  and Triton backends only).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _real_cuda_home() -> str | None:
+    """The toolkit root. ``nvcc`` on PATH may be a wrapper script, from which torch
+    would guess the root wrong: follow the wrapper to the real binary."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and _is_elf(os.path.join(home, "bin", "nvcc")):
+            return home
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        nvcc = os.path.realpath(nvcc)
+        if _is_elf(nvcc):
+            cands.append(nvcc)
+        else:
+            with open(nvcc, errors="replace") as f:
+                cands += re.findall(r"(/[^\s'\"]*/bin/nvcc)\b", f.read())
+    cands += sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)
+    for cand in cands:
+        if _is_elf(cand):
+            return os.path.dirname(os.path.dirname(os.path.realpath(cand)))
+    return None
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers from the pip CUDA wheels (cuBLAS/cuSPARSE headers that
+    ATen/cuda/CUDAContext.h includes may be missing from a slim toolkit)."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include"))
+                  if os.path.isdir(d))
+
+
+def _extensions():
+    if os.environ.get("MANET_KERNELS_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        warnings.warn("torch is not installed: building manet_kernels without its C++ extension")
+        return [], {}
+
+    want = os.environ.get("MANET_KERNELS_CUDA", "auto").lower()
+    sources = [os.path.join("csrc", "manet_kernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+
+    use_cuda = False
+    if want not in ("0", "false", "off"):
+        reasons = []
+        if torch.version.cuda is None:
+            reasons.append("torch is a CPU-only build")
+        home = _real_cuda_home()
+        if home is None:
+            reasons.append("nvcc was not found")
+        if reasons:
+            msg = "building without CUDA kernels: " + "; ".join(reasons)
+            if want in ("1", "true", "on"):
+                raise RuntimeError("MANET_KERNELS_CUDA=1 but " + msg)
+            warnings.warn(msg)
+        else:
+            use_cuda = True
+            os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+    if use_cuda:
+        extra_inc = []
+        for d in _pip_cuda_includes():
+            extra_inc += ["-idirafter", d]
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "--expt-relaxed-constexpr"] + extra_inc
+        ext = cpp_extension.CUDAExtension(
+            "manet_kernels._C", sources + cu_sources,
+            extra_compile_args={"cxx": cxx + extra_inc + ["-DMANET_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = cpp_extension.CppExtension(
+            "manet_kernels._C", sources, extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"])
+    build = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
+                                                      or _has_ninja_module())
+    return [ext], {"build_ext": build}
+
+
+def _has_ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    os.environ["PATH"] = os.path.join(sys.prefix, "bin") + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="manet_kernels",
+    packages=find_packages(include=["manet_kernels", "manet_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
