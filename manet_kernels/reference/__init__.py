@@ -1,0 +1,5 @@
+"""Pure-PyTorch reference modules: the oracle every kernel is tested against."""
+
+from manet_kernels.reference.mixed_attention import MixedAttention
+
+__all__ = ["MixedAttention"]

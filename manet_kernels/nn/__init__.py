@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module``s built on the fused ops."""
+
+from manet_kernels.nn.mixed_attention import MixedAttention
+
+__all__ = ["MixedAttention"]

@@ -1,0 +1,103 @@
+"""Backend choice and argument checks shared by every op."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from manet_kernels import _ext
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+ENV_BACKEND = "MANET_KERNELS_BACKEND"
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``.
+
+    ``"auto"`` honours ``$MANET_KERNELS_BACKEND``, then picks the C++ kernels on CPU
+    and the CUDA kernels (Triton if the extension has no CUDA kernels) on GPU,
+    falling back to the reference where nothing compiled is available.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"${ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        if device.type == "cuda":
+            if _ext.HAS_CUDA_KERNELS:
+                return "cuda"
+            return "triton" if triton_available() else "reference"
+        return "cpu" if (device.type == "cpu" and _ext.HAS_EXT) else "reference"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        if not _ext.HAS_EXT:
+            raise RuntimeError("backend='cpu' needs the compiled extension manet_kernels._C, "
+                               f"which did not load ({_ext.EXT_ERROR})")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _ext.HAS_CUDA_KERNELS:
+            raise RuntimeError("backend='cuda' needs manet_kernels built with CUDA kernels "
+                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1)")
+    elif backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package")
+        if device.type == "cpu" and not triton_interpreted():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                             "(set before triton is imported)")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' does not support device {device}")
+    return backend
+
+
+def check_dtype(name: str, t: Tensor, backend: str) -> None:
+    allowed = _CPU_DTYPES if backend == "cpu" else _GPU_DTYPES
+    if backend != "reference" and t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]} for "
+                        f"backend={backend!r}, got {t.dtype}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device(device: torch.device, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}: "
+                             "all tensors must be on one device")
+
+
+def check_shape(name: str, t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise ValueError(f"{name} must be a tensor of shape {shape}, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def activation_format(x: Tensor) -> torch.memory_format:
+    """The layout kernels run in: channels_last when ``x`` is channels_last (and
+    not also plain-contiguous), else contiguous (other strides are copied)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,398 @@
+"""Fused mixed attention: public function, torch.library ops, autograd.
+
+Forward = 3 fused passes over ``x`` (DESIGN.md section 1) with the tiny parts
+(shared MLP, k x k conv on the 2-channel map, optional BatchNorm, sigmoids) in
+PyTorch between them; backward = 3 fused passes. The whole forward is one
+registered op (``manet_kernels::mixed_attention``) and so is the whole backward
+(``manet_kernels::mixed_attention_backward``), so torch.compile sees one opaque
+node each way and ``torch.library.opcheck`` can check both.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
+                                       check_shape, resolve_backend)
+from manet_kernels.reference import mixed_attention as _reference
+from manet_kernels.reference import passes as _torch_passes
+from manet_kernels.reference.passes import acc_dtype
+
+__all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm"]
+
+
+class SpatialNorm(NamedTuple):
+    """BatchNorm2d(1) applied to the spatial conv output, between passes."""
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    training: bool
+    eps: float
+
+
+def _passes(backend: str):
+    """The six pass kernels of a backend, as a namespace."""
+    if backend in ("cpu", "cuda"):
+        return _CppPasses
+    if backend == "triton":
+        from manet_kernels.triton import mixed_attention as tri
+        return tri
+    if backend == "torch":  # the pass contract itself: tests the composition alone
+        return _torch_passes
+    raise ValueError(f"no pass kernels for backend {backend!r}")
+
+
+class _CppPasses:
+    """``torch.ops.manet_kernels.mixed_attention_<stage>``: the dispatcher picks the
+    CPU or CUDA kernel from the tensors' device."""
+
+    @staticmethod
+    def mixed_attention_channel_pool(x):
+        return torch.ops.manet_kernels.mixed_attention_channel_pool(x)
+
+    @staticmethod
+    def mixed_attention_spatial_pool(x, mc):
+        return torch.ops.manet_kernels.mixed_attention_spatial_pool(x, mc)
+
+    @staticmethod
+    def mixed_attention_apply(x, mc, ms):
+        return torch.ops.manet_kernels.mixed_attention_apply(x, mc, ms)
+
+    @staticmethod
+    def mixed_attention_bwd_reduce(g, x, mc, ms):
+        return torch.ops.manet_kernels.mixed_attention_bwd_reduce(g, x, mc, ms)
+
+    @staticmethod
+    def mixed_attention_bwd_channel(x, da_s, dm_s, ic):
+        return torch.ops.manet_kernels.mixed_attention_bwd_channel(x, da_s, dm_s, ic)
+
+    @staticmethod
+    def mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im):
+        return torch.ops.manet_kernels.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic,
+                                                              d_avg, d_mx, im)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Tiny parts (size N*C or N*H*W), in the accumulation dtype.
+
+def _mlp_fwd(v, w1, b1, w2, b2):
+    h = F.linear(v, w1, b1)
+    return F.linear(F.relu(h), w2, b2), h
+
+
+def _mlp_bwd(do, v, h, w1, w2):
+    """Grads of ``w2 @ relu(w1 @ v + b1) + b2`` for a batch of rows ``v``."""
+    r = F.relu(h)
+    dr = do @ w2
+    dh = dr * (h > 0).to(dr.dtype)
+    return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
+
+
+def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None):
+    """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the BN's normalised input,
+    its inverse std and the batch statistics (mean, biased var)."""
+    feat = torch.stack([sa, sm], 1)
+    z = F.conv2d(feat, conv_w, conv_b, padding=conv_w.shape[-1] // 2)
+    stats = z.new_empty(0)
+    zh = rstd = None
+    if norm is not None:
+        if norm.training:
+            if z.numel() <= 1:
+                raise ValueError("spatial BatchNorm in training mode needs more than one "
+                                 f"value (N*H*W > 1), got input of shape {tuple(z.shape)}")
+            mean = z.mean()
+            var = z.var(unbiased=False)
+            stats = torch.stack([mean, var])
+        else:
+            mean, var = norm.running_mean[0], norm.running_var[0]
+        rstd = torch.rsqrt(var + norm.eps)
+        zh = (z - mean) * rstd
+        z = zh
+        if norm.weight is not None:
+            z = z * norm.weight[0]
+        if norm.bias is not None:
+            z = z + norm.bias[0]
+    return torch.sigmoid(z).squeeze(1), feat, zh, rstd, stats
+
+
+def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
+    kern = _passes(backend)
+    acc = acc_dtype(x.dtype)
+    x = x.contiguous(memory_format=activation_format(x))
+    w1, b1, w2, b2 = (_cast(t, acc) for t in (w1, b1, w2, b2))
+    avg, mx, im = kern.mixed_attention_channel_pool(x)
+    mc = torch.sigmoid(_mlp_fwd(avg, w1, b1, w2, b2)[0] + _mlp_fwd(mx, w1, b1, w2, b2)[0])
+    sa, sm, ic = kern.mixed_attention_spatial_pool(x, mc)
+    ms, _, _, _, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
+                                      _norm_cast(norm, acc))
+    ms = ms.contiguous()
+    y = kern.mixed_attention_apply(x, mc, ms)
+    return y, mc, ms, im, ic, avg, mx, sa, sm, stats
+
+
+def _norm_cast(norm: SpatialNorm | None, acc) -> SpatialNorm | None:
+    if norm is None:
+        return None
+    return SpatialNorm(*(_cast(t, acc) for t in norm[:4]), norm.training, norm.eps)
+
+
+def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
+                   w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
+    kern = _passes(backend)
+    acc = mc.dtype
+    fmt = activation_format(x)
+    x = x.contiguous(memory_format=fmt)
+    g = gy.to(x.dtype).contiguous(memory_format=fmt)
+    c = x.shape[1]
+    w1a, b1a, w2a, b2a = (_cast(t, acc) for t in (w1, b1, w2, b2))
+    cwa, cba = conv_w.to(acc), _cast(conv_b, acc)
+    norm_a = _norm_cast(norm, acc)
+
+    # B1: sum_c g*mc*x and sum_p g*ms*x in one pass.
+    dms, dmc = kern.mixed_attention_bwd_reduce(g, x, mc, ms)
+    if gms is not None:
+        dms = dms + gms.to(acc)
+    if gmc is not None:
+        dmc = dmc + gmc.to(acc)
+
+    # Tiny: back through sigmoid, BatchNorm and the conv.
+    _, feat, zh, rstd, _ = _spatial_fwd(sa, sm, cwa, cba, norm_a)
+    dz = (dms * ms * (1 - ms)).unsqueeze(1)
+    dbn_w = dbn_b = None
+    if norm_a is not None:
+        if norm_a.weight is not None:
+            dbn_w = (dz * zh).sum().reshape(1)
+        if norm_a.bias is not None:
+            dbn_b = dz.sum().reshape(1)
+        dzh = dz * norm_a.weight[0] if norm_a.weight is not None else dz
+        if norm_a.training:
+            dz = rstd * (dzh - dzh.mean() - zh * (dzh * zh).mean())
+        else:
+            dz = dzh * rstd
+    dfeat, dconv_w, dconv_b = torch.ops.aten.convolution_backward(
+        dz, feat, cwa, [1] if conv_b is not None else None, [1, 1],
+        [conv_w.shape[-2] // 2, conv_w.shape[-1] // 2], [1, 1], False, [0, 0], 1,
+        [True, True, conv_b is not None])
+    da_s = dfeat[:, 0].contiguous()
+    dm_s = dfeat[:, 1].contiguous()
+
+    # B2: the part of d(mc) that flows through the spatial pooling.
+    dmc = dmc + kern.mixed_attention_bwd_channel(x, da_s, dm_s, ic)
+
+    # Tiny: back through the channel sigmoid and the shared MLP (avg and max rows).
+    dlogit = dmc * mc * (1 - mc)
+    rows = torch.cat([avg, mx], 0)
+    h = F.linear(rows, w1a, b1a)
+    dv, dw1, db1, dw2, db2 = _mlp_bwd(torch.cat([dlogit, dlogit], 0), rows, h, w1a, w2a)
+    n = avg.shape[0]
+    d_avg, d_mx = dv[:n].contiguous(), dv[n:].contiguous()
+
+    # B3: dx.
+    dx = kern.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im)
+
+    def like(grad, p):
+        return None if p is None else grad.to(p.dtype)
+
+    return (dx, like(dw1, w1), like(db1, b1), like(dw2, w2), like(db2, b2),
+            like(dconv_w, conv_w), like(dconv_b, conv_b),
+            like(dbn_w, norm.weight if norm else None), like(dbn_b, norm.bias if norm else None))
+
+
+# ---------------------------------------------------------------------------
+# Registered ops.
+
+def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm):
+    if not has_norm:
+        return None
+    return SpatialNorm(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps)
+
+
+@torch.library.custom_op("manet_kernels::mixed_attention", mutates_args=())
+def _mixed_attention_op(
+        x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+        conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+        bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
+        bn_eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, bn_stats)``; everything but
+    ``y`` is small (N*C or N*H*W) and kept for the backward."""
+    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
+    return _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+
+
+@_mixed_attention_op.register_fake
+def _(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
+      bn_training, bn_eps, backend):
+    n, c, h, w = x.shape
+    acc = acc_dtype(x.dtype)
+    nc = x.new_empty((n, c), dtype=acc)
+    nhw = x.new_empty((n, h, w), dtype=acc)
+    y = torch.empty_like(x, memory_format=activation_format(x))
+    stats = x.new_empty((2,) if has_norm and bn_training else (0,), dtype=acc)
+    return (y, nc, nhw, nc.to(torch.int32), nhw.to(torch.int32), nc.clone(), nc.clone(),
+            nhw.clone(), nhw.clone(), stats)
+
+
+@torch.library.custom_op("manet_kernels::mixed_attention_backward", mutates_args=())
+def _mixed_attention_backward_op(
+        gy: Tensor, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor, ms: Tensor,
+        im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor,
+        w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, conv_w: Tensor,
+        conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+        bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
+        bn_eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_weight, dbn_bias)``;
+    the gradient of an absent (None) parameter is an empty tensor."""
+    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
+    grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
+                           w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+    return tuple(x.new_empty(0) if t is None else t for t in grads)
+
+
+@_mixed_attention_backward_op.register_fake
+def _(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, w1, b1, w2, b2, conv_w, conv_b,
+      bn_weight, bn_bias, bn_mean, bn_var, has_norm, bn_training, bn_eps, backend):
+    dx = torch.empty_like(x, memory_format=activation_format(x))
+    return (dx,) + tuple(x.new_empty(0) if p is None else torch.empty_like(p)
+                         for p in (w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias))
+
+
+_INPUT_NAMES = ("x", "w1", "b1", "w2", "b2", "conv_w", "conv_b", "bn_weight", "bn_bias")
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
+     bn_training, bn_eps, backend) = inputs
+    _, mc, ms, im, ic, avg, mx, sa, sm, _ = output
+    if bn_training:  # batch statistics: the running ones (updated in place later) are unused
+        bn_mean = bn_var = None
+    ctx.save_for_backward(x, mc, ms, im, ic, avg, mx, sa, sm, w1, b1, w2, b2, conv_w, conv_b,
+                          bn_weight, bn_bias, bn_mean, bn_var)
+    ctx.flags = (has_norm, bn_training, bn_eps, backend)
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _backward(ctx, gy, gmc, gms, *_unused):
+    saved = ctx.saved_tensors
+    grads = torch.ops.manet_kernels.mixed_attention_backward(
+        gy, gmc, gms, *saved, *ctx.flags)
+    present = (True,) + tuple(t is not None for t in saved[9:17])
+    out = [g if keep else None for g, keep in zip(grads, present)]
+    # one gradient per op input: x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias,
+    # then bn_mean, bn_var, has_norm, bn_training, bn_eps, backend
+    return (*out, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("manet_kernels::mixed_attention", _backward,
+                                setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+def _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
+    backend = resolve_backend(backend, x.device)
+    check_dtype("x", x, backend)
+    if not isinstance(w1, Tensor) or w1.dim() != 2:
+        raise ValueError(f"w1 must be a 2-D tensor (C_r, C), got "
+                         f"{tuple(w1.shape) if isinstance(w1, Tensor) else type(w1).__name__}")
+    cr = w1.shape[0]
+    check_shape("w1", w1, (cr, c))
+    check_shape("b1", b1, (cr,), optional=True)
+    check_shape("w2", w2, (c, cr))
+    check_shape("b2", b2, (c,), optional=True)
+    if not isinstance(conv_w, Tensor) or conv_w.dim() != 4 or tuple(conv_w.shape[:2]) != (1, 2) \
+            or conv_w.shape[2] != conv_w.shape[3]:
+        raise ValueError("conv_w must have shape (1, 2, k, k), got "
+                         f"{tuple(conv_w.shape) if isinstance(conv_w, Tensor) else conv_w}")
+    if conv_w.shape[-1] % 2 == 0:
+        raise ValueError(f"conv_w must have an odd kernel size k (padding k//2 keeps H, W), "
+                         f"got k={conv_w.shape[-1]}")
+    check_shape("conv_b", conv_b, (1,), optional=True)
+    params = dict(w1=w1, b1=b1, w2=w2, b2=b2, conv_w=conv_w, conv_b=conv_b)
+    check_same_device(x.device, **params)
+    for name, p in params.items():
+        if p is not None and not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+    return backend
+
+
+def _run(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
+    """Forward through the registered op; returns ``(y, mc, ms, bn_stats)`` with the
+    maps in ``x``'s dtype (``ms`` as ``(N, 1, H, W)``)."""
+    nb = norm if norm is not None else SpatialNorm(None, None, None, None, False, 0.0)
+    y, mc, ms, *_, stats = torch.ops.manet_kernels.mixed_attention(
+        x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
+        nb.running_var, norm is not None, nb.training, float(nb.eps), backend)
+    return y, mc.to(x.dtype), ms.unsqueeze(1).to(x.dtype), stats
+
+
+def mixed_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                    conv_w: Tensor, conv_b: Tensor | None = None, *, backend: str = "auto",
+                    return_maps: bool = False):
+    """Channel attention then spatial attention, fused (CBAM / MANet).
+
+    ``mc = sigmoid(mlp(avg_hw x) + mlp(max_hw x))`` with
+    ``mlp(v) = w2 @ relu(w1 @ v + b1) + b2``; ``x1 = mc * x``;
+    ``ms = sigmoid(conv2d(cat[mean_c x1, max_c x1], conv_w, conv_b, padding=k//2))``;
+    ``y = ms * x1``.
+
+    Args:
+        x: ``(N, C, H, W)``; NCHW, channels_last or any strided view.
+        w1, b1: ``(C_r, C)``, ``(C_r,)`` or None. w2, b2: ``(C, C_r)``, ``(C,)`` or None.
+        conv_w: ``(1, 2, k, k)`` with k odd; conv_b: ``(1,)`` or None.
+        backend: "auto", "reference", "cpu", "cuda" or "triton" (``"auto"`` honours
+            ``$MANET_KERNELS_BACKEND``).
+        return_maps: also return ``mc (N, C)`` and ``ms (N, 1, H, W)``.
+    """
+    backend = _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend)
+    if backend == "reference":
+        return _reference.mixed_attention(x, w1, b1, w2, b2, conv_w, conv_b,
+                                          return_maps=return_maps)
+    y, mc, ms, _ = _run(x, w1, b1, w2, b2, conv_w, conv_b, None, backend)
+    return (y, mc, ms) if return_maps else y
+
+
+class MixedAttentionFunction(torch.autograd.Function):
+    """Drop-in ``torch.autograd.Function``:
+    ``MixedAttentionFunction.apply(x, w1, b1, w2, b2, conv_w, conv_b)`` returns ``y``
+    using the automatic backend. Forward and backward run the registered ops."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b=None):
+        backend = _check_args(x, w1, b1, w2, b2, conv_w, conv_b, "auto")
+        if backend == "reference":
+            backend = "torch"
+        nb = SpatialNorm(None, None, None, None, False, 0.0)
+        out = torch.ops.manet_kernels.mixed_attention(
+            x, w1, b1, w2, b2, conv_w, conv_b, None, None, None, None, False, False, 0.0,
+            backend)
+        ctx.save_for_backward(x, *out[1:9], w1, b1, w2, b2, conv_w, conv_b)
+        ctx.flags = (False, nb.training, nb.eps, backend)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = ctx.saved_tensors
+        grads = torch.ops.manet_kernels.mixed_attention_backward(
+            gy, None, None, *saved, None, None, None, None, *ctx.flags)
+        return tuple(g if p is not None else None
+                     for g, p in zip(grads[:7], (saved[0],) + saved[9:15]))
