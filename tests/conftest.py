@@ -1,0 +1,33 @@
+import os
+
+import pytest
+import torch
+
+# Triton runs on CPU only through its interpreter, which must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from manet_kernels import _ext  # noqa: E402
+from manet_kernels.ops._common import triton_available  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def backends_for(device: str) -> list[str]:
+    """The compiled backends worth testing on ``device`` in this environment."""
+    if device == "cpu":
+        out = ["cpu"] if _ext.HAS_EXT else []
+        return out + (["triton"] if triton_available() else [])
+    out = ["cuda"] if _ext.HAS_CUDA_KERNELS else []
+    return out + (["triton"] if triton_available() else [])
+
+
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+requires_ext = pytest.mark.skipif(not _ext.HAS_EXT,
+                                  reason=f"C++ extension not built: {_ext.EXT_ERROR}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

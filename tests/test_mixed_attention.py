@@ -1,0 +1,401 @@
+"""Fused mixed attention against the reference module: outputs, maps and every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import manet_kernels as mk
+from manet_kernels import nn as mknn
+from manet_kernels import reference
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Absolute/relative tolerances for same-dtype comparisons (values are O(1)).
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def make_x(shape, dtype, device, layout):
+    n, c, h, w = shape
+    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+        x = torch.randn(n, c, h, 2 * w, dtype=torch.float64, device=device)[..., ::2]
+    else:
+        x = torch.randn(shape, dtype=torch.float64, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+def make_pair(channels, dtype, device, backend, *, reduction=4, kernel_size=7, mlp_bias=True,
+              pool_order="avg_max", spatial_norm=False, train=True):
+    """A reference and a fused module holding the same (random) weights."""
+    ref = reference.MixedAttention(channels, reduction, kernel_size, mlp_bias, pool_order,
+                                   spatial_norm)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(-1, 1)  # larger than the default init, so every term matters
+        if spatial_norm:
+            ref.bn.running_mean.fill_(0.3)
+            ref.bn.running_var.fill_(1.7)
+    fused = mknn.MixedAttention(channels, reduction, kernel_size, mlp_bias, pool_order,
+                                spatial_norm, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train)
+    fused.train(train)
+    return ref.to(device, dtype), fused.to(device, dtype)
+
+
+def run(module, x, upstream):
+    """Output, maps and gradients of x and every parameter under a loss using all outputs."""
+    x = x.detach().requires_grad_()
+    y, mc, ms = module(x, return_maps=True)
+    gy, gmc, gms = upstream
+    loss = (y.double() * gy).sum() + (mc.double() * gmc).sum() + (ms.double() * gms).sum()
+    grads = torch.autograd.grad(loss, [x] + list(module.parameters()))
+    names = ["x"] + [n.removeprefix("_orig_mod.") for n, _ in module.named_parameters()]
+    return {"y": y, "mc": mc, "ms": ms, **{f"grad_{n}": g for n, g in zip(names, grads)}}
+
+
+def upstream_for(shape, device):
+    n, c, h, w = shape
+    return (torch.randn(shape, dtype=torch.float64, device=device),
+            torch.randn(n, c, dtype=torch.float64, device=device),
+            torch.randn(n, 1, h, w, dtype=torch.float64, device=device))
+
+
+def assert_matches(out, ref64, ref_lowp, dtype):
+    """Same-dtype tolerance table for fp32/fp64; for fp16/bf16 the error must be
+    within twice the reference's own error in that dtype (plus one ulp-scale floor)."""
+    for k in ref64:
+        o, r = out[k].double(), ref64[k].double()
+        assert o.shape == r.shape, k
+        if dtype in LOW_PRECISION:
+            base = (ref_lowp[k].double() - r).abs().max().item()
+            floor = torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+            err = (o - r).abs().max().item()
+            assert err <= 2 * base + floor, f"{k}: error {err:.3g}, reference's own {base:.3g}"
+        else:
+            atol, rtol = TOL[dtype]
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(o, r, atol=atol * scale, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def check_against_reference(backend, device, dtype, layout, shape, **opts):
+    ref, fused = make_pair(shape[1], dtype, device, backend, **opts)
+    x = make_x(shape, dtype, device, layout)
+    up = upstream_for(shape, device)
+    out = run(fused, x, up)
+    # fp32 and fp64 compare with the reference in the same dtype; low precision with
+    # an fp64 reference, and the reference's own error in that dtype sets the bar.
+    ref_dtype = torch.float64 if dtype in LOW_PRECISION else dtype
+    ref_hi = reference.MixedAttention(shape[1], opts.get("reduction", 4),
+                                      opts.get("kernel_size", 7), opts.get("mlp_bias", True),
+                                      opts.get("pool_order", "avg_max"),
+                                      opts.get("spatial_norm", False))
+    ref_hi.load_state_dict(ref.state_dict())
+    ref_hi.train(ref.training).to(device, ref_dtype)
+    r = run(ref_hi, x.to(ref_dtype), up)
+    r_low = run(ref, x, up) if dtype in LOW_PRECISION else None
+    assert out["y"].dtype == dtype and out["grad_x"].dtype == dtype
+    if layout == "channels_last":
+        assert out["y"].is_contiguous(memory_format=torch.channels_last)
+    assert_matches(out, r, r_low, dtype)
+    if opts.get("spatial_norm") and opts.get("train", True):
+        torch.testing.assert_close(fused.bn.running_mean, ref_hi.bn.running_mean.to(dtype))
+        torch.testing.assert_close(fused.bn.running_var, ref_hi.bn.running_var.to(dtype))
+        assert int(fused.bn.num_batches_tracked) == 1
+
+
+CPU_SHAPES = [(1, 1, 1, 1), (2, 3, 1, 7), (3, 7, 5, 3), (2, 64, 7, 7), (1, 33, 13, 11)]
+CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_cpu_matches_reference(shape, layout, dtype):
+    check_against_reference("cpu", "cpu", dtype, layout, shape)
+
+
+FLAVOURS = [
+    dict(pool_order="max_avg", spatial_norm=True, train=True),   # CBAM's official flavour
+    dict(pool_order="max_avg", spatial_norm=True, train=False),
+    dict(pool_order="avg_max", spatial_norm=False, mlp_bias=False, kernel_size=3),
+    dict(spatial_norm=True, kernel_size=1, reduction=16, train=True),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("opts", FLAVOURS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_module_flavours(opts, dtype):
+    check_against_reference("cpu", "cpu", dtype, "channels_last", (3, 20, 9, 6), **opts)
+
+
+TRITON_SHAPES = [(1, 1, 1, 1), (2, 3, 3, 5), (2, 9, 4, 4)]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
+                    reason="Triton interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_interpreter_matches_reference(shape, layout, dtype):
+    check_against_reference("triton", "cpu", dtype, layout, shape)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
+                    reason="Triton interpreter tests run on CPU-only machines")
+def test_triton_interpreter_cbam_flavour():
+    check_against_reference("triton", "cpu", torch.float32, "strided", (2, 6, 3, 4),
+                            pool_order="max_avg", spatial_norm=True, train=True)
+
+
+GPU_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 3), (2, 64, 7, 7), (3, 257, 13, 11), (2, 256, 56, 56)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_matches_reference(backend, shape, layout, dtype):
+    if backend not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    check_against_reference(backend, "cuda", dtype, layout, shape)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("opts", FLAVOURS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_gpu_module_flavours(backend, opts):
+    if backend not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    check_against_reference(backend, "cuda", torch.float32, "channels_last", (3, 40, 9, 6), **opts)
+
+
+@requires_ext
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4), c=st.integers(1, 40), h=st.integers(1, 12), w=st.integers(1, 12),
+       layout=st.sampled_from(LAYOUTS), reduction=st.sampled_from([1, 2, 16]),
+       k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2**31 - 1))
+def test_cpu_random_shapes(n, c, h, w, layout, reduction, k, seed):
+    torch.manual_seed(seed)
+    check_against_reference("cpu", "cpu", torch.float64, layout, (n, c, h, w),
+                            reduction=reduction, kernel_size=k)
+
+
+# --------------------------------------------------------------------------- functional API
+
+def functional_args(shape, dtype=torch.float64, device="cpu", k=7, bias=True):
+    n, c, h, w = shape
+    cr = max(1, c // 4)
+    mk_t = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    return (make_x(shape, dtype, device, "contiguous"), mk_t(cr, c), mk_t(cr) if bias else None,
+            mk_t(c, cr), mk_t(c) if bias else None, mk_t(1, 2, k, k), mk_t(1) if bias else None)
+
+
+@requires_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_cpu(bias):
+    args = [a.requires_grad_() if a is not None else None
+            for a in functional_args((2, 5, 3, 4), k=3, bias=bias)]
+    assert torch.autograd.gradcheck(
+        lambda *a: mk.mixed_attention(*a, backend="cpu", return_maps=True), args)
+
+
+@requires_ext
+def test_functional_matches_reference_and_maps():
+    args = functional_args((3, 12, 5, 7))
+    y, mc, ms = mk.mixed_attention(*args, backend="cpu", return_maps=True)
+    yr, mcr, msr = mk.mixed_attention(*args, backend="reference", return_maps=True)
+    assert mc.shape == (3, 12) and ms.shape == (3, 1, 5, 7)
+    for a, b in ((y, yr), (mc, mcr), (ms, msr)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@requires_ext
+def test_autograd_function_dropin():
+    args = [a.requires_grad_() for a in functional_args((2, 8, 5, 3))]
+    y = mk.MixedAttentionFunction.apply(*args)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args, g)
+    ref_args = [a.detach().requires_grad_() for a in args]
+    yr = mk.mixed_attention(*ref_args, backend="reference")
+    grads_r = torch.autograd.grad(yr, ref_args, g)
+    torch.testing.assert_close(y, yr)
+    for a, b in zip(grads, grads_r):
+        torch.testing.assert_close(a, b)
+
+
+@requires_ext
+def test_opcheck_cpu():
+    x, w1, b1, w2, b2, cw, cb = functional_args((2, 6, 5, 3), dtype=torch.float32, k=3)
+    for requires_grad in (False, True):
+        tensors = [t.clone().requires_grad_(requires_grad) for t in (x, w1, b1, w2, b2, cw, cb)]
+        torch.library.opcheck(
+            torch.ops.manet_kernels.mixed_attention.default,
+            (*tensors, None, None, None, None, False, False, 0.0, "cpu"))
+    bn = (torch.rand(1) + 0.5, torch.randn(1), torch.zeros(1), torch.ones(1))
+    torch.library.opcheck(
+        torch.ops.manet_kernels.mixed_attention.default,
+        (x.contiguous(memory_format=torch.channels_last), w1, b1, w2, b2, cw, None, *bn,
+         True, True, 1e-5, "cpu"))
+
+
+@requires_ext
+def test_compile_fullgraph_module():
+    torch._dynamo.reset()
+    ref, fused = make_pair(16, torch.float32, "cpu", "cpu", pool_order="max_avg",
+                           spatial_norm=True)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 6, 5)
+    up = upstream_for(x.shape, "cpu")
+    out = run(compiled, x, up)
+    expect = run(ref, x, up)
+    for k in expect:
+        torch.testing.assert_close(out[k], expect[k], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.bn.running_mean, ref.bn.running_mean)
+
+
+@requires_ext
+def test_saves_only_x_and_small_tensors():
+    """Memory plan: the backward keeps x itself plus O(N*C + N*H*W) tensors."""
+    n, c, h, w = 4, 32, 9, 9
+    ref, fused = make_pair(c, torch.float32, "cpu", "cpu", spatial_norm=True)
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused(x).sum().backward()
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    n_params = sum(p.numel() for p in fused.parameters()) + 2
+    small = sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr())
+    assert small <= 4 * n * c + 4 * n * h * w + n_params
+
+
+# --------------------------------------------------------------------------- edge cases
+
+@requires_ext
+def test_empty_batch():
+    ref, fused = make_pair(5, torch.float32, "cpu", "cpu", train=False)
+    x = torch.randn(0, 5, 4, 3, requires_grad=True)
+    y, mc, ms = fused(x, return_maps=True)
+    assert y.shape == x.shape and mc.shape == (0, 5) and ms.shape == (0, 1, 4, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@requires_ext
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_propagates_like_reference(bad):
+    ref, fused = make_pair(6, torch.float32, "cpu", "cpu", train=False)
+    x = torch.randn(3, 6, 4, 5)
+    x[1, 2, 3, 1] = bad
+    y, yr = fused(x), ref(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.equal(torch.isinf(y), torch.isinf(yr))
+    finite = torch.isfinite(yr)
+    torch.testing.assert_close(y[finite], yr[finite])
+    # the other samples are untouched by the bad value
+    torch.testing.assert_close(y[0], yr[0])
+
+
+@requires_ext
+def test_max_ties_send_gradient_to_one_element():
+    ref, fused = make_pair(3, torch.float64, "cpu", "cpu", train=False)
+    x = torch.ones(2, 3, 4, 4, dtype=torch.float64)
+    up = upstream_for(x.shape, "cpu")
+    out, expect = run(fused, x, up), run(ref, x, up)
+    for k in expect:
+        torch.testing.assert_close(out[k], expect[k])
+
+
+def test_bad_inputs_name_the_argument():
+    x, w1, b1, w2, b2, cw, cb = functional_args((2, 8, 5, 5), dtype=torch.float32)
+    cases = [
+        ((x[0], w1, b1, w2, b2, cw, cb), "x must be 4-D"),
+        ((x, w1[:, :3], b1, w2, b2, cw, cb), "w1"),
+        ((x, w1, b1[:1], w2, b2, cw, cb), "b1"),
+        ((x, w1, b1, w2.t(), b2, cw, cb), "w2"),
+        ((x, w1, b1, w2, b2[:3], cw, cb), "b2"),
+        ((x, w1, b1, w2, b2, torch.randn(1, 2, 4, 4), cb), "odd kernel size"),
+        ((x, w1, b1, w2, b2, torch.randn(1, 3, 3, 3), cb), "conv_w"),
+        ((x, w1, b1, w2, b2, cw, torch.randn(2)), "conv_b"),
+        ((x[:, :, :0], w1, b1, w2, b2, cw, cb), "C, H, W >= 1"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            mk.mixed_attention(*args)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        mk.mixed_attention(x.to(torch.int32), w1, b1, w2, b2, cw, cb, backend="triton")
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        mk.mixed_attention(x.to(torch.int64), w1, b1, w2, b2, cw, cb, backend="reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.mixed_attention(x, w1, b1, w2, b2, cw, cb, backend="tpu")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        mk.mixed_attention(x, w1, b1, w2, b2, cw, cb, backend="cuda")
+    with pytest.raises(ValueError, match=r"x must be \(N, 8, H, W\)"):
+        mknn.MixedAttention(8)(torch.randn(2, 7, 3, 3))
+    with pytest.raises(ValueError, match="kernel_size"):
+        mknn.MixedAttention(8, kernel_size=4)
+    with pytest.raises(ValueError, match="pool_order"):
+        mknn.MixedAttention(8, pool_order="avg")
+
+
+@requires_gpu
+def test_mixed_devices_rejected():
+    x, w1, b1, w2, b2, cw, cb = functional_args((2, 8, 5, 5), dtype=torch.float32)
+    with pytest.raises(ValueError, match="w1 is on cpu"):
+        mk.mixed_attention(x.cuda(), w1, b1.cuda(), w2.cuda(), b2.cuda(), cw.cuda(), cb.cuda())
+
+
+def test_mixed_devices_rejected_meta():
+    x, w1, b1, w2, b2, cw, cb = functional_args((2, 8, 5, 5), dtype=torch.float32)
+    with pytest.raises(ValueError, match="w2 is on meta"):
+        mk.mixed_attention(x, w1, b1, w2.to("meta"), b2, cw, cb, backend="reference")
+
+
+@requires_ext
+def test_spatial_norm_training_needs_more_than_one_value():
+    _, fused = make_pair(4, torch.float32, "cpu", "cpu", spatial_norm=True, train=True)
+    with pytest.raises(ValueError, match="more than one value"):
+        fused(torch.randn(1, 4, 1, 1))
+
+
+@requires_ext
+def test_env_backend(monkeypatch):
+    args = functional_args((2, 8, 3, 3), dtype=torch.float32)
+    monkeypatch.setenv("MANET_KERNELS_BACKEND", "reference")
+    assert mk.ops._common.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("MANET_KERNELS_BACKEND", "cpu")
+    torch.testing.assert_close(mk.mixed_attention(*args),
+                               mk.mixed_attention(*args, backend="reference"))
+    monkeypatch.setenv("MANET_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MANET_KERNELS_BACKEND"):
+        mk.mixed_attention(*args)
+
+
+def test_state_dict_keys_identical():
+    for kw in (dict(), dict(spatial_norm=True, pool_order="max_avg", mlp_bias=False)):
+        ref = reference.MixedAttention(32, **kw)
+        fused = mknn.MixedAttention(32, **kw)
+        assert list(ref.state_dict()) == list(fused.state_dict())
+        fused.load_state_dict(ref.state_dict())
+        ref.load_state_dict(fused.state_dict())
