@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sourced by the other scripts: picks the Python to use and installs manet_kernels
+# into it. A Python that already has torch (an active virtualenv, or the system one
+# on a GPU machine) is used as it is, and its torch is never replaced; otherwise
+# ./.venv is made with torch 2.14.1. Exports PY.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  PY="$VIRTUAL_ENV/bin/python"
+elif [ -x .venv/bin/python ]; then
+  PY="$PWD/.venv/bin/python"
+elif python3 -c "import torch" 2>/dev/null; then
+  PY="$(command -v python3)"
+else
+  python3 -m venv .venv
+  PY="$PWD/.venv/bin/python"
+fi
+export PY
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.14.1"
+fi
+# Test and build tools only; none of them pulls in torch.
+"$PY" -m pip install -q setuptools wheel numpy ninja pytest hypothesis expecttest pytest-benchmark
+# --no-build-isolation: build against the torch installed here; --no-deps: never touch it.
+MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+"$PY" - <<'PY'
+import torch, manet_kernels._ext as e
+print(f"manet_kernels: torch {torch.__version__}, C++ extension: {e.HAS_EXT}, "
+      f"CUDA kernels: {e.HAS_CUDA_KERNELS}, GPU: {torch.cuda.is_available()}")
+PY
