@@ -50,7 +50,7 @@ COLUMNS = ("op", "provider", "mode", "shape", "dtype", "layout", "ms", "gbps", "
            "frac_copy_bw", "peak_mem_mb", "speedup_vs_ref", "max_abs_err", "passes",
            "params") + bu.META_COLUMNS
 TABLE = (("provider", "provider", ""), ("mode", "mode", ""), ("shape", "shape", ""),
-         ("dtype", "dtype", ""), ("ms", "ms", ".4f"), ("gbps", "GB/s", ".1f"),
+         ("dtype", "dtype", ""), ("layout", "layout", ""), ("ms", "ms", ".4f"), ("gbps", "GB/s", ".1f"),
          ("frac_copy_bw", "of copy", ".1%"), ("peak_mem_mb", "peak MB", ".1f"),
          ("speedup_vs_ref", "vs ref", ".2f"), ("max_abs_err", "max err", ".1e"))
 
@@ -180,6 +180,14 @@ def run(args) -> int:
         else:
             providers.append(p)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > 0.5 * cores:
+            notes.append(f"machine busy (load average {load:.1f} on {cores} cores): "
+                         "CPU timings may be unreliable (--threads 1 suffers least)")
+            print(f"note: {notes[-1]}")
     env = bu.environment(device)
     print(f"{OP} on {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'}"
           f" | commit {env['commit']} | {env['date_utc']}")
@@ -202,38 +210,45 @@ def run(args) -> int:
             bu.append_csv(path, [row], COLUMNS)  # row by row: a timed-out run keeps its rows
         if json_path:
             bu.write_json(json_path, summary)
-        print(f"  {row['provider']:>17} {row['mode']:>8} {row['shape']:>14} {row['dtype']:>8}"
+        print(f"  {row['provider']:>17} {row['mode']:>8} {row['shape']:>14} {row['dtype']:>8} "
+              f"{row['layout']:>13}"
               f"  {row['ms']:10.4f} ms  {row['gbps']:8.1f} GB/s", flush=True)
 
+    # Two sweeps: reference and our backends over every configuration first, then
+    # torch.compile (tens of seconds of compiling per configuration under
+    # max-autotune), so a time budget cuts the compile rows, not ours.
+    first = [p for p in providers if p != "reference_compile"]
+    first.sort(key=lambda p: p != "reference")  # speedups need the reference row first
+    sweeps = [first, [p for p in providers if p == "reference_compile"]]
+    configs = [(d, s, lay) for d in dtypes for s in shapes for lay in args.layouts]
+    ref_ms: dict[tuple, float] = {}
     out_of_time = False
-    for dtype in dtypes:
-        for shape in shapes:
-            for layout in args.layouts:
-                if out_of_time:
+    for sweep in sweeps:
+        for dtype, shape, layout in configs:
+            if not sweep or out_of_time:
+                break
+            case = make_case(shape, dtype, device, layout)
+            with torch.no_grad():
+                ref_y = case.module(case.x).float()
+            for provider in sweep:
+                if args.time_budget and time.monotonic() - started > args.time_budget:
+                    notes.append(f"time budget {args.time_budget:.0f}s spent: stopped before "
+                                 f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
+                    print(f"note: {notes[-1]}")
+                    out_of_time = True
                     break
-                case = make_case(shape, dtype, device, layout)
-                with torch.no_grad():
-                    ref_y = case.module(case.x).float()
-                ref_ms: dict[str, float] = {}
-                # reference first (speedups need it), compile last (slowest to set up).
-                order = sorted(providers, key=lambda p: (p != "reference",
-                                                         p == "reference_compile"))
-                for provider in order:
-                    if args.time_budget and time.monotonic() - started > args.time_budget:
-                        notes.append(f"time budget {args.time_budget:.0f}s spent: stopped "
-                                     f"before {provider} {bu.shape_name(shape)} "
-                                     f"{bu.dtype_name(dtype)}")
-                        print(f"note: {notes[-1]}")
-                        out_of_time = True
-                        break
-                    _bench_provider(provider, case, device, compile_mode, args.modes, quick,
-                                    ref_y, ref_ms, copy, env, notes, emit)
-                del case, ref_y
-                _free(device)
+                _bench_provider(provider, case, device, compile_mode, args.modes, quick,
+                                ref_y, ref_ms, copy, env, notes, emit)
+            del case, ref_y
+            _free(device)
 
     if rows:
+        def order(r):
+            config = (bu.parse_dtype(r["dtype"]), bu.parse_shape(r["shape"]), r["layout"])
+            return (configs.index(config), bu.MODES.index(r["mode"]),
+                    PROVIDERS.index(r["provider"]))
         print(f"\n{OP}: {len(rows)} rows")
-        print(bu.format_table(rows, TABLE))
+        print(bu.format_table(sorted(rows, key=order), TABLE))
     for path in csv_paths:
         print(f"appended to {path}")
     if json_path:
@@ -275,15 +290,16 @@ def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, r
         finally:
             fn = None
             _free(device)
+        key = (case.shape, case.dtype, case.layout, mode)
         if provider == "reference":
-            ref_ms[mode] = ms
+            ref_ms[key] = ms
         rate = bu.gbps(nbytes_pass * PASSES[mode], ms)
         emit({
             "op": OP, "provider": provider, "mode": mode, "shape": bu.shape_name(case.shape),
             "dtype": bu.dtype_name(case.dtype), "layout": case.layout, "ms": ms,
             "gbps": rate, "copy_gbps": copy, "frac_copy_bw": rate / copy,
             "peak_mem_mb": mem,
-            "speedup_vs_ref": ref_ms[mode] / ms if mode in ref_ms else math.nan,
+            "speedup_vs_ref": ref_ms[key] / ms if key in ref_ms else math.nan,
             "max_abs_err": err, "passes": PASSES[mode],
             "params": f"reduction={REDUCTION};kernel={KERNEL}"
                       + (f";compile_mode={compile_mode or 'default'}"
@@ -309,6 +325,8 @@ def main(argv=None) -> int:
                     help="torch.compile mode for reference_compile: 'auto' (max-autotune on "
                          "cuda, default on cpu), 'default', 'max-autotune', "
                          "'max-autotune-no-cudagraphs', ...")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for CPU runs (0: torch's default)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny smoke run: one small shape, one dtype, short timings")
     ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
