@@ -25,4 +25,10 @@ TORCH_LIBRARY(manet_kernels, m) {
   m.def(
       "mixed_attention_bwd_dx(Tensor g, Tensor mc, Tensor ms, Tensor da_s, Tensor dm_s, "
       "Tensor ic, Tensor d_avg, Tensor d_mx, Tensor im) -> Tensor");
+
+  // BR-NPA (DESIGN.md section 3); definitions in manet_kernels/reference/passes.py.
+  m.def("brnpa_norms(Tensor x) -> Tensor");
+  m.def("brnpa_step(Tensor x, Tensor inv_nrm, Tensor idx) -> (Tensor s, Tensor sv)");
+  m.def("brnpa_bwd_reduce(Tensor x, Tensor inv_nrm, Tensor dv, Tensor dmap) -> (Tensor dw, Tensor u, Tensor t)");
+  m.def("brnpa_bwd_dx(Tensor x, Tensor a, Tensor m, Tensor c) -> Tensor");
 }

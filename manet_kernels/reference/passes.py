@@ -92,3 +92,45 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     dx = (mc[:, :, None, None] * inner + (d_avg / p)[:, :, None, None]
           + d_mx[:, :, None, None] * (pos == im[:, :, None, None]).to(mc.dtype))
     return _like_x(dx, g)
+
+
+# ---------------------------------------------------------------------------
+# BR-NPA (DESIGN.md section 3). f_i = x[n, :, i] is the C-vector at position i;
+# small tensors are (B, H, W), (B, C), (B, K, C) or (B, K, H, W) in acc dtype.
+
+def brnpa_norms(x: Tensor) -> Tensor:
+    """``||f_i||``, shape ``(B, H, W)`` (no epsilon added)."""
+    return x.to(acc_dtype(x.dtype)).pow(2).sum(1).sqrt()
+
+
+def brnpa_step(x: Tensor, inv_nrm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """One grouping step against the representative ``r_b = f_{idx[b]}`` (``idx``:
+    ``(B,)`` int64 flat positions): ``s[b,i] = <f_i, r_b> * inv_nrm[b,i] *
+    inv_nrm[b, idx[b]]`` ``(B, H, W)`` and ``sv[b] = sum_i s[b,i] f_i`` ``(B, C)``."""
+    b, c, h, w = x.shape
+    f = x.to(inv_nrm.dtype).reshape(b, c, h * w)
+    inv = inv_nrm.reshape(b, h * w)
+    r = f.gather(2, idx.long().view(b, 1, 1).expand(b, c, 1))  # (B, C, 1)
+    s = (f * r).sum(1) * inv * inv.gather(1, idx.long().view(b, 1))
+    return s.reshape(b, h, w), (f * s[:, None]).sum(2)
+
+
+def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``dw[b,k,i] = <f_i, dv[b,k]> + dmap[b,k,i]`` ``(B, K, H, W)``,
+    ``u[b,k] = sum_i dw[b,k,i] * inv_nrm[b,i] * f_i`` ``(B, K, C)`` and
+    ``t[b] = sum_i inv_nrm[b,i] * f_i`` ``(B, C)``, from one read of ``x``."""
+    b, c, h, w = x.shape
+    f = x.to(inv_nrm.dtype).reshape(b, c, h * w)
+    inv = inv_nrm.reshape(b, 1, h * w)
+    dw = torch.einsum("bci,bkc->bki", f, dv) + dmap.reshape(b, -1, h * w)
+    fn = f * inv
+    return dw.reshape(dmap.shape), torch.einsum("bki,bci->bkc", dw, fn), fn.sum(2)
+
+
+def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
+    """``df[b,:,i] = sum_j a[b,j,i] * m[b,j,:] - c[b,i] * f_i`` with ``a (B, J, H, W)``,
+    ``m (B, J, C)``, ``c (B, H, W)``; returned in ``x``'s dtype and memory format."""
+    f = x.to(m.dtype)
+    df = torch.einsum("bjhw,bjc->bchw", a, m) - c[:, None] * f
+    return _like_x(df, x)

@@ -1,0 +1,214 @@
+"""Fused BR-NPA grouping: public function, torch.library ops, autograd.
+
+Forward = one pass for the norms, then one pass per part (similarities and the
+weighted sum of the features from the same read); backward = two passes (one read
+for every part's ``<f_i, dv_k>`` and the two C-vector sums, one read + one write for
+``dx``). DESIGN.md section 3 has the formulas. Tiny (B, K, P) / (B, K, C) work
+stays in PyTorch between the passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from manet_kernels.ops._common import activation_format, check_dtype, resolve_backend
+from manet_kernels.reference import brnpa as _reference
+from manet_kernels.reference import passes as _torch_passes
+from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
+from manet_kernels.reference.passes import acc_dtype
+
+__all__ = ["brnpa", "BRNPAFunction"]
+
+
+class _CppPasses:
+    @staticmethod
+    def brnpa_norms(x):
+        return torch.ops.manet_kernels.brnpa_norms(x)
+
+    @staticmethod
+    def brnpa_step(x, inv_nrm, idx):
+        return torch.ops.manet_kernels.brnpa_step(x, inv_nrm, idx)
+
+    @staticmethod
+    def brnpa_bwd_reduce(x, inv_nrm, dv, dmap):
+        return torch.ops.manet_kernels.brnpa_bwd_reduce(x, inv_nrm, dv, dmap)
+
+    @staticmethod
+    def brnpa_bwd_dx(x, a, m, c):
+        return torch.ops.manet_kernels.brnpa_bwd_dx(x, a, m, c)
+
+
+def _passes(backend: str):
+    if backend in ("cpu", "cuda"):
+        return _CppPasses
+    if backend == "triton":
+        from manet_kernels.triton import brnpa as tri
+        return tri
+    if backend == "torch":
+        return _torch_passes
+    raise ValueError(f"no pass kernels for backend {backend!r}")
+
+
+def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
+    kern = _passes(backend)
+    x = x.contiguous(memory_format=activation_format(x))
+    b, c, h, w = x.shape
+    nrm0 = kern.brnpa_norms(x).reshape(b, h * w)
+    inv = 1.0 / (nrm0 + NORM_EPS)
+    score = nrm0 * nrm0 if paper else nrm0 + NORM_EPS
+    idxs, sims, sums, vectors = [], [], [], []
+    for _ in range(n_parts):
+        idx = score.argmax(1)  # first maximum, as the reference
+        s, sv = kern.brnpa_step(x, inv.reshape(b, h, w), idx)
+        s = s.reshape(b, h * w)
+        total = s.sum(1, keepdim=True)
+        wgt = s / total
+        vectors.append(sv / total)
+        score = score * (1 - (wgt if paper else s))
+        idxs.append(idx)
+        sims.append(s)
+        sums.append(total)
+    s = torch.stack(sims, 1)
+    total = torch.cat(sums, 1)
+    maps = (s / total[..., None]).reshape(b, n_parts, h, w)
+    return (torch.stack(vectors, 1).to(x.dtype), maps.to(x.dtype), inv, nrm0,
+            torch.stack(idxs, 1), s, total)
+
+
+def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
+    kern = _passes(backend)
+    acc = inv.dtype
+    x = x.contiguous(memory_format=activation_format(x))
+    b, c, h, w = x.shape
+    k = idx.shape[1]
+    gv = gv.to(acc) if gv is not None else inv.new_zeros(b, k, c)
+    gmap = gmap.to(acc) if gmap is not None else inv.new_zeros(b, k, h, w)
+
+    dw, u, t = kern.brnpa_bwd_reduce(x, inv.reshape(b, h, w), gv.contiguous(),
+                                     gmap.contiguous())
+    dw = dw.reshape(b, k, h * w)
+    wgt = s / total[..., None]
+    ck = (dw * wgt).sum(2)                                   # (B, K)
+    ds = (dw - ck[..., None]) / total[..., None]             # grad of the similarities
+    q = (u - ck[..., None] * t[:, None]) / total[..., None]  # sum_i ds_i f_i / nrm_i
+    r = x.flatten(2).gather(2, idx[:, None, :].expand(b, c, k)).transpose(1, 2).to(acc)  # (B, K, C)
+    inv_r = inv.gather(1, idx)
+    nrm0_r = nrm0.gather(1, idx)
+    dss = (ds * s).sum(2)                                    # (B, K)
+    # The norm's derivative f/||f|| is taken as 0 at f = 0 (as torch.linalg.vector_norm).
+    safe_r = torch.where(nrm0_r > 0, inv_r / nrm0_r.clamp_min(1e-300), torch.zeros_like(inv_r))
+    dr = q * inv_r[..., None] - (dss * safe_r)[..., None] * r
+
+    a = torch.cat([wgt, ds * inv[:, None] * inv_r[..., None]], 1).reshape(b, 2 * k, h, w)
+    m = torch.cat([gv, r], 1)
+    safe = torch.where(nrm0 > 0, inv / nrm0.clamp_min(1e-300), torch.zeros_like(inv))
+    cc = ((ds * s).sum(1) * safe).reshape(b, h, w)
+    dx = kern.brnpa_bwd_dx(x, a.contiguous(), m.contiguous(), cc.contiguous())
+    # the representatives' own dependence: a K-column scatter, not a pass
+    dxv = dx.flatten(2).transpose(1, 2)  # (B, P, C), a view in either layout
+    rows = torch.arange(b, device=x.device)[:, None].expand(b, k)
+    dxv.index_put_((rows, idx), dr.to(dx.dtype), accumulate=True)
+    return dx
+
+
+@torch.library.custom_op("manet_kernels::brnpa", mutates_args=())
+def _brnpa_op(x: Tensor, n_parts: int, paper: bool, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(vectors, maps, inv_nrm, nrm, idx, s, S)``; all but the first two are
+    small tensors kept for the backward."""
+    return _forward_impl(x, n_parts, paper, backend)
+
+
+@_brnpa_op.register_fake
+def _(x, n_parts, paper, backend):
+    b, c, h, w = x.shape
+    acc = acc_dtype(x.dtype)
+    bp = x.new_empty((b, h * w), dtype=acc)
+    return (x.new_empty((b, n_parts, c)), x.new_empty((b, n_parts, h, w)), bp, bp.clone(),
+            x.new_empty((b, n_parts), dtype=torch.int64),
+            x.new_empty((b, n_parts, h * w), dtype=acc), x.new_empty((b, n_parts), dtype=acc))
+
+
+@torch.library.custom_op("manet_kernels::brnpa_backward", mutates_args=())
+def _brnpa_backward_op(gv: Tensor | None, gmap: Tensor | None, x: Tensor, inv: Tensor,
+                       nrm0: Tensor, idx: Tensor, s: Tensor, total: Tensor,
+                       backend: str) -> Tensor:
+    return _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend)
+
+
+@_brnpa_backward_op.register_fake
+def _(gv, gmap, x, inv, nrm0, idx, s, total, backend):
+    return torch.empty_like(x, memory_format=activation_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, n_parts, paper, backend = inputs
+    _, _, inv, nrm0, idx, s, total = output
+    ctx.save_for_backward(x, inv, nrm0, idx, s, total)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, gv, gmap, *_unused):
+    dx = torch.ops.manet_kernels.brnpa_backward(gv, gmap, *ctx.saved_tensors, ctx.backend)
+    return dx, None, None, None
+
+
+torch.library.register_autograd("manet_kernels::brnpa", _backward, setup_context=_setup_context)
+
+
+def _check_args(x, n_parts, variant, backend) -> str:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(n_parts, bool) or not isinstance(n_parts, int):
+        raise TypeError(f"n_parts must be an int, got {type(n_parts).__name__}")
+    p = x.shape[2] * x.shape[3]
+    if not 1 <= n_parts <= p:
+        raise ValueError(f"n_parts must be in [1, H*W={p}], got {n_parts}")
+    backend = resolve_backend(backend, x.device)
+    check_dtype("x", x, backend)
+    return backend
+
+
+def brnpa(x: Tensor, n_parts: int = 3, *, variant: str = "official",
+          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """BR-NPA grouping of the feature vectors of ``x (B, C, H, W)`` into ``n_parts``
+    representative vectors ``(B, n_parts, C)`` and part maps ``(B, n_parts, H, W)``.
+
+    ``variant="official"`` follows the authors' code (score ``||f|| + 1e-5``, updated by
+    the similarities); ``"paper"`` follows Alg. 1 (score ``||f||^2``, updated by the
+    normalised weights). Gradients flow through both outputs; the argmax indices are
+    constants. A map whose similarities sum to zero (e.g. an all-zero sample) gives
+    NaN, as the reference does.
+    """
+    backend = _check_args(x, n_parts, variant, backend)
+    if backend == "reference":
+        return _reference.brnpa(x, n_parts, variant=variant)
+    out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
+    return out[0], out[1]
+
+
+class BRNPAFunction(torch.autograd.Function):
+    """Drop-in ``torch.autograd.Function``: ``BRNPAFunction.apply(x, n_parts, variant)``
+    returns ``(vectors, maps)`` with the automatic backend."""
+
+    @staticmethod
+    def forward(ctx, x, n_parts=3, variant="official"):
+        backend = _check_args(x, n_parts, variant, "auto")
+        backend = "torch" if backend == "reference" else backend
+        out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
+        ctx.save_for_backward(x, *out[2:])
+        ctx.backend = backend
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, gv, gmap):
+        dx = torch.ops.manet_kernels.brnpa_backward(gv, gmap, *ctx.saved_tensors, ctx.backend)
+        return dx, None, None
