@@ -7,29 +7,13 @@ import math
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
+from helpers import LAYOUTS, LOW_PRECISION, assert_matches, make_x
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import manet_kernels as mk
 from manet_kernels import nn as mknn
 from manet_kernels import reference
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Absolute/relative tolerances for same-dtype comparisons (values are O(1)).
-TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}
-
-LAYOUTS = ("contiguous", "channels_last", "strided")
-
-
-def make_x(shape, dtype, device, layout):
-    n, c, h, w = shape
-    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
-        x = torch.randn(n, c, h, 2 * w, dtype=torch.float64, device=device)[..., ::2]
-    else:
-        x = torch.randn(shape, dtype=torch.float64, device=device)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-    return x.to(dtype)
 
 
 def make_pair(channels, dtype, device, backend, *, reduction=4, kernel_size=7, mlp_bias=True,
@@ -67,23 +51,6 @@ def upstream_for(shape, device):
     return (torch.randn(shape, dtype=torch.float64, device=device),
             torch.randn(n, c, dtype=torch.float64, device=device),
             torch.randn(n, 1, h, w, dtype=torch.float64, device=device))
-
-
-def assert_matches(out, ref64, ref_lowp, dtype):
-    """Same-dtype tolerance table for fp32/fp64; for fp16/bf16 the error must be
-    within twice the reference's own error in that dtype (plus one ulp-scale floor)."""
-    for k in ref64:
-        o, r = out[k].double(), ref64[k].double()
-        assert o.shape == r.shape, k
-        if dtype in LOW_PRECISION:
-            base = (ref_lowp[k].double() - r).abs().max().item()
-            floor = torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
-            err = (o - r).abs().max().item()
-            assert err <= 2 * base + floor, f"{k}: error {err:.3g}, reference's own {base:.3g}"
-        else:
-            atol, rtol = TOL[dtype]
-            scale = max(1.0, r.abs().max().item())
-            torch.testing.assert_close(o, r, atol=atol * scale, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
 def check_against_reference(backend, device, dtype, layout, shape, **opts):

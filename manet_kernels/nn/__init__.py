@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s built on the fused ops."""
 
+from manet_kernels.nn.brnpa import BRNPA, BRNPAHead
 from manet_kernels.nn.mixed_attention import MixedAttention
 
-__all__ = ["MixedAttention"]
+__all__ = ["MixedAttention", "BRNPA", "BRNPAHead"]

@@ -54,6 +54,8 @@ def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
     kern = _passes(backend)
     x = x.contiguous(memory_format=activation_format(x))
     b, c, h, w = x.shape
+    if b == 0:
+        return _fake_forward(x, n_parts)
     nrm0 = kern.brnpa_norms(x).reshape(b, h * w)
     inv = 1.0 / (nrm0 + NORM_EPS)
     score = nrm0 * nrm0 if paper else nrm0 + NORM_EPS
@@ -81,6 +83,8 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
     acc = inv.dtype
     x = x.contiguous(memory_format=activation_format(x))
     b, c, h, w = x.shape
+    if b == 0:
+        return torch.zeros_like(x)
     k = idx.shape[1]
     gv = gv.to(acc) if gv is not None else inv.new_zeros(b, k, c)
     gmap = gmap.to(acc) if gmap is not None else inv.new_zeros(b, k, h, w)
@@ -122,6 +126,10 @@ def _brnpa_op(x: Tensor, n_parts: int, paper: bool, backend: str
 
 @_brnpa_op.register_fake
 def _(x, n_parts, paper, backend):
+    return _fake_forward(x, n_parts)
+
+
+def _fake_forward(x, n_parts):
     b, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     bp = x.new_empty((b, h * w), dtype=acc)

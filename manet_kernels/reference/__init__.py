@@ -1,5 +1,6 @@
 """Pure-PyTorch reference modules: the oracle every kernel is tested against."""
 
+from manet_kernels.reference.brnpa import BRNPA, BRNPAHead
 from manet_kernels.reference.mixed_attention import MixedAttention
 
-__all__ = ["MixedAttention"]
+__all__ = ["MixedAttention", "BRNPA", "BRNPAHead"]
