@@ -5,8 +5,10 @@ name in ``manet_kernels/reference/passes.py``, which is the contract.
 
 Every kernel sees an activation as ``(N, C, P)`` with strides ``(sN, sC, sP)``:
 ``(C*P, P, 1)`` for NCHW and ``(P*C, 1, C)`` for channels_last, so one kernel
-serves both layouts. Reductions never use float atomics, so every result is
-bitwise reproducible run to run.
+serves both layouts. Reductions never use float atomics, so results are bitwise
+reproducible run to run for a given tile config; under
+``torch.use_deterministic_algorithms(True)`` the config is fixed rather than
+autotuned, so they are also reproducible across processes.
 
 On CPU tensors the kernels run only under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before ``triton`` is first imported).
@@ -54,6 +56,9 @@ def _configs(gpu: list[tuple[dict, int]], interp: dict) -> list[triton.Config]:
 
 # Block shapes: NCHW wants long P rows (P is contiguous), channels_last long C
 # columns; the autotune key holds the layout so each layout gets its own pick.
+# Each list runs from P-long to C-long tiles: under
+# torch.use_deterministic_algorithms the first serves NCHW and the last
+# channels_last, without autotuning (see _launch).
 # Every GPU list below is a first guess, not yet measured on a GPU.
 _POOL_C_CONFIGS = [  # channel_pool: tile (BLOCK_C, BLOCK_P), loop over P. Not yet measured on a GPU.
     ({"BLOCK_C": 4, "BLOCK_P": 256}, 4),
@@ -72,9 +77,9 @@ _POOL_P_CONFIGS = [  # spatial_pool: tile (BLOCK_C, BLOCK_P), loop over C. Not y
 _ELEMENTWISE_CONFIGS = [  # apply / bwd_dx: one (BLOCK_C, BLOCK_P) tile per program. Not yet measured on a GPU.
     ({"BLOCK_C": 16, "BLOCK_P": 128}, 4),
     ({"BLOCK_C": 32, "BLOCK_P": 64}, 4),
+    ({"BLOCK_C": 64, "BLOCK_P": 64}, 8),
     ({"BLOCK_C": 64, "BLOCK_P": 32}, 4),
     ({"BLOCK_C": 128, "BLOCK_P": 16}, 4),
-    ({"BLOCK_C": 64, "BLOCK_P": 64}, 8),
 ]
 # bwd_reduce: BLOCK_P fixes the size of the dmc partial buffer, which must be
 # allocated before launch, so the launcher picks BLOCK_P and autotune only BLOCK_C.
@@ -95,7 +100,7 @@ def _bwd_reduce_block_p(p: int, channels_last: bool) -> int:
     if _INTERPRET_AT_IMPORT:
         return _INTERP_TILE["BLOCK_P"]
     # 64 contiguous positions per row for NCHW, fewer when C is the contiguous
-    # axis; partials then cost C/BLOCK_P of an fp32 plane. Not yet measured on a GPU.
+    # axis; the dmc partials are 1/BLOCK_P of x's element count. Not yet measured on a GPU.
     return min(32 if channels_last else 64, triton.next_power_of_2(p))
 
 
@@ -115,6 +120,21 @@ def _argmax_combine(v1, i1, v2, i2):
     same = (v1 == v2) | (nan1 & nan2)
     pick1 = greater | (same & (i1 < i2))
     return tl.where(pick1, v1, v2), tl.where(pick1, i1, i2)
+
+
+@triton.jit
+def _max_argmax(v, i, AXIS: tl.constexpr):
+    # The order of _argmax_combine, from plain max/min reductions: tl.reduce
+    # with a custom combine runs element by element in the interpreter (the
+    # pool passes were 3x slower at (2,33,5,7), measured), and NaN is kept
+    # out of tl.max, whose NaN handling differs between interpreter and GPU.
+    isnan = v != v
+    has_nan = tl.max(isnan.to(tl.int32), axis=AXIS) > 0
+    key = tl.where(isnan, float("inf"), v)
+    mx = tl.max(key, axis=AXIS)
+    hit = tl.where(tl.expand_dims(has_nan, AXIS), isnan, key == tl.expand_dims(mx, AXIS))
+    idx = tl.min(tl.where(hit, i, 2147483647), axis=AXIS)
+    return tl.where(has_nan, float("nan"), mx), idx
 
 
 @triton.autotune(configs=_configs(_POOL_C_CONFIGS, _INTERP_TILE), key=["C", "P", "CHANNELS_LAST"])
@@ -153,7 +173,7 @@ def _mixed_attention_channel_pool_kernel(
         best_v, best_i = _argmax_combine(
             best_v, best_i, tl.where(m, xv, float("-inf")), tl.where(m, offs_p[None, :], 2147483647))
 
-    mx, im = tl.reduce((best_v, best_i), 1, _argmax_combine)
+    mx, im = _max_argmax(best_v, best_i, 1)
     out = n * C + offs_c
     tl.store(avg_ptr + out, tl.sum(total, axis=1) / P, mask=mask_c)
     tl.store(mx_ptr + out, mx, mask=mask_c)
@@ -199,7 +219,7 @@ def _mixed_attention_spatial_pool_kernel(
         best_v, best_i = _argmax_combine(
             best_v, best_i, tl.where(m, x1, float("-inf")), tl.where(m, offs_c[:, None], 2147483647))
 
-    sm, ic = tl.reduce((best_v, best_i), 0, _argmax_combine)
+    sm, ic = _max_argmax(best_v, best_i, 0)
     out = n * P + offs_p
     tl.store(sa_ptr + out, tl.sum(total, axis=0) / C, mask=mask_p)
     tl.store(sm_ptr + out, sm, mask=mask_p)
@@ -319,7 +339,7 @@ def _mixed_attention_bwd_channel_kernel(
         dense += xv * (da / C)[None, :]
         # The scatter of the reference, done as a match: the x value it needs
         # is already in this tile, so the sparse term costs no extra read.
-        hit = (offs_c[:, None] == icv[None, :]) & m
+        hit = offs_c[:, None] == icv[None, :]  # padded lanes: ic=-1, or rows not stored
         sparse += tl.where(hit, xv * dm[None, :], 0.0)
     tl.store(out_ptr + n * C + offs_c, tl.sum(dense, axis=1) + tl.sum(sparse, axis=1), mask=mask_c)
 
@@ -382,6 +402,11 @@ _FORCED_CONFIGS: dict = {}
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
     cfg = _FORCED_CONFIGS.get(kernel)
+    if cfg is None and torch.are_deterministic_algorithms_enabled():
+        # Tiles set the summation order, and autotune may pick another tile in
+        # another process; a fixed pick keeps the bits equal across processes.
+        channels_last = kwargs.get("CHANNELS_LAST", kwargs.get("X_CHANNELS_LAST"))
+        cfg = kernel.configs[-1 if channels_last else 0]
     if cfg is None:
         kernel[grid](*args, **kwargs)
     else:
