@@ -31,4 +31,18 @@ TORCH_LIBRARY(manet_kernels, m) {
   m.def("brnpa_step(Tensor x, Tensor inv_nrm, Tensor idx) -> (Tensor s, Tensor sv)");
   m.def("brnpa_bwd_reduce(Tensor x, Tensor inv_nrm, Tensor dv, Tensor dmap) -> (Tensor dw, Tensor u, Tensor t)");
   m.def("brnpa_bwd_dx(Tensor x, Tensor a, Tensor m, Tensor c) -> Tensor");
+
+  // AW-convolution (DESIGN.md section 2); definitions in manet_kernels/reference/passes.py.
+  m.def(
+      "per_sample_conv2d_forward(Tensor x, Tensor weights, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "per_sample_conv2d_backward(Tensor g, Tensor x, Tensor weights, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweights)");
+  m.def(
+      "aw_conv2d_forward(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "aw_conv2d_backward(Tensor g, Tensor x, Tensor weight, Tensor scale, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweight, Tensor dscale)");
 }

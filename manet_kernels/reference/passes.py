@@ -134,3 +134,76 @@ def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
     f = x.to(m.dtype)
     df = torch.einsum("bjhw,bjc->bchw", a, m) - c[:, None] * f
     return _like_x(df, x)
+
+
+# ---------------------------------------------------------------------------
+# AW-convolution (DESIGN.md section 2). ``x (N, C1, H, W)``, ``g (N, C2, Ho, Wo)``;
+# ``stride``, ``padding``, ``dilation`` are int pairs. Weights are in ``x``'s dtype
+# (the caller casts); ``scale`` and ``bias`` are contiguous in acc dtype; gradients
+# of weights/scales are returned in acc dtype, ``dx``/``y`` in ``x``'s dtype and
+# memory format. Reductions accumulate in acc dtype.
+
+def _per_sample(fn, n, *tensors):
+    return torch.cat([fn(*(t[i:i + 1] if t is not None else None for t in tensors))
+                      for i in range(n)]) if n else None
+
+
+def per_sample_conv2d_forward(x: Tensor, weights: Tensor, bias: Tensor | None,
+                              stride: list[int], padding: list[int], dilation: list[int],
+                              groups: int) -> Tensor:
+    """``y[n] = conv2d(x[n], weights[n], bias[n])``; ``weights (N, C2, C1/g, kh, kw)``,
+    ``bias (N, C2)`` or None."""
+    acc = acc_dtype(x.dtype)
+    n = x.shape[0]
+    ys = [torch.nn.functional.conv2d(x[i:i + 1].to(acc), weights[i].to(acc),
+                                     None if bias is None else bias[i], stride, padding,
+                                     dilation, groups) for i in range(n)]
+    if n == 0:
+        return torch.empty(0, weights.shape[1], *_out_hw(x, weights, stride, padding, dilation),
+                           dtype=x.dtype, device=x.device)
+    return _like_x(torch.cat(ys), x)
+
+
+def _out_hw(x, w, stride, padding, dilation):
+    return tuple((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[-2 + i] - 1) - 1)
+                 // stride[i] + 1 for i in range(2))
+
+
+def per_sample_conv2d_backward(g: Tensor, x: Tensor, weights: Tensor, stride: list[int],
+                               padding: list[int], dilation: list[int], groups: int
+                               ) -> tuple[Tensor, Tensor]:
+    """``(dx, dweights)``: ``dx`` in ``x``'s dtype/format, ``dweights (N, C2, C1/g,
+    kh, kw)`` in acc dtype."""
+    acc = acc_dtype(x.dtype)
+    dxs, dws = [], []
+    for i in range(x.shape[0]):
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            g[i:i + 1].to(acc), x[i:i + 1].to(acc), weights[i].to(acc), None, stride, padding,
+            dilation, False, [0, 0], groups, [True, True, False])
+        dxs.append(dx)
+        dws.append(dw)
+    if not dxs:
+        return torch.empty_like(x), torch.empty(weights.shape, dtype=acc, device=x.device)
+    return _like_x(torch.cat(dxs), x), torch.stack(dws)
+
+
+def aw_conv2d_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+                      stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int) -> Tensor:
+    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias[n])`` with
+    ``weight (C2, C1/g, kh, kw)``, ``scale (N, C2, kh, kw)`` (the per-sample factor
+    ``1 + attn``, shared over input channels), ``bias (N, C2)`` or None."""
+    w = weight.to(scale.dtype)[None] * scale[:, :, None]
+    return per_sample_conv2d_forward(x, w, bias, stride, padding, dilation, groups)
+
+
+def aw_conv2d_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
+                       padding: list[int], dilation: list[int], groups: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight (C2, C1/g, kh, kw), dscale (N, C2, kh, kw))``; with
+    ``G_n`` the per-sample weight gradient: ``dweight = sum_n scale[n] * G_n`` and
+    ``dscale[n] = sum_{c1} weight * G_n``."""
+    wa = weight.to(scale.dtype)
+    dx, gn = per_sample_conv2d_backward(g, x, wa[None] * scale[:, :, None], stride, padding,
+                                        dilation, groups)
+    return dx, (gn * scale[:, :, None]).sum(0), (gn * wa[None]).sum(2)
