@@ -34,15 +34,15 @@ TORCH_LIBRARY(manet_kernels, m) {
 
   // AW-convolution (DESIGN.md section 2); definitions in manet_kernels/reference/passes.py.
   m.def(
-      "per_sample_conv2d_forward(Tensor x, Tensor weights, Tensor? bias, int[2] stride, "
+      "per_sample_conv2d_fwd(Tensor x, Tensor weights, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def(
-      "per_sample_conv2d_backward(Tensor g, Tensor x, Tensor weights, int[2] stride, "
+      "per_sample_conv2d_bwd(Tensor g, Tensor x, Tensor weights, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweights)");
   m.def(
-      "aw_conv2d_forward(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int[2] stride, "
+      "aw_conv2d_fwd(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def(
-      "aw_conv2d_backward(Tensor g, Tensor x, Tensor weight, Tensor scale, int[2] stride, "
+      "aw_conv2d_bwd(Tensor g, Tensor x, Tensor weight, Tensor scale, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweight, Tensor dscale)");
 }

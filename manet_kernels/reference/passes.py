@@ -148,7 +148,7 @@ def _per_sample(fn, n, *tensors):
                       for i in range(n)]) if n else None
 
 
-def per_sample_conv2d_forward(x: Tensor, weights: Tensor, bias: Tensor | None,
+def per_sample_conv2d_fwd(x: Tensor, weights: Tensor, bias: Tensor | None,
                               stride: list[int], padding: list[int], dilation: list[int],
                               groups: int) -> Tensor:
     """``y[n] = conv2d(x[n], weights[n], bias[n])``; ``weights (N, C2, C1/g, kh, kw)``,
@@ -169,7 +169,7 @@ def _out_hw(x, w, stride, padding, dilation):
                  // stride[i] + 1 for i in range(2))
 
 
-def per_sample_conv2d_backward(g: Tensor, x: Tensor, weights: Tensor, stride: list[int],
+def per_sample_conv2d_bwd(g: Tensor, x: Tensor, weights: Tensor, stride: list[int],
                                padding: list[int], dilation: list[int], groups: int
                                ) -> tuple[Tensor, Tensor]:
     """``(dx, dweights)``: ``dx`` in ``x``'s dtype/format, ``dweights (N, C2, C1/g,
@@ -187,23 +187,23 @@ def per_sample_conv2d_backward(g: Tensor, x: Tensor, weights: Tensor, stride: li
     return _like_x(torch.cat(dxs), x), torch.stack(dws)
 
 
-def aw_conv2d_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+def aw_conv2d_fwd(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                       stride: list[int], padding: list[int], dilation: list[int],
                       groups: int) -> Tensor:
     """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias[n])`` with
     ``weight (C2, C1/g, kh, kw)``, ``scale (N, C2, kh, kw)`` (the per-sample factor
     ``1 + attn``, shared over input channels), ``bias (N, C2)`` or None."""
     w = weight.to(scale.dtype)[None] * scale[:, :, None]
-    return per_sample_conv2d_forward(x, w, bias, stride, padding, dilation, groups)
+    return per_sample_conv2d_fwd(x, w, bias, stride, padding, dilation, groups)
 
 
-def aw_conv2d_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
+def aw_conv2d_bwd(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
                        padding: list[int], dilation: list[int], groups: int
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight (C2, C1/g, kh, kw), dscale (N, C2, kh, kw))``; with
     ``G_n`` the per-sample weight gradient: ``dweight = sum_n scale[n] * G_n`` and
     ``dscale[n] = sum_{c1} weight * G_n``."""
     wa = weight.to(scale.dtype)
-    dx, gn = per_sample_conv2d_backward(g, x, wa[None] * scale[:, :, None], stride, padding,
+    dx, gn = per_sample_conv2d_bwd(g, x, wa[None] * scale[:, :, None], stride, padding,
                                         dilation, groups)
     return dx, (gn * scale[:, :, None]).sum(0), (gn * wa[None]).sum(2)
