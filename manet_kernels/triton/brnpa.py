@@ -1,0 +1,508 @@
+"""Triton kernels for the four BR-NPA passes (DESIGN.md section 3).
+
+Each launcher has the signature and return values of the function of the same
+name in ``manet_kernels/reference/passes.py``, which is the contract.
+
+The activation is seen as ``(B, C, P)`` with strides ``(sB, sC, sP)``:
+``(C*P, P, 1)`` for NCHW and ``(P*C, 1, C)`` for channels_last, so one kernel
+serves both layouts. Sums over positions that span programs (``sv``, ``u``,
+``t``) are written as one partial per (sample, block of positions) and added by
+torch in a fixed order: there are no float atomics, so results are bitwise
+reproducible run to run for a given tile config. Under
+``torch.use_deterministic_algorithms(True)`` the tile config is fixed instead of
+autotuned, so they are also reproducible across processes.
+
+On CPU tensors the kernels run only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is first imported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx"]
+
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _interpret_env() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads the env through knobs
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Decided once, as triton.jit decides at decoration time whether to interpret.
+_INTERPRET = _interpret_env()
+
+# Interpreter tile: 16 along both axes, so the odd test shapes (C=33, P=35) span
+# several blocks with a partial last one, and the K-chunks of bwd_reduce reach
+# the tl.dot path (every dot operand dimension must be >= 16).
+_INTERP_BLOCK = 16
+
+
+def _configs(gpu: list[tuple[dict, int]], interp: dict) -> list[triton.Config]:
+    # The interpreter cannot time configs, and autotune over several fails under it.
+    if _INTERPRET:
+        return [triton.Config(interp, num_warps=1)]
+    return [triton.Config(kw, num_warps=w) for kw, w in gpu]
+
+
+# Every list runs from P-long to C-long tiles; with deterministic algorithms on,
+# NCHW takes the first and channels_last the last, without autotuning.
+_NORMS_CONFIGS = [  # (BLOCK_C, BLOCK_P) tile, loop over C. Not yet measured on a GPU.
+    ({"BLOCK_C": 16, "BLOCK_P": 128}, 4),
+    ({"BLOCK_C": 32, "BLOCK_P": 64}, 4),
+    ({"BLOCK_C": 64, "BLOCK_P": 32}, 4),
+    ({"BLOCK_C": 128, "BLOCK_P": 16}, 4),
+]
+# step / bwd_reduce: the launcher picks BLOCK_P (it sizes the partials buffer,
+# allocated before launch), so autotune only chooses BLOCK_C and the warps.
+_STEP_CONFIGS = [  # Not yet measured on a GPU.
+    ({"BLOCK_C": 16}, 4),
+    ({"BLOCK_C": 32}, 4),
+    ({"BLOCK_C": 64}, 4),
+    ({"BLOCK_C": 128}, 8),
+]
+# BLOCK_C >= 16 in every entry, as tl.dot needs; kept small because without
+# tl.dot a (K, C, P) product sits in registers. Not yet measured on a GPU.
+_BWD_REDUCE_CONFIGS = [
+    ({"BLOCK_C": 16}, 4),
+    ({"BLOCK_C": 16}, 8),
+    ({"BLOCK_C": 32}, 4),
+    ({"BLOCK_C": 32}, 8),
+]
+_BWD_DX_CONFIGS = [  # one (BLOCK_C, BLOCK_P) tile per program. Not yet measured on a GPU.
+    ({"BLOCK_C": 16, "BLOCK_P": 128}, 4),
+    ({"BLOCK_C": 32, "BLOCK_P": 64}, 4),
+    ({"BLOCK_C": 64, "BLOCK_P": 32}, 4),
+    ({"BLOCK_C": 128, "BLOCK_P": 16}, 4),
+]
+
+# bwd_reduce takes up to this many parts per program; more parts get more
+# programs along grid axis 1 (each rereads its block of x). Not yet measured on a GPU.
+_MAX_BLOCK_K = 16
+
+
+def _step_block_p(p: int, channels_last: bool) -> int:
+    if _INTERPRET:
+        return _INTERP_BLOCK
+    # NCHW: 64 contiguous positions per row; channels_last: C is the contiguous
+    # axis, so fewer positions. Not yet measured on a GPU.
+    return min(32 if channels_last else 64, triton.next_power_of_2(p))
+
+
+def _bwd_reduce_block_p(p: int, channels_last: bool, block_k: int, dot: bool) -> int:
+    if _INTERPRET:
+        return _INTERP_BLOCK
+    if dot:
+        # tl.dot needs >= 16 positions; padding lanes are masked. Not yet measured on a GPU.
+        return max(16, _step_block_p(p, channels_last))
+    # Keeps BLOCK_K * BLOCK_P <= 256, so the (K, C, P) product stays <= 8192
+    # values at BLOCK_C=32. Not yet measured on a GPU.
+    return min(_step_block_p(p, channels_last), max(8, 256 // block_k))
+
+
+# --------------------------------------------------------------------------- #
+# kernels
+# --------------------------------------------------------------------------- #
+
+
+@triton.autotune(configs=_configs(_NORMS_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+                 key=["C", "P", "CHANNELS_LAST"])
+@triton.jit
+def _brnpa_norms_kernel(
+    x_ptr, nrm_ptr,
+    C, P, sB, sC, sP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    acc_t = nrm_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pb = tl.cdiv(P, BLOCK_P)
+    b = pid // num_pb
+    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    if I64:
+        b = b.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+    cols = x_ptr + b * sB + offs_p[None, :] * sP
+
+    sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m = (offs_c < C)[:, None] & mask_p[None, :]
+        if I64:
+            offs_c = offs_c.to(tl.int64)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=m, other=0.0).to(acc_t)
+        sq += f * f
+    sq = tl.sum(sq, axis=0)
+    if acc_t == tl.float64:
+        nrm = tl.sqrt(sq)  # fp64 sqrt is correctly rounded; sqrt_rn takes fp32 only
+    else:
+        nrm = tl.sqrt_rn(sq)  # correctly rounded, like torch; tl.sqrt may be approximate on GPU
+    tl.store(nrm_ptr + b * P + offs_p, nrm, mask=mask_p)
+
+
+@triton.autotune(configs=_configs(_STEP_CONFIGS, {"BLOCK_C": _INTERP_BLOCK}),
+                 key=["C", "P", "CHANNELS_LAST", "BLOCK_P"])
+@triton.jit
+def _brnpa_step_kernel(
+    x_ptr, inv_ptr, idx_ptr, s_ptr, sv_part_ptr,
+    C, P, sB, sC, sP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    acc_t = inv_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pb = tl.cdiv(P, BLOCK_P)
+    b = pid // num_pb
+    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    part = pid
+    if I64:
+        b = b.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+        part = part.to(tl.int64)
+    # An index outside [0, P) reads nothing (r = 0, so s = 0) instead of
+    # faulting; the reference raises there.
+    ridx = tl.load(idx_ptr + b).to(tl.int64)
+    r_ok = (ridx >= 0) & (ridx < P)
+    inv = tl.load(inv_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+    inv_r = tl.load(inv_ptr + b * P + ridx, mask=r_ok, other=0.0)
+    x_b = x_ptr + b * sB
+    cols = x_b + offs_p[None, :] * sP
+
+    fr = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if I64:
+            offs_c = offs_c.to(tl.int64)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0)
+        r = tl.load(x_b + offs_c * sC + ridx * sP, mask=mask_c & r_ok, other=0.0)
+        fr += f.to(acc_t) * r.to(acc_t)[:, None]
+    # The reference's association, (<f, r> * inv_i) * inv_r; padding lanes get s = 0.
+    s = (tl.sum(fr, axis=0) * inv) * inv_r
+    tl.store(s_ptr + b * P + offs_p, s, mask=mask_p)
+
+    # Second read of the same block, still in L1/L2: partial sum_i s_i f_i.
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if I64:
+            offs_c = offs_c.to(tl.int64)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0)
+        tl.store(sv_part_ptr + part * C + offs_c, tl.sum(f.to(acc_t) * s[None, :], axis=1), mask=mask_c)
+
+
+@triton.autotune(configs=_configs(_BWD_REDUCE_CONFIGS, {"BLOCK_C": _INTERP_BLOCK}),
+                 key=["C", "P", "CHANNELS_LAST", "BLOCK_P", "BLOCK_K", "DOT"])
+@triton.jit
+def _brnpa_bwd_reduce_kernel(
+    x_ptr, inv_ptr, dv_ptr, dmap_ptr, dw_ptr, u_part_ptr, t_part_ptr,
+    C, P, K, sB, sC, sP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    DOT: tl.constexpr,  # fp32 acc and BLOCK_K, BLOCK_P >= 16 (the host checks); BLOCK_C below
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    acc_t = inv_ptr.dtype.element_ty
+    if DOT:
+        tl.static_assert(BLOCK_C >= 16, "tl.dot needs every operand dimension >= 16")
+    pid = tl.program_id(0)
+    kc = tl.program_id(1)
+    num_pb = tl.cdiv(P, BLOCK_P)
+    b = pid // num_pb
+    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_p = offs_p < P
+    mask_k = offs_k < K
+    part = pid
+    if I64:
+        b = b.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        part = part.to(tl.int64)
+    inv = tl.load(inv_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+    cols = x_ptr + b * sB + offs_p[None, :] * sP
+    rows_k = b * K + offs_k  # row of (B, K, .) small tensors
+
+    # dw[k, i] = <f_i, dv_k>: (BLOCK_K, BLOCK_C) x (BLOCK_C, BLOCK_P) per C-block.
+    dw = tl.zeros((BLOCK_K, BLOCK_P), dtype=acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if I64:
+            offs_c = offs_c.to(tl.int64)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(acc_t)
+        d = tl.load(dv_ptr + rows_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :],
+                    other=0.0)
+        if DOT:
+            # ieee: tf32 would lose ~3 digits against the fp32 reference.
+            dw = tl.dot(d, f, acc=dw, input_precision="ieee")
+        else:
+            dw += tl.sum(d[:, :, None] * f[None, :, :], axis=1)
+    kp = mask_k[:, None] & mask_p[None, :]
+    small_kp = rows_k[:, None] * P + offs_p[None, :]
+    # Padding rows / lanes stay exactly 0, so they add nothing to u below.
+    dw += tl.load(dmap_ptr + small_kp, mask=kp, other=0.0)
+    tl.store(dw_ptr + small_kp, dw, mask=kp)
+
+    # Second read of the block: u[k] = sum_i dw[k,i] inv_i f_i and t = sum_i inv_i f_i.
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if I64:
+            offs_c = offs_c.to(tl.int64)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(acc_t)
+        fn = f * inv[None, :]
+        if DOT:
+            u = tl.dot(dw, tl.trans(fn), input_precision="ieee")
+        else:
+            u = tl.sum(dw[:, None, :] * fn[None, :, :], axis=2)
+        tl.store(u_part_ptr + (part * K + offs_k[:, None]) * C + offs_c[None, :], u,
+                 mask=mask_k[:, None] & mask_c[None, :])
+        # Every K-chunk has fn at hand; only the first writes t.
+        tl.store(t_part_ptr + part * C + offs_c, tl.sum(fn, axis=1), mask=mask_c & (kc == 0))
+
+
+@triton.autotune(configs=_configs(_BWD_DX_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+                 key=["C", "P", "CHANNELS_LAST"])
+@triton.jit
+def _brnpa_bwd_dx_kernel(
+    x_ptr, a_ptr, m_ptr, c_ptr, df_ptr,
+    C, P, J, sB, sC, sP, dsB, dsC, dsP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    acc_t = m_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pb = tl.cdiv(P, BLOCK_P)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    pb = pid % num_pb
+    cb = (pid // num_pb) % num_cb
+    b = pid // (num_pb * num_cb)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_c = offs_c < C
+    mask_p = offs_p < P
+    mask = mask_c[:, None] & mask_p[None, :]
+    if I64:
+        b = b.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+        offs_p = offs_p.to(tl.int64)
+
+    # J (= 2K) rank-1 updates: a few FMAs per element of a pass that is
+    # memory-bound, and no (J, C, P) product or tf32 question.
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
+    for j in range(0, J):
+        row = b * J + j
+        av = tl.load(a_ptr + row * P + offs_p, mask=mask_p, other=0.0)
+        mv = tl.load(m_ptr + row * C + offs_c, mask=mask_c, other=0.0)
+        acc += mv[:, None] * av[None, :]
+    cv = tl.load(c_ptr + b * P + offs_p, mask=mask_p, other=0.0)
+    f = tl.load(x_ptr + b * sB + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=mask, other=0.0)
+    df = acc - cv[None, :] * f.to(acc_t)
+    tl.store(df_ptr + b * dsB + offs_c[:, None] * dsC + offs_p[None, :] * dsP,
+             df.to(df_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# host side
+# --------------------------------------------------------------------------- #
+
+# Test hook: kernel -> triton.Config launched on the raw jit function (no
+# autotune), so the GPU tiles can be run under the interpreter.
+_FORCED_CONFIGS: dict = {}
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    cfg = _FORCED_CONFIGS.get(kernel)
+    if cfg is None and torch.are_deterministic_algorithms_enabled():
+        # The tile sets the summation order and autotune may pick another tile
+        # in another process; a fixed pick per layout keeps the bits equal.
+        cfg = kernel.configs[-1 if kwargs["CHANNELS_LAST"] else 0]
+    if cfg is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+
+
+def _interpreting() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return _INTERPRET
+    return isinstance(_brnpa_norms_kernel.fn, InterpretedFunction)
+
+
+def _device_ctx(x: Tensor):
+    if x.device.type == "cpu":
+        if not _interpreting():
+            raise RuntimeError(
+                "manet_kernels.triton.brnpa: got CPU tensors, but Triton runs on CPU only under its "
+                "interpreter; set TRITON_INTERPRET=1 before triton is first imported, or use the "
+                "reference / C++ CPU backend")
+        return contextlib.nullcontext()
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)  # triton launches on the current device and stream
+    raise ValueError(f"x: expected a CUDA or CPU tensor, got one on {x.device}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_x(name: str, t) -> tuple[int, int, int, bool]:
+    """Validate an activation; return its (sB, sC, sP) as a (B, C, P) view and
+    whether it is channels_last."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _X_DTYPES:
+        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
+    b, c, h, w = t.shape
+    if b > 0 and min(c, h, w) < 1:
+        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
+    p = h * w
+    # Canonical strides, not t.stride(): a dim of size 1 may carry any stride.
+    if t.is_contiguous():
+        return c * p, p, 1, False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return p * c, 1, c, True
+    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
+                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def _check_small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (x's device), got one on {t.device}")
+    return t.contiguous()
+
+
+def _check_rank(name: str, t, dim: int) -> None:
+    # Before shapes are read off t (K, J); the full check comes from _check_small.
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+
+
+def _i64(*ts: Tensor) -> bool:
+    # int32 offsets are exact while every element offset fits in int32.
+    return any(t.numel() >= 2**31 for t in ts)
+
+
+def brnpa_norms(x: Tensor) -> Tensor:
+    """``||f_i||``, shape ``(B, H, W)`` (no epsilon added)."""
+    sb, sc, sp, cl = _check_x("x", x)
+    b, c, h, w = x.shape
+    p = h * w
+    nrm = torch.empty((b, h, w), dtype=_acc_dtype(x.dtype), device=x.device)
+    if b == 0:
+        return nrm
+    with _device_ctx(x):
+        _launch(_brnpa_norms_kernel, lambda meta: (b * triton.cdiv(p, meta["BLOCK_P"]),),
+                x, nrm, c, p, sb, sc, sp, CHANNELS_LAST=cl, I64=_i64(x))
+    return nrm
+
+
+def brnpa_step(x: Tensor, inv_nrm: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``s[b,i] = <f_i, r_b> * inv_nrm[b,i] * inv_nrm[b, idx[b]]`` ``(B, H, W)`` and
+    ``sv[b] = sum_i s[b,i] f_i`` ``(B, C)``, with ``r_b = f_{idx[b]}`` (``idx``:
+    ``(B,)`` int64 flat positions). An ``idx`` outside ``[0, H*W)`` gives ``s = 0``
+    (the reference raises)."""
+    sb, sc, sp, cl = _check_x("x", x)
+    b, c, h, w = x.shape
+    p = h * w
+    acc = _acc_dtype(x.dtype)
+    inv_nrm = _check_small("inv_nrm", inv_nrm, (b, h, w), acc, x.device)
+    idx = _check_small("idx", idx, (b,), torch.int64, x.device)
+    s = torch.empty((b, h, w), dtype=acc, device=x.device)
+    if b == 0:
+        return s, torch.empty((b, c), dtype=acc, device=x.device)
+    block_p = _step_block_p(p, cl)
+    num_pb = triton.cdiv(p, block_p)
+    sv_part = torch.empty((b, num_pb, c), dtype=acc, device=x.device)
+    with _device_ctx(x):
+        _launch(_brnpa_step_kernel, (b * num_pb,),
+                x, inv_nrm, idx, s, sv_part, c, p, sb, sc, sp,
+                CHANNELS_LAST=cl, I64=_i64(x, sv_part), BLOCK_P=block_p)
+    return s, sv_part.sum(1)
+
+
+def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``dw[b,k,i] = <f_i, dv[b,k]> + dmap[b,k,i]`` ``(B, K, H, W)``,
+    ``u[b,k] = sum_i dw[b,k,i] * inv_nrm[b,i] * f_i`` ``(B, K, C)`` and
+    ``t[b] = sum_i inv_nrm[b,i] * f_i`` ``(B, C)``, from one read of ``x`` per
+    16 parts."""
+    sb, sc, sp, cl = _check_x("x", x)
+    b, c, h, w = x.shape
+    p = h * w
+    acc = _acc_dtype(x.dtype)
+    inv_nrm = _check_small("inv_nrm", inv_nrm, (b, h, w), acc, x.device)
+    _check_rank("dv", dv, 3)
+    k = dv.shape[1]
+    dv = _check_small("dv", dv, (b, k, c), acc, x.device)
+    dmap = _check_small("dmap", dmap, (b, k, h, w), acc, x.device)
+    if b == 0:
+        return (torch.empty((b, k, h, w), dtype=acc, device=x.device),
+                torch.empty((b, k, c), dtype=acc, device=x.device),
+                torch.empty((b, c), dtype=acc, device=x.device))
+    block_k = min(_MAX_BLOCK_K, triton.next_power_of_2(max(k, 1)))
+    num_kc = max(1, triton.cdiv(k, block_k))  # K = 0 still needs one chunk for t
+    # fp64 stays off tl.dot: its lowering differs across GPUs and triton versions.
+    dot = acc == torch.float32 and block_k >= 16
+    block_p = _bwd_reduce_block_p(p, cl, block_k, dot)
+    dot = dot and block_p >= 16
+    num_pb = triton.cdiv(p, block_p)
+    dw = torch.empty((b, k, h, w), dtype=acc, device=x.device)
+    u_part = torch.empty((b, num_pb, k, c), dtype=acc, device=x.device)
+    t_part = torch.empty((b, num_pb, c), dtype=acc, device=x.device)
+    with _device_ctx(x):
+        _launch(_brnpa_bwd_reduce_kernel, (b * num_pb, num_kc),
+                x, inv_nrm, dv, dmap, dw, u_part, t_part, c, p, k, sb, sc, sp,
+                CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k, BLOCK_P=block_p)
+    return dw, u_part.sum(1), t_part.sum(1)
+
+
+def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
+    """``df[b,:,i] = sum_j a[b,j,i] * m[b,j,:] - c[b,i] * f_i`` with ``a (B, J, H, W)``,
+    ``m (B, J, C)``, ``c (B, H, W)``; returned in ``x``'s dtype and memory format."""
+    sb, sc, sp, cl = _check_x("x", x)
+    b, ch, h, w = x.shape
+    p = h * w
+    acc = _acc_dtype(x.dtype)
+    _check_rank("a", a, 4)
+    j = a.shape[1]
+    a = _check_small("a", a, (b, j, h, w), acc, x.device)
+    m = _check_small("m", m, (b, j, ch), acc, x.device)
+    c = _check_small("c", c, (b, h, w), acc, x.device)
+    df = torch.empty_like(x)  # keeps x's strides, hence its memory format
+    if b == 0:
+        return df
+    dsb, dsc, dsp, _ = _check_x("df", df)
+    with _device_ctx(x):
+        _launch(_brnpa_bwd_dx_kernel,
+                lambda meta: (b * triton.cdiv(ch, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),),
+                x, a, m, c, df, ch, p, j, sb, sc, sp, dsb, dsc, dsp,
+                CHANNELS_LAST=cl, I64=_i64(x, a, m))
+    return df
