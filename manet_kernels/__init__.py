@@ -2,10 +2,13 @@
 
 from manet_kernels import _ext  # noqa: F401  (registers the C++/CUDA kernels)
 from manet_kernels import explain, nn, reference
-from manet_kernels.ops import BRNPAFunction, MixedAttentionFunction, brnpa, mixed_attention
+from manet_kernels.ops import (AWConv2dFunction, BRNPAFunction, MixedAttentionFunction,
+                               PerSampleConv2dFunction, aw_conv2d, brnpa, mixed_attention,
+                               per_sample_conv2d)
 from manet_kernels.ops._common import BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["mixed_attention", "MixedAttentionFunction", "brnpa", "BRNPAFunction", "nn",
+__all__ = ["mixed_attention", "MixedAttentionFunction", "brnpa", "BRNPAFunction", "aw_conv2d",
+           "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2dFunction", "nn",
            "reference", "explain", "BACKENDS"]

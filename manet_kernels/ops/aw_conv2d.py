@@ -1,0 +1,350 @@
+"""AW-convolution and per-sample convolution: public functions, ops, autograd.
+
+``aw_conv2d`` with ``attn`` broadcast over input channels runs the fused kernels,
+which scale the shared weight by ``1 + attn[n]`` as it is loaded and never build the
+``(N, C2, C1/g, kh, kw)`` per-sample weights (DESIGN.md section 2). ``attn`` of full
+shape is already that size: it goes through ``per_sample_conv2d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
+                                       resolve_backend)
+from manet_kernels.reference import aw_conv2d as _reference
+from manet_kernels.reference import passes as _torch_passes
+from manet_kernels.reference.passes import acc_dtype
+
+__all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2dFunction"]
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+class _CppPasses:
+    @staticmethod
+    def per_sample_conv2d_fwd(*args):
+        return torch.ops.manet_kernels.per_sample_conv2d_fwd(*args)
+
+    @staticmethod
+    def per_sample_conv2d_bwd(*args):
+        return torch.ops.manet_kernels.per_sample_conv2d_bwd(*args)
+
+    @staticmethod
+    def aw_conv2d_fwd(*args):
+        return torch.ops.manet_kernels.aw_conv2d_fwd(*args)
+
+    @staticmethod
+    def aw_conv2d_bwd(*args):
+        return torch.ops.manet_kernels.aw_conv2d_bwd(*args)
+
+
+def _passes(backend: str):
+    if backend in ("cpu", "cuda"):
+        return _CppPasses
+    if backend == "triton":
+        from manet_kernels.triton import aw_conv2d as tri
+        return tri
+    if backend == "torch":
+        return _torch_passes
+    raise ValueError(f"no pass kernels for backend {backend!r}")
+
+
+def _out_shape(x, kh, kw, c2, stride, padding, dilation):
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (x.shape[0], c2, ho, wo)
+
+
+def _empty_out(x, shape):
+    return torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(
+        memory_format=activation_format(x))
+
+
+# ----------------------------------------------------------------------------- aw_conv2d op
+
+@torch.library.custom_op("manet_kernels::aw_conv2d", mutates_args=())
+def _aw_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride: list[int],
+           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
+    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias)``, ``scale (N, C2, kh, kw)``."""
+    x = x.contiguous(memory_format=activation_format(x))
+    acc = acc_dtype(x.dtype)
+    if x.shape[0] == 0:
+        return _empty_out(x, _out_shape(x, *weight.shape[2:], weight.shape[0], stride, padding,
+                                        dilation))
+    b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
+    return _passes(backend).aw_conv2d_fwd(x, weight.to(x.dtype).contiguous(),
+                                          scale.to(acc).contiguous(), b, stride, padding,
+                                          dilation, groups)
+
+
+@_aw_op.register_fake
+def _(x, weight, scale, bias, stride, padding, dilation, groups, backend):
+    return _empty_out(x, _out_shape(x, *weight.shape[2:], weight.shape[0], stride, padding,
+                                    dilation))
+
+
+@torch.library.custom_op("manet_kernels::aw_conv2d_backward", mutates_args=())
+def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)``."""
+    fmt = activation_format(x)
+    x = x.contiguous(memory_format=fmt)
+    g = g.to(x.dtype).contiguous(memory_format=fmt)
+    acc = acc_dtype(x.dtype)
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
+                weight.new_zeros(weight.shape[0]))
+    dx, dw, ds = _passes(backend).aw_conv2d_bwd(g, x, weight.to(x.dtype).contiguous(),
+                                               scale.to(acc).contiguous(), stride, padding,
+                                               dilation, groups)
+    db = g.sum((0, 2, 3), dtype=acc)
+    return dx, dw.to(weight.dtype), ds.to(scale.dtype), db.to(weight.dtype)
+
+
+@_aw_backward_op.register_fake
+def _(g, x, weight, scale, stride, padding, dilation, groups, backend):
+    return (torch.empty_like(x, memory_format=activation_format(x)), torch.empty_like(weight),
+            torch.empty_like(scale), weight.new_empty(weight.shape[0]))
+
+
+def _aw_setup(ctx, inputs, output):
+    x, weight, scale, bias, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.conf = (stride, padding, dilation, groups, backend)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _aw_backward(ctx, g):
+    x, weight, scale = ctx.saved_tensors
+    dx, dw, ds, db = torch.ops.manet_kernels.aw_conv2d_backward(g, x, weight, scale, *ctx.conf)
+    return dx, dw, ds, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None, None, \
+        None, None
+
+
+torch.library.register_autograd("manet_kernels::aw_conv2d", _aw_backward, setup_context=_aw_setup)
+
+
+# --------------------------------------------------------------------- per_sample_conv2d op
+
+@torch.library.custom_op("manet_kernels::per_sample_conv2d", mutates_args=())
+def _ps_op(x: Tensor, weights: Tensor, bias: Tensor | None, stride: list[int],
+           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
+    """``y[n] = conv2d(x[n], weights[n], bias[n])``, ``bias (N, C2)`` or None."""
+    x = x.contiguous(memory_format=activation_format(x))
+    if x.shape[0] == 0:
+        return _empty_out(x, _out_shape(x, *weights.shape[3:], weights.shape[1], stride,
+                                        padding, dilation))
+    b = None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
+    return _passes(backend).per_sample_conv2d_fwd(x, weights.to(x.dtype).contiguous(), b, stride,
+                                                  padding, dilation, groups)
+
+
+@_ps_op.register_fake
+def _(x, weights, bias, stride, padding, dilation, groups, backend):
+    return _empty_out(x, _out_shape(x, *weights.shape[3:], weights.shape[1], stride, padding,
+                                    dilation))
+
+
+@torch.library.custom_op("manet_kernels::per_sample_conv2d_backward", mutates_args=())
+def _ps_backward_op(g: Tensor, x: Tensor, weights: Tensor, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweights, dbias (N, C2))``."""
+    fmt = activation_format(x)
+    x = x.contiguous(memory_format=fmt)
+    g = g.to(x.dtype).contiguous(memory_format=fmt)
+    if x.shape[0] == 0:
+        return torch.zeros_like(x), torch.zeros_like(weights), weights.new_zeros(0, weights.shape[1])
+    dx, dw = _passes(backend).per_sample_conv2d_bwd(g, x, weights.to(x.dtype).contiguous(),
+                                                    stride, padding, dilation, groups)
+    db = g.sum((2, 3), dtype=acc_dtype(x.dtype))
+    return dx, dw.to(weights.dtype), db.to(weights.dtype)
+
+
+@_ps_backward_op.register_fake
+def _(g, x, weights, stride, padding, dilation, groups, backend):
+    return (torch.empty_like(x, memory_format=activation_format(x)), torch.empty_like(weights),
+            weights.new_empty(x.shape[0], weights.shape[1]))
+
+
+def _ps_setup(ctx, inputs, output):
+    x, weights, bias, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(x, weights)
+    ctx.conf = (stride, padding, dilation, groups, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _ps_backward(ctx, g):
+    x, weights = ctx.saved_tensors
+    dx, dw, db = torch.ops.manet_kernels.per_sample_conv2d_backward(g, x, weights, *ctx.conf)
+    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+    return dx, dw, db, None, None, None, None, None
+
+
+torch.library.register_autograd("manet_kernels::per_sample_conv2d", _ps_backward,
+                                setup_context=_ps_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _pair(v, name: str, minimum: int) -> list[int]:
+    vals = [v, v] if isinstance(v, int) else list(v) if isinstance(v, Sequence) else None
+    if vals is None or len(vals) != 2 or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                 for i in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(vals) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    return vals
+
+
+def _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation, groups, wname):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C1, H, W), got shape {tuple(x.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, padding, dilation = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
+                                 _pair(dilation, "dilation", 1))
+    c1 = x.shape[1]
+    if c1 % groups or c2 % groups:
+        raise ValueError(f"groups={groups} must divide both in_channels={c1} and "
+                         f"out_channels={c2}")
+    if c1g * groups != c1:
+        raise ValueError(f"{wname} expects {c1g * groups} input channels (C1/groups={c1g}, "
+                         f"groups={groups}) but x has {c1}")
+    out = _out_shape(x, kh, kw, c2, stride, padding, dilation)
+    if out[2] < 1 or out[3] < 1:
+        raise ValueError(f"output would be empty: x {tuple(x.shape)}, kernel {(kh, kw)}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}")
+    return stride, padding, dilation
+
+
+def _backend_for(x, backend, *others):
+    backend = resolve_backend(backend, x.device)
+    check_dtype("x", x, backend)
+    if backend == "cpu" and x.dtype not in _CPU_DTYPES:
+        raise TypeError(f"x must be float32 or float64 for backend='cpu', got {x.dtype}")
+    for name, t in others:
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_same_device(x.device, **dict(others))
+    return backend
+
+
+def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = None, stride=1,
+              padding=0, dilation=1, groups: int = 1, *, backend: str = "auto") -> Tensor:
+    """AW-convolution: ``y[n] = conv2d(x[n], weight * (1 + attn[n]), bias, ...)``.
+
+    ``weight (C2, C1/groups, kh, kw)``; ``attn (N, C2, 1, kh, kw)`` (the paper's
+    setting, shared over input channels: fused, the per-sample weights are never
+    built) or ``(N, C2, C1/groups, kh, kw)``; ``bias (C2,)`` or None. ``stride``,
+    ``padding``, ``dilation``: ints or pairs, as ``F.conv2d``.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError("weight must be 4-D (C2, C1/groups, kh, kw), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else weight!r}")
+    c2, c1g, kh, kw = weight.shape
+    stride, padding, dilation = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation,
+                                            groups, "weight")
+    n = x.shape[0]
+    if not isinstance(attn, Tensor) or attn.dim() != 5 or tuple(attn.shape) not in (
+            (n, c2, 1, kh, kw), (n, c2, c1g, kh, kw)):
+        raise ValueError(f"attn must be (N, C2, 1, kh, kw) = {(n, c2, 1, kh, kw)} or "
+                         f"(N, C2, C1/groups, kh, kw) = {(n, c2, c1g, kh, kw)}, got "
+                         f"{tuple(attn.shape) if isinstance(attn, Tensor) else attn!r}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c2,)):
+        raise ValueError(f"bias must be None or ({c2},), got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
+    backend = _backend_for(x, backend, ("weight", weight), ("attn", attn), ("bias", bias))
+    if backend == "reference":
+        return _reference.aw_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
+    if attn.shape[2] != 1 or c1g == 1:
+        # attn of full shape is already as large as the per-sample weights
+        weights = weight[None] * (1 + attn)
+        b = None if bias is None else bias[None].expand(n, -1)
+        return torch.ops.manet_kernels.per_sample_conv2d(x, weights, b, stride, padding,
+                                                         dilation, groups, backend)
+    scale = (1 + attn).squeeze(2)
+    return torch.ops.manet_kernels.aw_conv2d(x, weight, scale, bias, stride, padding, dilation,
+                                             groups, backend)
+
+
+def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, stride=1,
+                      padding=0, dilation=1, groups: int = 1, *,
+                      backend: str = "auto") -> Tensor:
+    """``y[n] = conv2d(x[n], weights[n], bias, ...)`` with ``weights (N, C2, C1/groups, kh,
+    kw)`` and ``bias`` None, ``(C2,)`` or ``(N, C2)``."""
+    if not isinstance(weights, Tensor) or weights.dim() != 5:
+        raise ValueError("weights must be 5-D (N, C2, C1/groups, kh, kw), got "
+                         f"{tuple(weights.shape) if isinstance(weights, Tensor) else weights!r}")
+    _, c2, c1g, kh, kw = weights.shape
+    stride, padding, dilation = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation,
+                                            groups, "weights")
+    n = x.shape[0]
+    if weights.shape[0] != n:
+        raise ValueError(f"weights must have one kernel per sample: {n} samples in x, "
+                         f"{weights.shape[0]} in weights")
+    if bias is not None and (not isinstance(bias, Tensor)
+                             or tuple(bias.shape) not in ((c2,), (n, c2))):
+        raise ValueError(f"bias must be None, ({c2},) or ({n}, {c2}), got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
+    backend = _backend_for(x, backend, ("weights", weights), ("bias", bias))
+    if backend == "reference":
+        return _reference.per_sample_conv2d(x, weights, bias, stride, padding, dilation, groups)
+    if bias is not None and bias.dim() == 1:
+        bias = bias[None].expand(n, -1)
+    return torch.ops.manet_kernels.per_sample_conv2d(x, weights, bias, stride, padding,
+                                                     dilation, groups, backend)
+
+
+class AWConv2dFunction(torch.autograd.Function):
+    """Drop-in ``torch.autograd.Function``: ``AWConv2dFunction.apply(x, weight, attn,
+    bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic backend)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, attn, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                      for t in (x, weight, attn, bias)]
+            y = aw_conv2d(*leaves, stride, padding, dilation, groups)
+        ctx.graph = (leaves, y)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        leaves, y = ctx.graph
+        need = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
+        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return (*out, None, None, None, None)
+
+
+class PerSampleConv2dFunction(torch.autograd.Function):
+    """Drop-in ``torch.autograd.Function``: ``PerSampleConv2dFunction.apply(x, weights,
+    bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic backend)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                      for t in (x, weights, bias)]
+            y = per_sample_conv2d(*leaves, stride, padding, dilation, groups)
+        ctx.graph = (leaves, y)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        leaves, y = ctx.graph
+        need = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
+        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return (*out, None, None, None, None)
+
+
