@@ -25,6 +25,18 @@ try:
 except (ImportError, OSError) as e:  # pure-Python install: reference + Triton only
     EXT_ERROR = f"{type(e).__name__}: {e}"
 
-if HAS_EXT:
-    HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "manet_kernels::mixed_attention_apply", "CUDA")
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the compiled library has a kernel of ``manet_kernels::<op>`` for
+    ``device_type`` ("cpu" or "cuda")."""
+    if not HAS_EXT:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"manet_kernels::{op}",
+                                                               device_type.upper())
+    except RuntimeError:  # no such op in this build
+        return False
+
+
+HAS_CUDA_KERNELS = has_kernel("mixed_attention_apply", "cuda")

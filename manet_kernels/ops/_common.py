@@ -25,11 +25,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``.
+def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
+    """The concrete backend for tensors on ``device``; ``kernel`` names one of the op's
+    compiled kernels (``manet_kernels::<kernel>``), to learn whether it was built.
 
     ``"auto"`` honours ``$MANET_KERNELS_BACKEND``, then picks the C++ kernels on CPU
-    and the CUDA kernels (Triton if the extension has no CUDA kernels) on GPU,
+    and the CUDA kernels (Triton if the extension has no CUDA kernel for the op) on GPU,
     falling back to the reference where nothing compiled is available.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -41,22 +42,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = env
     if backend == "auto":
         if device.type == "cuda":
-            if _ext.HAS_CUDA_KERNELS:
+            if _ext.has_kernel(kernel, "cuda"):
                 return "cuda"
             return "triton" if triton_available() else "reference"
-        return "cpu" if (device.type == "cpu" and _ext.HAS_EXT) else "reference"
+        return "cpu" if _ext.has_kernel(kernel, device.type) else "reference"
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not _ext.HAS_EXT:
             raise RuntimeError("backend='cpu' needs the compiled extension manet_kernels._C, "
                                f"which did not load ({_ext.EXT_ERROR})")
+        if not _ext.has_kernel(kernel, "cpu"):
+            raise RuntimeError(f"backend='cpu': this build has no CPU kernel for {kernel}")
     elif backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not _ext.HAS_CUDA_KERNELS:
-            raise RuntimeError("backend='cuda' needs manet_kernels built with CUDA kernels "
-                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1)")
+        if not _ext.has_kernel(kernel, "cuda"):
+            raise RuntimeError(f"backend='cuda': this build has no CUDA kernel for {kernel} "
+                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1; "
+                               "aw_conv2d has no CUDA kernel yet: use 'triton')")
     elif backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package")

@@ -227,7 +227,7 @@ def _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation, groups, wname):
 
 
 def _backend_for(x, backend, *others):
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, "aw_conv2d_fwd")
     check_dtype("x", x, backend)
     if backend == "cpu" and x.dtype not in _CPU_DTYPES:
         raise TypeError(f"x must be float32 or float64 for backend='cpu', got {x.dtype}")

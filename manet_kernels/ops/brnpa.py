@@ -180,7 +180,7 @@ def _check_args(x, n_parts, variant, backend) -> str:
     p = x.shape[2] * x.shape[3]
     if not 1 <= n_parts <= p:
         raise ValueError(f"n_parts must be in [1, H*W={p}], got {n_parts}")
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, "brnpa_step")
     check_dtype("x", x, backend)
     return backend
 

@@ -309,7 +309,7 @@ def _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
     n, c, h, w = x.shape
     if c < 1 or h < 1 or w < 1:
         raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, "mixed_attention_apply")
     check_dtype("x", x, backend)
     if not isinstance(w1, Tensor) or w1.dim() != 2:
         raise ValueError(f"w1 must be a 2-D tensor (C_r, C), got "
