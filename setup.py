@@ -79,7 +79,8 @@ def _extensions():
     want = os.environ.get("MANET_KERNELS_CUDA", "auto").lower()
     sources = [os.path.join("csrc", "manet_kernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch's build helper picks the standard its headers need (C++20 for 2.14).
+    cxx = ["-O3", "-fopenmp"]
 
     use_cuda = False
     if want not in ("0", "false", "off"):
@@ -102,14 +103,15 @@ def _extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     if use_cuda:
-        extra_inc = []
-        for d in _pip_cuda_includes():
-            extra_inc += ["-idirafter", d]
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                "--expt-relaxed-constexpr"] + extra_inc
+        # After the toolkit's own include dir (torch puts that first), so only headers
+        # the toolkit lacks come from the pip wheels. nvcc has no -idirafter.
+        inc = _pip_cuda_includes()
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc += [f for d in inc for f in ("-isystem", d)]
         ext = cpp_extension.CUDAExtension(
             "manet_kernels._C", sources + cu_sources,
-            extra_compile_args={"cxx": cxx + extra_inc + ["-DMANET_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx + [f for d in inc for f in ("-idirafter", d)],
+                                "nvcc": nvcc},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension(
