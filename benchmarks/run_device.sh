@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for the GPU machine: build, GPU tests, benchmark, all logs and
+# The one script for the GPU machine: build, GPU tests, benchmarks, all logs and
 # results under $OUT. Run from the repo root:  OUT=/some/dir bash benchmarks/run_device.sh
 #
 # Every step runs even if an earlier one failed; each step's exit code goes to
@@ -13,7 +13,7 @@ OUT=$(cd "$OUT" && pwd)
 TOTAL_S=${TOTAL_S:-530}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 PYTEST_ARGS=${PYTEST_ARGS:--q tests -x}
-BENCH_ARGS=${BENCH_ARGS:-}  # e.g. "--compile-mode max-autotune-no-cudagraphs"
+BENCH_ARGS=${BENCH_ARGS:-}  # to every benchmark, e.g. "--compile-mode max-autotune-no-cudagraphs"
 export PYTHONUNBUFFERED=1
 START=$SECONDS
 : > "$OUT/steps.txt"
@@ -51,16 +51,32 @@ step ext 60 "$PY" -c "from manet_kernels import _ext as e; print('HAS_EXT', e.HA
 # shellcheck disable=SC2086  # PYTEST_ARGS and BENCH_ARGS are word lists on purpose
 step pytest 150 "$PY" -m pytest $PYTEST_ARGS
 
-# Leave ~40 s for copying and plotting; the benchmark stops starting new providers
-# 30 s before its own limit so it exits with its JSON written.
-bench_cap=$(( $(left) - 40 ))
-step bench "$bench_cap" "$PY" benchmarks/bench_mixed_attention.py --device cuda --out "$OUT" \
-    --time-budget $(( bench_cap > 60 ? bench_cap - 30 : 30 )) $BENCH_ARGS
+# BENCHES picks and orders the benchmarks (BENCHES=aw_conv2d gives one a whole call).
+# Each gets an even share of the time left when it starts, so what an earlier one
+# leaves unused goes to the later ones; ~40 s stay for copying and plotting. A
+# benchmark stops starting new providers 30 s before its own limit so it exits
+# with its JSON written.
+BENCHES=${BENCHES:-mixed_attention brnpa aw_conv2d}
+read -r -a benches <<< "$BENCHES"
+todo=${#benches[@]}
+for op in "${benches[@]}"; do
+    cap=$(( ($(left) - 40) / todo ))
+    todo=$(( todo - 1 ))
+    # shellcheck disable=SC2086
+    step "bench_$op" "$cap" "$PY" "benchmarks/bench_$op.py" --device cuda --out "$OUT" \
+        --time-budget $(( cap > 60 ? cap - 30 : cap / 2 )) $BENCH_ARGS
+done
 
 mkdir -p "$OUT/results"
 cp benchmarks/results/*.csv "$OUT/results/" 2>/dev/null
 echo "copy-results rc=$? seconds=0" >> "$OUT/steps.txt"
-step plot 30 "$PY" benchmarks/plot.py "$OUT/mixed_attention.csv" --out-dir "$OUT/plots"
+csvs=()
+for op in "${benches[@]}"; do
+    [[ -s "$OUT/$op.csv" ]] && csvs+=("$OUT/$op.csv")
+done
+if (( ${#csvs[@]} )); then
+    step plot 30 "$PY" benchmarks/plot.py "${csvs[@]}" --out-dir "$OUT/plots"
+fi
 
 echo "== done in $(( SECONDS - START ))s; steps:"
 cat "$OUT/steps.txt"

@@ -13,7 +13,10 @@ so a number from an unknown machine still says how close to the hardware it is.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import gc
+import importlib.util
 import json
 import math
 import os
@@ -197,7 +200,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
-def make_mode_fn(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor],
+def make_mode_fn(forward: Callable[[], object], inputs: Sequence[torch.Tensor],
                  mode: str, seed: int = 0) -> Callable[[], object]:
     """The callable to time for ``mode``.
 
@@ -205,18 +208,23 @@ def make_mode_fn(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Ten
     times only the backward of one recorded graph (``retain_graph``), ``full``
     both. ``torch.autograd.grad`` returns the gradients of ``inputs`` instead of
     accumulating into ``.grad``, so no accumulation add is timed.
+
+    ``forward`` may return a tuple of tensors: each gets its own fixed random
+    upstream gradient ``g_i``, i.e. the gradient of ``sum_i (y_i * g_i).sum()``
+    without timing that loss.
     """
     if mode == "forward":
         return forward
     y = forward()
-    gen = torch.Generator(device=y.device).manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+    outs = list(y) if isinstance(y, (tuple, list)) else [y]
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    dys = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
     inputs = list(inputs)
     if mode == "backward":
-        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        return lambda: torch.autograd.grad(outs, inputs, dys, retain_graph=True)
     if mode == "full":
-        del y
-        return lambda: torch.autograd.grad(forward(), inputs, dy)
+        del y, outs
+        return lambda: torch.autograd.grad(forward(), inputs, dys)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -328,3 +336,152 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Pieces the bench scripts share (flags, provider checks, compile, output).
+
+def add_common_args(ap: argparse.ArgumentParser, op: str, providers: Sequence[str],
+                    dtype_help: str) -> None:
+    """The flags every ``bench_<op>.py`` takes, so one command line works for all."""
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda"
+                    if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", nargs="+", metavar="DTYPE", help=dtype_help)
+    ap.add_argument("--shapes", nargs="+", metavar="NxCxHxW",
+                    help="override the default input shapes, e.g. 8x256x28x28")
+    ap.add_argument("--providers", nargs="+", choices=providers, default=list(providers))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--layouts", nargs="+", choices=("contiguous", "channels_last"),
+                    default=["contiguous"])
+    ap.add_argument("--compile-mode", default="auto",
+                    help="torch.compile mode for reference_compile: 'auto' (max-autotune on "
+                         "cuda, default on cpu), 'default', 'max-autotune', "
+                         "'max-autotune-no-cudagraphs', ...")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for CPU runs (0: torch's default)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run: one small shape, one dtype, short timings")
+    ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
+    ap.add_argument("--no-save", action="store_true",
+                    help=f"do not append to benchmarks/results/{op}.csv")
+    ap.add_argument("--time-budget", type=float, default=0, metavar="S",
+                    help="stop starting new providers after S seconds (0: no limit)")
+
+
+def backend_unavailable(provider: str, device: torch.device, kernel: str,
+                        triton_module: str) -> str | None:
+    """Why the fused backend ``provider`` (cpu, cuda, triton) cannot run here, or None.
+
+    ``kernel`` names one compiled pass kernel of the op (``manet_kernels::<kernel>``):
+    an extension built before the op's kernels existed loads but lacks it.
+    ``triton_module`` is the op's Triton file, which may not be written yet."""
+    from manet_kernels import _ext
+    from manet_kernels.ops._common import triton_available, triton_interpreted
+    if provider in ("cpu", "cuda"):
+        if device.type != provider:
+            return f"the {provider} backend runs on {provider.upper()} tensors only"
+        if not _ext.HAS_EXT:
+            return f"compiled extension not loaded ({_ext.EXT_ERROR})"
+        if not _ext.has_kernel(kernel, provider):
+            return f"the extension has no {provider} kernel manet_kernels::{kernel}"
+        return None
+    if provider == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type == "cpu" and not triton_interpreted():
+            return "Triton on CPU needs TRITON_INTERPRET=1 (the interpreter: too slow to time)"
+        if importlib.util.find_spec(triton_module) is None:
+            return f"no module {triton_module}"
+        return None
+    return f"{provider!r} is not a fused backend"
+
+
+def compile_mode_for(arg: str, device: torch.device) -> str | None:
+    """``--compile-mode`` to a ``torch.compile`` mode (None: the default mode)."""
+    if arg == "auto":
+        return "max-autotune" if device.type == "cuda" else None
+    return None if arg == "default" else arg
+
+
+def compile_fresh(fn: Callable, mode: str | None) -> Callable:
+    """``torch.compile(fn)`` after a dynamo reset, static shapes.
+
+    A fresh compile per configuration: automatic dynamic shapes would kick in at
+    the second shape and time a slower generic kernel."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+    if mode == "reduce-overhead" or (mode and "max-autotune" in mode
+                                     and "no-cudagraphs" not in mode):
+        # CUDA graphs reuse their output memory; each timed call is a new step.
+        def run(*args):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args)
+        return run
+    return compiled
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def busy_note(device: torch.device) -> str | None:
+    """A warning when a loaded machine makes CPU medians unreliable."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        return (f"machine busy (load average {load:.1f} on {cores} cores): CPU timings may "
+                "be unreliable (--threads 1 suffers least)")
+    return None
+
+
+class Sink:
+    """Where one run's rows go: ``results/<op>.csv`` (unless ``no_save``), and with
+    ``out_dir`` also ``out_dir/<op>.csv`` and ``out_dir/<op>.json``.
+
+    Rows are written one at a time, so a run killed by its time limit keeps what
+    it measured, and the JSON stays whole (``write_json`` replaces it atomically)."""
+
+    def __init__(self, op: str, columns: Sequence[str], out_dir: str | None, no_save: bool,
+                 summary: dict):
+        self.columns = columns
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.summary = {**summary, "rows": self.rows, "notes": self.notes}
+        self.csv_paths = [] if no_save else [os.path.join(RESULTS_DIR, f"{op}.csv")]
+        self.json_path = None
+        if out_dir:
+            self.csv_paths.append(os.path.join(out_dir, f"{op}.csv"))
+            self.json_path = os.path.join(out_dir, f"{op}.json")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"note: {text}", flush=True)
+
+    def emit(self, row: dict, line: str) -> None:
+        self.rows.append(row)
+        for path in self.csv_paths:
+            append_csv(path, [row], self.columns)
+        if self.json_path:
+            write_json(self.json_path, self.summary)
+        print(line, flush=True)
+
+    def finish(self, title: str, rows: Sequence[dict], table: Sequence[tuple[str, str, str]]
+               ) -> None:
+        if rows:
+            print(f"\n{title}: {len(rows)} rows")
+            print(format_table(rows, table))
+        for path in self.csv_paths:
+            print(f"appended to {path}")
+        if self.json_path:
+            write_json(self.json_path, self.summary)
+            print(f"wrote {self.json_path}")
+        if self.notes:
+            print("notes:\n  " + "\n  ".join(self.notes))

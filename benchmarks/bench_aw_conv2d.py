@@ -1,0 +1,358 @@
+"""Benchmark AW-convolution: the grouped-conv trick (eager and under torch.compile),
+a plain conv with the shared weight (the floor), and each fused backend, in
+forward / backward / full (forward + backward) mode.
+
+    python benchmarks/bench_aw_conv2d.py --device cpu --quick
+    python benchmarks/bench_aw_conv2d.py --device cuda --out /tmp/bench
+
+The reference builds the per-sample weights ``weight * (1 + attn[n])`` inside the
+timed graph, as CondConv/ODConv-style code does, then runs one conv with
+``groups = N * groups``. ``plain_conv`` is ``F.conv2d`` with the shared weight:
+the same FLOPs with no attention, the speed a fused kernel can at best match.
+TFLOP/s counts 2 * N * C2 * Ho * Wo * C1/groups * kh * kw per forward, twice that
+per backward, against an n x n matmul measured in the same run.
+Rows are appended to benchmarks/results/aw_conv2d.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils as bu  # noqa: E402
+
+try:
+    import manet_kernels  # noqa: E402
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(1, bu.ROOT)
+    import manet_kernels  # noqa: E402
+from manet_kernels.reference.aw_conv2d import grouped_conv_trick  # noqa: E402
+
+OP = "aw_conv2d"
+PROVIDERS = ("reference", "reference_compile", "plain_conv", "cpu", "cuda", "triton")
+WORK = {"forward": 1, "backward": 2, "full": 3}  # in forward FLOPs
+
+# ResNet-50's 3x3 convs (stride 1, pad 1), batch 64.
+GPU_SHAPES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
+GPU_DTYPES = (torch.bfloat16,)
+CPU_SHAPES = [(8, 64, 28, 28), (8, 256, 14, 14)]
+CPU_DTYPES = (torch.float32,)
+QUICK_SHAPES = {"cpu": [(2, 32, 14, 14)], "cuda": [(64, 64, 56, 56)]}
+
+COLUMNS = ("op", "provider", "mode", "shape", "dtype", "layout", "ms", "tflops",
+           "matmul_tflops", "frac_matmul", "peak_mem_mb", "speedup_vs_ref", "speedup_vs_plain",
+           "max_abs_err", "gflop", "params") + bu.META_COLUMNS
+TABLE = (("provider", "provider", ""), ("mode", "mode", ""), ("shape", "shape", ""),
+         ("dtype", "dtype", ""), ("layout", "layout", ""), ("ms", "ms", ".4f"),
+         ("tflops", "TFLOP/s", ".3f"), ("frac_matmul", "of mm", ".1%"),
+         ("peak_mem_mb", "peak MB", ".1f"), ("speedup_vs_ref", "vs ref", ".2f"),
+         ("speedup_vs_plain", "vs plain", ".2f"), ("max_abs_err", "max err", ".1e"))
+
+
+@dataclass(frozen=True)
+class Conv:
+    out_channels: int  # 0: as many as input channels
+    kernel: int
+    stride: int
+    padding: int | None  # None: dilation * (kernel // 2), "same" at stride 1
+    dilation: int
+    groups: int
+    bias: bool
+
+    def resolved(self, c1: int) -> tuple[int, int]:
+        c2 = self.out_channels or c1
+        pad = self.dilation * (self.kernel // 2) if self.padding is None else self.padding
+        return c2, pad
+
+    def out_hw(self, h: int, w: int, pad: int) -> tuple[int, int]:
+        span = self.dilation * (self.kernel - 1) + 1
+        return ((h + 2 * pad - span) // self.stride + 1, (w + 2 * pad - span) // self.stride + 1)
+
+    def params(self, c1: int) -> str:
+        c2, pad = self.resolved(c1)
+        return (f"c2={c2};kernel={self.kernel}x{self.kernel};stride={self.stride};"
+                f"padding={pad};dilation={self.dilation};groups={self.groups};"
+                f"bias={int(self.bias)}")
+
+
+@dataclass
+class Case:
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    layout: str
+    x: torch.Tensor
+    weight: torch.Tensor
+    attn: torch.Tensor
+    bias: torch.Tensor | None
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    flops: float  # of one forward
+
+    def inputs(self, provider: str) -> list[torch.Tensor]:
+        ts = [self.x, self.weight] + ([] if provider == "plain_conv" else [self.attn])
+        return ts + ([] if self.bias is None else [self.bias])
+
+
+def make_case(shape, dtype: torch.dtype, device: torch.device, conv: Conv,
+              layout: str = "contiguous", seed: int = 0) -> Case:
+    n, c1, h, w = shape
+    c2, pad = conv.resolved(c1)
+    k, g = conv.kernel, conv.groups
+    if c1 % g or c2 % g:
+        raise ValueError(f"groups={g} must divide C1={c1} and C2={c2}")
+    ho, wo = conv.out_hw(h, w, pad)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"shape {bu.shape_name(shape)} gives an empty output with {conv}")
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(size, generator=gen, device=device) * scale).to(dtype)
+
+    x = randn(n, c1, h, w)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # Weights at the init's scale keep bf16 outputs O(1); attn in (0, 1) as the
+    # sigmoid that makes it.
+    weight = randn(c2, c1 // g, k, k, scale=(c1 // g * k * k) ** -0.5)
+    attn = torch.rand((n, c2, 1, k, k), generator=gen, device=device).to(dtype)
+    bias = randn(c2, scale=0.1) if conv.bias else None
+    flops = 2.0 * n * c2 * ho * wo * (c1 // g) * k * k
+    for t in (x, weight, attn, bias):
+        if t is not None:
+            t.requires_grad_()
+    return Case(tuple(shape), dtype, layout, x, weight, attn, bias, conv.stride, pad,
+                conv.dilation, g, flops)
+
+
+def reference(x, weight, attn, bias, stride, padding, dilation, groups):
+    return grouped_conv_trick(x, weight[None] * (1 + attn), bias, stride, padding, dilation,
+                              groups)
+
+
+def make_forward(provider: str, case: Case, compile_mode: str | None
+                 ) -> Callable[[], torch.Tensor]:
+    c = case
+    conf = (c.stride, c.padding, c.dilation, c.groups)
+    if provider == "reference":
+        return lambda: reference(c.x, c.weight, c.attn, c.bias, *conf)
+    if provider == "reference_compile":
+        compiled = bu.compile_fresh(reference, compile_mode)
+        return lambda: compiled(c.x, c.weight, c.attn, c.bias, *conf)
+    if provider == "plain_conv":
+        return lambda: F.conv2d(c.x, c.weight, c.bias, *conf)
+    return lambda: manet_kernels.aw_conv2d(c.x, c.weight, c.attn, c.bias, *conf,
+                                           backend=provider)
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run on ``device`` here, or None if it can."""
+    if provider in ("reference", "reference_compile", "plain_conv"):
+        return None
+    if provider in PROVIDERS:
+        return bu.backend_unavailable(provider, device, "aw_conv2d_fwd",
+                                      "manet_kernels.triton.aw_conv2d")
+    return f"unknown provider (one of {PROVIDERS})"
+
+
+@contextlib.contextmanager
+def _tf32(conv: bool | None = None, matmul: bool | None = None):
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        if conv is not None:
+            torch.backends.cudnn.allow_tf32 = conv
+        if matmul is not None:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def oracle(case: Case) -> torch.Tensor:
+    """The reference in fp32 on the same values, without TF32 (cuDNN's fp32 convs
+    use it by default), so the error column measures every provider alike."""
+    c = case
+    with torch.no_grad(), _tf32(conv=False):
+        up = [None if t is None else t.detach().float() for t in (c.x, c.weight, c.attn, c.bias)]
+        return reference(*up, c.stride, c.padding, c.dilation, c.groups)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
+    # fp32 convs run TF32 under cuDNN's default, fp32 matmuls do not: the ceiling
+    # gets the conv's setting, else plain_conv would beat "the hardware".
+    with _tf32(matmul=torch.backends.cudnn.allow_tf32):
+        return bu.matmul_tflops(device, dtype, quick=quick)
+
+
+def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, ref_ms,
+                    plain_ms, mm, env, sink, params):
+    tag = f"{provider} {bu.shape_name(case.shape)} {bu.dtype_name(case.dtype)} {case.layout}"
+    try:
+        fwd = make_forward(provider, case, compile_mode)
+        t0 = time.monotonic()
+        y = fwd()  # first call: compiles, and checks the provider runs at all
+        setup_s = time.monotonic() - t0
+        # plain_conv computes another function: an error against the AW oracle means nothing
+        err = math.nan if provider == "plain_conv" else \
+            (y.detach().float() - ref_y).abs().max().item()
+        del y
+    except Exception as e:  # noqa: BLE001 (a provider that cannot run is reported, not fatal)
+        sink.note(f"skip {tag}: {bu.short_error(e)}")
+        return
+    if provider == "reference_compile" and setup_s > 5:
+        print(f"note: {tag}: first call (compile) took {setup_s:.0f}s")
+    for mode in modes:
+        fn = None
+        try:
+            fn = bu.make_mode_fn(fwd, case.inputs(provider), mode)
+            fn()  # warm: the backward graph compiles on its first call
+            ms = bu.time_ms(fn, device, quick=quick)
+            mem = bu.peak_memory_mb(fn, device)
+        except Exception as e:  # noqa: BLE001
+            sink.note(f"skip {tag} {mode}: {bu.short_error(e)}")
+            continue
+        finally:
+            fn = None
+            bu.free_memory(device)
+        key = (case.shape, case.dtype, case.layout, mode)
+        if provider == "reference":
+            ref_ms[key] = ms
+        if provider == "plain_conv":
+            plain_ms[key] = ms
+        flops = case.flops * WORK[mode]
+        tflops = flops / (ms * 1e-3) / 1e12
+        row = {
+            "op": OP, "provider": provider, "mode": mode, "shape": bu.shape_name(case.shape),
+            "dtype": bu.dtype_name(case.dtype), "layout": case.layout, "ms": ms,
+            "tflops": tflops, "matmul_tflops": mm, "frac_matmul": tflops / mm,
+            "peak_mem_mb": mem,
+            "speedup_vs_ref": ref_ms[key] / ms if key in ref_ms else math.nan,
+            "speedup_vs_plain": plain_ms[key] / ms if key in plain_ms else math.nan,
+            "max_abs_err": err, "gflop": flops / 1e9,
+            "params": params + (f";compile_mode={compile_mode or 'default'}"
+                                if provider == "reference_compile" else ""),
+            **env,
+        }
+        sink.emit(row, f"  {provider:>17} {mode:>8} {row['shape']:>14} {row['dtype']:>8} "
+                       f"{case.layout:>13}  {ms:10.4f} ms  {tflops:8.3f} TFLOP/s")
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    quick = args.quick
+    if args.shapes:
+        shapes = [bu.parse_shape(s, 4) for s in args.shapes]
+    elif quick:
+        shapes = QUICK_SHAPES[device.type]
+    else:
+        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.dtype:
+        dtypes = [bu.parse_dtype(d) for d in args.dtype]
+    else:
+        dtypes = list(GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
+    conv = Conv(args.out_channels, args.kernel, args.stride, args.padding, args.dilation,
+                args.groups, args.bias)
+    for s in shapes:
+        c2, pad = conv.resolved(s[1])
+        if s[1] % conv.groups or c2 % conv.groups or min(conv.out_hw(s[2], s[3], pad)) < 1:
+            print(f"error: shape {bu.shape_name(s)} does not fit {conv.params(s[1])}",
+                  file=sys.stderr)
+            return 2
+    compile_mode = bu.compile_mode_for(args.compile_mode, device)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = bu.environment(device)
+    print(f"{OP} on {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'}"
+          f" | commit {env['commit']} | {env['date_utc']}")
+    mm = {}
+    for d in dtypes:
+        mm[d] = matmul_ceiling(device, d, quick)
+        print(f"matmul {bu.dtype_name(d)} (same run): {mm[d]:.3f} TFLOP/s")
+    sink = bu.Sink(OP, COLUMNS, args.out, args.no_save,
+                   {"op": OP, "env": env,
+                    "matmul_tflops": {bu.dtype_name(d): v for d, v in mm.items()},
+                    "compile_mode": compile_mode or "default", "args": vars(args)})
+
+    providers = []
+    for p in args.providers:
+        why = unavailable(p, device)
+        if why:
+            sink.note(f"skip provider {p}: {why}")
+        else:
+            providers.append(p)
+    busy = bu.busy_note(device)
+    if busy:
+        sink.note(busy)
+
+    # Two sweeps: eager and our backends over every configuration first, then
+    # torch.compile (max-autotune tunes conv templates: minutes), so a time budget
+    # cuts the compile rows, not ours. The floor and the reference run first:
+    # every later row's ratios need them.
+    first = [p for p in providers if p != "reference_compile"]
+    first.sort(key=lambda p: {"plain_conv": 0, "reference": 1}.get(p, 2))
+    sweeps = [first, [p for p in providers if p == "reference_compile"]]
+    configs = [(d, s, lay) for d in dtypes for s in shapes for lay in args.layouts]
+    ref_ms: dict[tuple, float] = {}
+    plain_ms: dict[tuple, float] = {}
+    started = time.monotonic()
+    out_of_time = False
+    for sweep in sweeps:
+        for dtype, shape, layout in configs:
+            if not sweep or out_of_time:
+                break
+            case = make_case(shape, dtype, device, conv, layout)
+            ref_y = oracle(case)
+            for provider in sweep:
+                if args.time_budget and time.monotonic() - started > args.time_budget:
+                    sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
+                              f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
+                    out_of_time = True
+                    break
+                _bench_provider(provider, case, device, compile_mode, args.modes, quick,
+                                ref_y, ref_ms, plain_ms, mm[dtype], env, sink,
+                                conv.params(shape[1]))
+            del case, ref_y
+            bu.free_memory(device)
+
+    def order(r):
+        config = (bu.parse_dtype(r["dtype"]), bu.parse_shape(r["shape"]), r["layout"])
+        return (configs.index(config), bu.MODES.index(r["mode"]),
+                PROVIDERS.index(r["provider"]))
+    sink.finish(OP, sorted(sink.rows, key=order), TABLE)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    bu.add_common_args(ap, OP, PROVIDERS,
+                       "default: bfloat16 on cuda (float32 as an option), float32 on cpu")
+    ap.add_argument("--out-channels", type=int, default=0, metavar="C2",
+                    help="output channels (default: as many as input channels)")
+    ap.add_argument("--kernel", type=int, default=3, help="square kernel size (default 3)")
+    ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--padding", type=int, default=None,
+                    help="default: dilation * (kernel // 2), 'same' at stride 1")
+    ap.add_argument("--dilation", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--bias", action="store_true", help="add a bias (ResNet's convs have none)")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
