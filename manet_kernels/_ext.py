@@ -26,17 +26,26 @@ except (ImportError, OSError) as e:  # pure-Python install: reference + Triton o
     EXT_ERROR = f"{type(e).__name__}: {e}"
 
 
+def _kernel_table() -> dict[str, frozenset[str]]:
+    """op name -> device types ("cpu", "cuda") that have a compiled kernel. Read once
+    at import so that torch.compile traces backend choice as plain Python."""
+    table = {}
+    if HAS_EXT:
+        for name in torch._C._dispatch_get_all_op_names():
+            if name.startswith("manet_kernels::"):
+                table[name.split("::", 1)[1]] = frozenset(
+                    dev for dev in ("cpu", "cuda")
+                    if torch._C._dispatch_has_kernel_for_dispatch_key(name, dev.upper()))
+    return table
+
+
+KERNELS = _kernel_table()
+
 
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the compiled library has a kernel of ``manet_kernels::<op>`` for
     ``device_type`` ("cpu" or "cuda")."""
-    if not HAS_EXT:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"manet_kernels::{op}",
-                                                               device_type.upper())
-    except RuntimeError:  # no such op in this build
-        return False
+    return device_type in KERNELS.get(op, ())
 
 
 HAS_CUDA_KERNELS = has_kernel("mixed_attention_apply", "cuda")
