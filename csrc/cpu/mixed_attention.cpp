@@ -3,11 +3,24 @@
 // manet_kernels/reference/passes.py.
 //
 // Each pass reads its activation-sized inputs once. x / g come either
-// NCHW-contiguous or channels_last-contiguous and every pass has one loop nest per
-// layout, chosen so the innermost loop runs along the unit-stride dimension:
-// reductions along the unit-stride dimension keep kLanes independent accumulators
-// (so gcc can vectorise without reassociating a single sum), reductions across it
-// accumulate element-wise into a small buffer that stays in L1.
+// NCHW-contiguous or channels_last-contiguous, and every pass has one loop nest
+// per layout so that the innermost loop runs along the unit-stride dimension:
+// reductions along it keep kLanes independent accumulators (a fixed summation
+// order that vectorises without reassociation), reductions across it accumulate
+// element-wise into a small buffer that stays in L1.
+//
+// Vectorisation notes (gcc, SSE2 baseline, default -ftrapping-math):
+// * `#pragma omp simd` (honoured under -fopenmp) marks the lane loops: without it
+//   gcc unrolls them completely first and then fails to SLP-vectorise a max
+//   reduction, leaving scalar code ~7x slower. It never reorders our arithmetic:
+//   every lane loop is free of cross-iteration dependences.
+// * A float compare feeding an integer `?:` stays a branch; select_if does the
+//   same with masks and vectorises.
+// * c10's Half conversions and its float -> BFloat16 rounding do not vectorise;
+//   Elem<> below has branch-free equivalents, bit-exact with c10 (checked over all
+//   2^16 halves, up to NaN payloads, and all 2^32 floats). Even vectorised they
+//   cost several SSE2 instructions per element, so the 16-bit dtypes run a few
+//   times slower than float32 here.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -29,27 +43,44 @@ using at::Tensor;
 enum class Layout { kNCHW, kNHWC };
 
 // ---------------------------------------------------------------------------
-// Argument checks. Every message starts with the argument's name.
+// Argument checks. Every message starts with the argument's name. Wrong dtypes
+// raise TypeError and wrong shapes, strides or index values ValueError in Python,
+// as the Triton backend's checks do; a wrong device stays a RuntimeError.
+
+// The Python spelling, which is what users of the ops know.
+const char* dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(st);
+  }
+}
 
 Layout check_activation(const Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
-              t.layout());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name,
+                    ": expected a strided (dense) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
-              " with shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ",
+                    t.dim(), " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                   name, ": expected dtype float32, float64, bfloat16 or float16, got ",
+                   dtype_name(st));
   // Index tensors are int32.
-  TORCH_CHECK(t.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
-              name, ": C and H*W must fit in int32, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= std::numeric_limits<int32_t>::max() &&
+                    t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
+                    name, ": C and H*W must fit in int32, got shape ", t.sizes());
   if (t.is_contiguous()) return Layout::kNCHW;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kNHWC;
-  TORCH_CHECK(false, name,
-              ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
-              t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
+  TORCH_CHECK_VALUE(false, name,
+                    ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
+                    t.sizes(), " with strides ", t.strides(),
+                    " (make it contiguous before calling)");
   return Layout::kNCHW;  // unreachable
 }
 
@@ -57,33 +88,38 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_same_device(const Tensor& t, const char* name) {
+void check_dense_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
-              t.layout());
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name,
+                    ": expected a strided (dense) tensor, got layout ", t.layout());
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
 // `dims` names the expected shape, e.g. "(N, C)".
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType acc, const char* act_name, at::ScalarType act_dtype) {
-  check_same_device(t, name);
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, name, ": expected dtype ", acc,
-              " (the accumulation dtype for ", act_name, " of dtype ", act_dtype, "), got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              t.strides());
+  check_dense_cpu(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", dtype_name(acc),
+                   " (the accumulation dtype for ", act_name, " of dtype ", dtype_name(act_dtype),
+                   "), got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+                    t.strides());
 }
 
 void check_index(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes) {
-  check_same_device(t, name);
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              t.strides());
+  check_dense_cpu(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+                    t.strides());
+}
+
+const char* layout_name(Layout l) {
+  return l == Layout::kNCHW ? "NCHW-contiguous" : "channels_last-contiguous";
 }
 
 at::MemoryFormat memory_format(Layout l) {
@@ -91,16 +127,99 @@ at::MemoryFormat memory_format(Layout l) {
 }
 
 // ---------------------------------------------------------------------------
+// Element access: activations are read and written through their raw storage
+// type and converted to / from the accumulation type.
+
+template <typename I>
+inline I select_if(bool cond, I a, I b) {
+  const I mask = -static_cast<I>(cond);
+  return (a & mask) | (b & ~mask);
+}
+
+inline uint32_t bits_of(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+template <typename scalar_t>
+struct Elem {  // float, double: stored as they are computed
+  using raw = scalar_t;
+  static inline scalar_t load(raw v) { return v; }
+  static inline raw store(scalar_t v) { return v; }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using raw = uint16_t;
+  static inline float load(raw v) { return float_of(static_cast<uint32_t>(v) << 16); }
+  // Round to nearest even; NaN becomes the canonical quiet NaN, as c10 does.
+  static inline raw store(float f) {
+    const uint32_t w = bits_of(f);
+    const uint32_t r = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
+    return static_cast<raw>(select_if<uint32_t>(f != f, 0x7fc0u, r));
+  }
+};
+
+// Integer work is done in int32 (every value fits): SSE2 has signed 32-bit
+// compares only, and unsigned ones would cost extra bias operations.
+template <>
+struct Elem<c10::Half> {
+  using raw = uint16_t;
+  static inline float load(raw h) {
+    const int32_t em = static_cast<int32_t>(h & 0x7fffu) << 13;  // exponent, mantissa in place
+    const int32_t e = em & (0x1f << 23);
+    int32_t o = em + (112 << 23);                                 // rebias 15 -> 127
+    o = select_if(e == (0x1f << 23), o + (112 << 23), o);         // inf / NaN: exponent 255
+    // Zero / subnormal: o + 2^23 reads as 2^-14 * (1 + m/1024); subtracting 2^-14
+    // leaves m * 2^-24 exactly.
+    const float sub = float_of(static_cast<uint32_t>(o + (1 << 23))) - float_of(113u << 23);
+    o = select_if(e == 0, static_cast<int32_t>(bits_of(sub)), o);
+    return float_of(static_cast<uint32_t>(o) | (static_cast<uint32_t>(h & 0x8000u) << 16));
+  }
+  // Round to nearest even.
+  static inline raw store(float f) {
+    const uint32_t w = bits_of(f);
+    const int32_t sign = static_cast<int32_t>((w >> 16) & 0x8000u);
+    const int32_t a = static_cast<int32_t>(w & 0x7fffffffu);
+    const int32_t normal = (a - (112 << 23) + 0xfff + ((a >> 13) & 1)) >> 13;
+    // Below 2^-14 the result is subnormal: adding 0.5 leaves exactly the rounded
+    // count of 2^-24 units in the low mantissa bits.
+    const int32_t sub = static_cast<int32_t>(bits_of(float_of(static_cast<uint32_t>(a)) + 0.5f) -
+                                             bits_of(0.5f));
+    int32_t h = select_if(a < (113 << 23), sub, normal);
+    h = select_if(a >= 0x477ff000, 0x7c00, h);  // rounds to >= 65520: inf
+    h = select_if(a > 0x7f800000, 0x7e00, h);   // NaN
+    return static_cast<raw>(h | sign);
+  }
+};
+
+template <typename scalar_t>
+using raw_t = typename Elem<scalar_t>::raw;
+
+template <typename scalar_t>
+const raw_t<scalar_t>* raw_ptr(const Tensor& t) {
+  return reinterpret_cast<const raw_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+raw_t<scalar_t>* raw_mut_ptr(Tensor& t) {
+  return reinterpret_cast<raw_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
+}
+
+// ---------------------------------------------------------------------------
 // Loop helpers.
 
-// 64 bytes of accumulators: four SSE vectors of float, enough independent adds
-// to hide the add latency without spilling.
+// 64 bytes of accumulators: four SSE vectors, enough independent adds to hide
+// the add latency without running out of registers.
 template <typename acc_t>
 constexpr int kLanes = static_cast<int>(64 / sizeof(acc_t));
-
-// Index lanes as wide as the value lanes, so compare-and-select vectorises.
-template <typename acc_t>
-using lane_index_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -116,7 +235,7 @@ inline acc_t lane_sum(const acc_t* s) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows of at least this many elements per parallel chunk: below that the OpenMP
+// At least this many elements per parallel chunk: below that the OpenMP
 // fork/join costs more than the work.
 constexpr int64_t kMinChunkElems = 1 << 14;
 
@@ -125,123 +244,180 @@ inline int64_t row_grain(int64_t row_len) {
 }
 
 // Splits one dimension (`len`, with `inner` elements per unit) of each sample into
-// blocks. The split depends on the shape only, never on the thread count, so the
-// cross-block sums below come out bitwise identical on any machine. Blocks are
-// multiples of 16 elements (a cache line of floats) so neighbouring blocks do not
-// share lines.
+// blocks of at least `min_block` units (when there is that much). The split
+// depends on the shape only, never on the thread count, so sums combined across
+// blocks come out bitwise identical on any machine. Blocks are multiples of 16
+// units so that neighbouring blocks do not share cache lines.
 struct Blocks {
   int64_t size;
   int64_t count;
 };
 
-Blocks split_blocks(int64_t samples, int64_t len, int64_t inner) {
+Blocks split_blocks(int64_t samples, int64_t len, int64_t inner, int64_t min_block) {
   if (len <= 0) return {0, 0};
-  constexpr int64_t kTargetItems = 32;
+  constexpr int64_t kTargetItems = 16;  // balances a few cores
   const int64_t want = ceil_div(kTargetItems, std::max<int64_t>(samples, 1));
-  const int64_t by_work = std::max<int64_t>(1, len * std::max<int64_t>(inner, 1) / kMinChunkElems);
-  const int64_t nb = std::max<int64_t>(1, std::min({want, by_work, ceil_div(len, 16)}));
+  const int64_t by_work = len * std::max<int64_t>(inner, 1) / kMinChunkElems;
+  const int64_t nb = std::max<int64_t>(1, std::min({want, by_work, len / min_block}));
   const int64_t size = std::min(len, ceil_div(ceil_div(len, nb), 16) * 16);
   return {size, ceil_div(len, size)};
 }
 
-// sum, max and first argmax (torch.max semantics: first maximum, a NaN counts as
-// the maximum and the first NaN wins) of v[i] = x[i] (* w[i]) over a contiguous row.
-template <typename scalar_t, typename acc_t, bool kScaled>
-inline void row_sum_max(const scalar_t* __restrict__ x, const acc_t* __restrict__ w, int64_t n,
-                        acc_t& sum_out, acc_t& max_out, int64_t& arg_out) {
-  constexpr int L = kLanes<acc_t>;
-  using idx_t = lane_index_t<acc_t>;
-  acc_t s[L], m[L];
-  idx_t id[L];
-  for (int j = 0; j < L; ++j) {
-    s[j] = acc_t(0);
-    m[j] = kNegInf<acc_t>;
-    id[j] = 0;
-  }
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
+// sum, max and first argmax with torch.max semantics (first maximum wins; a NaN
+// counts as the maximum and the first NaN wins) of v[i] = x[i] (* w[i]) over a
+// contiguous row.
+//
+// The hot loop keeps per-lane sums and maxima only; the first position of the
+// maximum is then found by rescanning (in L1) only the lanes that hold it. NaN
+// needs no test in either loop: any NaN makes the sum NaN, and such rows
+// are rescanned for their first NaN.
+template <typename scalar_t, bool kScaled>
+struct RowStats {
+  using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
+  acc_t sum, max;
+  int64_t arg;
+
+  RowStats(const raw_t<scalar_t>* __restrict__ x, const acc_t* __restrict__ w, int64_t n) {
+    constexpr int L = kLanes<acc_t>;
+    auto val = [&](int64_t i) -> acc_t {
+      acc_t v = E::load(x[i]);
+      if constexpr (kScaled) v = v * w[i];
+      return v;
+    };
+    acc_t s[L], m[L];
     for (int j = 0; j < L; ++j) {
-      acc_t v = static_cast<acc_t>(x[i + j]);
-      if constexpr (kScaled) v = v * w[i + j];
-      s[j] += v;
-      const bool gt = v > m[j];
-      m[j] = gt ? v : m[j];
-      id[j] = gt ? static_cast<idx_t>(i + j) : id[j];
+      s[j] = acc_t(0);
+      m[j] = kNegInf<acc_t>;
     }
-  }
-  for (int j = 0; i + j < n; ++j) {
-    acc_t v = static_cast<acc_t>(x[i + j]);
-    if constexpr (kScaled) v = v * w[i + j];
-    s[j] += v;
-    if (v > m[j]) {
-      m[j] = v;
-      id[j] = static_cast<idx_t>(i + j);
-    }
-  }
-  // Each lane holds its own first maximum; across lanes the lowest index wins ties.
-  // Lanes never updated hold (-inf, 0), which is right when every value is -inf.
-  int best = 0;
-  for (int j = 1; j < L; ++j)
-    if (m[j] > m[best] || (m[j] == m[best] && id[j] < id[best])) best = j;
-  acc_t sum = lane_sum<acc_t, L>(s);
-  acc_t mx = m[best];
-  int64_t arg = id[best];
-  // A NaN anywhere makes the sum NaN, so the compare-and-select loop above needs no
-  // NaN test; the rare NaN row is rescanned (inf - inf also lands here, finds no NaN
-  // and keeps the result above).
-  if (std::isnan(sum)) {
-    for (int64_t k = 0; k < n; ++k) {
-      acc_t v = static_cast<acc_t>(x[k]);
-      if constexpr (kScaled) v = v * w[k];
-      if (std::isnan(v)) {
-        mx = v;
-        arg = k;
-        break;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        acc_t v = E::load(x[i + j]);
+        if constexpr (kScaled) v = v * w[i + j];
+        s[j] += v;
+        m[j] = v > m[j] ? v : m[j];
       }
     }
+    sum = lane_sum<acc_t, L>(s);
+    max = kNegInf<acc_t>;
+    for (int j = 0; j < L; ++j) max = m[j] > max ? m[j] : max;
+    // First position of the maximum among the first i values: only the lanes
+    // holding it can contain it (typically one), each scanned with stride L.
+    arg = i;
+    for (int j = 0; j < L; ++j) {
+      if (!(m[j] == max)) continue;
+      for (int64_t k = j; k < arg; k += L) {
+        if (val(k) == max) {
+          arg = k;
+          break;
+        }
+      }
+    }
+    // Not found only when i == 0 or the first i values are all NaN; (-inf, 0)
+    // is then the right start for the tail and the NaN rescan.
+    if (arg == i) arg = 0;
+    for (; i < n; ++i) {
+      const acc_t v = val(i);
+      sum += v;
+      if (v > max) {
+        max = v;
+        arg = i;
+      }
+    }
+    if (std::isnan(sum)) {
+      // inf - inf lands here too, finds no NaN and keeps the result above.
+      for (int64_t k = 0; k < n; ++k) {
+        if (std::isnan(val(k))) {
+          arg = k;
+          break;
+        }
+      }
+    }
+    if (n > 0) max = val(arg);  // the value at the index, as torch.max returns
   }
-  sum_out = sum;
-  max_out = mx;
-  arg_out = arg;
-}
+};
 
-// Per-block running sum / max / first argmax across rows, element-wise along a
-// unit-stride segment of length len: the reduction runs across the rows.
-template <typename acc_t>
+// Sum / max / first argmax across `rows` rows of a block of `len` unit-stride
+// columns: row r, column k is x[r * stride + k] (* w[r]). Each column accumulates
+// element-wise. Rows are taken kRows at a time, so a group's sum and max stay in
+// registers and the running max / argmax are touched once per group; the argmax
+// remembers the first row of the group where the column's maximum first appeared
+// and finish() rescans from there.
+template <typename scalar_t>
 struct ColumnStats {
+  using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
+  static constexpr int kRows = 8;
   std::vector<acc_t> sum, max;
   std::vector<int32_t> arg;
+
   explicit ColumnStats(int64_t len) : sum(len), max(len), arg(len) {}
-  void reset(int64_t len) {
+
+  template <bool kScaled>
+  void run(const raw_t<scalar_t>* x, int64_t stride, const acc_t* w, int64_t rows, int64_t len) {
     std::fill_n(sum.data(), len, acc_t(0));
     std::fill_n(max.data(), len, kNegInf<acc_t>);
     std::fill_n(arg.data(), len, int32_t(0));
+    int64_t r0 = 0;
+    for (; r0 + kRows <= rows; r0 += kRows)
+      group<kRows, kScaled>(x + r0 * stride, stride, kScaled ? w + r0 : nullptr,
+                            static_cast<int32_t>(r0), len);
+    for (; r0 < rows; ++r0)
+      group<1, kScaled>(x + r0 * stride, stride, kScaled ? w + r0 : nullptr,
+                        static_cast<int32_t>(r0), len);
+    for (int64_t k = 0; k < len; ++k) finish<kScaled>(x, stride, w, rows, k);
   }
-  template <typename scalar_t>
-  inline void add_row(const scalar_t* __restrict__ x, acc_t scale, int32_t row, int64_t len) {
+
+ private:
+  template <int R, bool kScaled>
+  inline void group(const raw_t<scalar_t>* __restrict__ x, int64_t stride,
+                    const acc_t* __restrict__ w, int32_t first_row, int64_t len) {
     acc_t* __restrict__ s = sum.data();
     acc_t* __restrict__ m = max.data();
     int32_t* __restrict__ a = arg.data();
+    acc_t wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = kScaled ? w[r] : acc_t(1);
+#pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
-      const acc_t v = static_cast<acc_t>(x[k]) * scale;
-      s[k] += v;
-      const bool gt = v > m[k];
-      m[k] = gt ? v : m[k];
-      a[k] = gt ? row : a[k];
+      acc_t bs = acc_t(0), bm = kNegInf<acc_t>;
+      for (int r = 0; r < R; ++r) {
+        acc_t v = E::load(x[r * stride + k]);
+        if constexpr (kScaled) v = v * wr[r];
+        bs += v;
+        bm = v > bm ? v : bm;
+      }
+      s[k] += bs;
+      const bool gt = bm > m[k];
+      m[k] = gt ? bm : m[k];
+      a[k] = select_if(gt, first_row, a[k]);
     }
   }
-  template <typename scalar_t>
-  inline void add_row(const scalar_t* __restrict__ x, int32_t row, int64_t len) {
-    acc_t* __restrict__ s = sum.data();
-    acc_t* __restrict__ m = max.data();
-    int32_t* __restrict__ a = arg.data();
-    for (int64_t k = 0; k < len; ++k) {
-      const acc_t v = static_cast<acc_t>(x[k]);
-      s[k] += v;
-      const bool gt = v > m[k];
-      m[k] = gt ? v : m[k];
-      a[k] = gt ? row : a[k];
+
+  template <bool kScaled>
+  inline void finish(const raw_t<scalar_t>* x, int64_t stride, const acc_t* w, int64_t rows,
+                     int64_t k) {
+    auto val = [&](int64_t r) -> acc_t {
+      acc_t v = E::load(x[r * stride + k]);
+      if constexpr (kScaled) v = v * w[r];
+      return v;
+    };
+    if (std::isnan(sum[k])) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t v = val(r);
+        if (std::isnan(v)) {
+          max[k] = v;
+          arg[k] = static_cast<int32_t>(r);
+          return;
+        }
+      }
     }
+    // Rows before arg[k] are all below max[k], which occurs within that group.
+    int64_t r = arg[k];
+    while (r + 1 < rows && !(val(r) == max[k])) ++r;
+    arg[k] = static_cast<int32_t>(r);
+    max[k] = val(r);
   }
 };
 
@@ -252,7 +428,7 @@ template <typename scalar_t>
 void channel_pool_impl(const Tensor& x, Layout layout, Tensor& avg, Tensor& mx, Tensor& im) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
   acc_t* ap = avg.mutable_data_ptr<acc_t>();
   acc_t* mp = mx.mutable_data_ptr<acc_t>();
   int32_t* ip = im.mutable_data_ptr<int32_t>();
@@ -261,37 +437,24 @@ void channel_pool_impl(const Tensor& x, Layout layout, Tensor& avg, Tensor& mx, 
   if (layout == Layout::kNCHW) {
     at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        acc_t s, m;
-        int64_t a;
-        row_sum_max<scalar_t, acc_t, false>(xp + r * P, nullptr, P, s, m, a);
-        ap[r] = s / den;
-        mp[r] = m;
-        ip[r] = static_cast<int32_t>(a);
+        const RowStats<scalar_t, false> st(xp + r * P, nullptr, P);
+        ap[r] = st.sum / den;
+        mp[r] = st.max;
+        ip[r] = static_cast<int32_t>(st.arg);
       }
     });
     return;
   }
 
-  const Blocks cb = split_blocks(N, C, P);
+  // channels_last: blocks of channels, each reduced over every position.
+  const Blocks cb = split_blocks(N, C, P, 64);
   at::parallel_for(0, N * cb.count, 1, [&](int64_t begin, int64_t end) {
-    ColumnStats<acc_t> st(cb.size);
+    ColumnStats<scalar_t> st(cb.size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / cb.count, c0 = (item % cb.count) * cb.size;
       const int64_t len = std::min(cb.size, C - c0);
-      const scalar_t* base = xp + n * P * C + c0;
-      st.reset(len);
-      for (int64_t p = 0; p < P; ++p) st.add_row(base + p * C, static_cast<int32_t>(p), len);
+      st.template run<false>(xp + n * P * C + c0, C, nullptr, P, len);
       for (int64_t k = 0; k < len; ++k) {
-        if (std::isnan(st.sum[k])) {
-          for (int64_t p = 0; p < P; ++p) {
-            const acc_t v = static_cast<acc_t>(base[p * C + k]);
-            if (std::isnan(v)) {
-              st.max[k] = v;
-              st.arg[k] = static_cast<int32_t>(p);
-              break;
-            }
-          }
-        }
         const int64_t o = n * C + c0 + k;
         ap[o] = st.sum[k] / den;
         mp[o] = st.max[k];
@@ -302,14 +465,14 @@ void channel_pool_impl(const Tensor& x, Layout layout, Tensor& avg, Tensor& mx, 
 }
 
 // ---------------------------------------------------------------------------
-// F2: with x1 = mc * x, mean / max / argmax over channels.
+// F2: with x1 = x * mc, mean / max / argmax over channels.
 
 template <typename scalar_t>
 void spatial_pool_impl(const Tensor& x, Layout layout, const Tensor& mc, Tensor& sa, Tensor& sm,
                        Tensor& ic) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
   const acc_t* mcp = mc.const_data_ptr<acc_t>();
   acc_t* sap = sa.mutable_data_ptr<acc_t>();
   acc_t* smp = sm.mutable_data_ptr<acc_t>();
@@ -319,40 +482,24 @@ void spatial_pool_impl(const Tensor& x, Layout layout, const Tensor& mc, Tensor&
   if (layout == Layout::kNHWC) {
     at::parallel_for(0, N * P, row_grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / P;
-        acc_t s, m;
-        int64_t a;
-        row_sum_max<scalar_t, acc_t, true>(xp + r * C, mcp + n * C, C, s, m, a);
-        sap[r] = s / den;
-        smp[r] = m;
-        icp[r] = static_cast<int32_t>(a);
+        const RowStats<scalar_t, true> st(xp + r * C, mcp + (r / P) * C, C);
+        sap[r] = st.sum / den;
+        smp[r] = st.max;
+        icp[r] = static_cast<int32_t>(st.arg);
       }
     });
     return;
   }
 
   // NCHW: stream the C rows of a block of positions, accumulating per position.
-  const Blocks pb = split_blocks(N, P, C);
+  const Blocks pb = split_blocks(N, P, C, 256);
   at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
-    ColumnStats<acc_t> st(pb.size);
+    ColumnStats<scalar_t> st(pb.size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
       const int64_t len = std::min(pb.size, P - p0);
-      const scalar_t* base = xp + n * C * P + p0;
-      const acc_t* mcn = mcp + n * C;
-      st.reset(len);
-      for (int64_t c = 0; c < C; ++c) st.add_row(base + c * P, mcn[c], static_cast<int32_t>(c), len);
+      st.template run<true>(xp + n * C * P + p0, P, mcp + n * C, C, len);
       for (int64_t k = 0; k < len; ++k) {
-        if (std::isnan(st.sum[k])) {
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(base[c * P + k]) * mcn[c];
-            if (std::isnan(v)) {
-              st.max[k] = v;
-              st.arg[k] = static_cast<int32_t>(c);
-              break;
-            }
-          }
-        }
         const int64_t o = n * P + p0 + k;
         sap[o] = st.sum[k] / den;
         smp[o] = st.max[k];
@@ -363,26 +510,27 @@ void spatial_pool_impl(const Tensor& x, Layout layout, const Tensor& mc, Tensor&
 }
 
 // ---------------------------------------------------------------------------
-// F3: y = x * mc * ms (in that order, as the reference rounds).
+// F3: y = x * mc * ms, rounded in that order as the reference does.
 
 template <typename scalar_t>
 void apply_impl(const Tensor& x, Layout layout, const Tensor& mc, const Tensor& ms, Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
   const acc_t* mcp = mc.const_data_ptr<acc_t>();
   const acc_t* msp = ms.const_data_ptr<acc_t>();
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  raw_t<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
 
   if (layout == Layout::kNCHW) {
     at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t s = mcp[r];
         const acc_t* __restrict__ msr = msp + (r / C) * P;
-        const scalar_t* __restrict__ xr = xp + r * P;
-        scalar_t* __restrict__ yr = yp + r * P;
-        for (int64_t p = 0; p < P; ++p)
-          yr[p] = static_cast<scalar_t>(static_cast<acc_t>(xr[p]) * s * msr[p]);
+        const raw_t<scalar_t>* __restrict__ xr = xp + r * P;
+        raw_t<scalar_t>* __restrict__ yr = yp + r * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) yr[p] = E::store(E::load(xr[p]) * s * msr[p]);
       }
     });
   } else {
@@ -390,10 +538,10 @@ void apply_impl(const Tensor& x, Layout layout, const Tensor& mc, const Tensor& 
       for (int64_t r = begin; r < end; ++r) {
         const acc_t t = msp[r];
         const acc_t* __restrict__ mcr = mcp + (r / P) * C;
-        const scalar_t* __restrict__ xr = xp + r * C;
-        scalar_t* __restrict__ yr = yp + r * C;
-        for (int64_t c = 0; c < C; ++c)
-          yr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * mcr[c] * t);
+        const raw_t<scalar_t>* __restrict__ xr = xp + r * C;
+        raw_t<scalar_t>* __restrict__ yr = yp + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) yr[c] = E::store(E::load(xr[c]) * mcr[c] * t);
       }
     });
   }
@@ -401,25 +549,74 @@ void apply_impl(const Tensor& x, Layout layout, const Tensor& mc, const Tensor& 
 
 // ---------------------------------------------------------------------------
 // B1: dms = sum_c g*x*mc and dmc = sum_p g*x*ms, both from one read of g and x.
-// One of the two reductions crosses the position blocks; each block writes its
-// own partial row and the partials are added in block order afterwards.
+// Work items are (sample, block of positions), so dms is complete within an item
+// while dmc crosses items: each item writes its own partial row, and the partials
+// are added in block order afterwards.
+//
+// NCHW takes channel rows kGroup at a time, so the per-position accumulator is
+// loaded and stored once per group; the adds into it stay in row order, so the
+// grouping changes no rounding. Each row of the group has its own kLanes2
+// dot-product lanes (half the usual width, so that the group's lanes fit in
+// registers).
+
+template <typename acc_t>
+constexpr int kLanes2 = static_cast<int>(32 / sizeof(acc_t));
+
+template <typename scalar_t, int R>
+inline void bwd_reduce_nchw_rows(const raw_t<scalar_t>* __restrict__ g,
+                                 const raw_t<scalar_t>* __restrict__ x, int64_t stride,
+                                 const at::opmath_type<scalar_t>* __restrict__ w,
+                                 const at::opmath_type<scalar_t>* __restrict__ ms,
+                                 at::opmath_type<scalar_t>* __restrict__ d,
+                                 at::opmath_type<scalar_t>* __restrict__ dot, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
+  constexpr int L = kLanes2<acc_t>;
+  acc_t lane[R][L];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < L; ++j) lane[r][j] = acc_t(0);
+  int64_t k = 0;
+  for (; k + L <= len; k += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      acc_t acc = d[k + j];
+      for (int r = 0; r < R; ++r) {
+        const acc_t gx = E::load(g[r * stride + k + j]) * E::load(x[r * stride + k + j]);
+        acc = acc + gx * w[r];
+        lane[r][j] += gx * ms[k + j];
+      }
+      d[k + j] = acc;
+    }
+  }
+  for (int j = 0; k + j < len; ++j) {
+    acc_t acc = d[k + j];
+    for (int r = 0; r < R; ++r) {
+      const acc_t gx = E::load(g[r * stride + k + j]) * E::load(x[r * stride + k + j]);
+      acc = acc + gx * w[r];
+      lane[r][j] += gx * ms[k + j];
+    }
+    d[k + j] = acc;
+  }
+  for (int r = 0; r < R; ++r) dot[r] = lane_sum<acc_t, L>(lane[r]);
+}
 
 template <typename scalar_t>
 void bwd_reduce_impl(const Tensor& g, const Tensor& x, Layout layout, const Tensor& mc,
                      const Tensor& ms, Tensor& dms, Tensor& dmc) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = kLanes<acc_t>;
+  using E = Elem<scalar_t>;
+  constexpr int kGroup = 4;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* gp = raw_ptr<scalar_t>(g);
+  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
   const acc_t* mcp = mc.const_data_ptr<acc_t>();
   const acc_t* msp = ms.const_data_ptr<acc_t>();
   acc_t* dmsp = dms.mutable_data_ptr<acc_t>();
   acc_t* dmcp = dmc.mutable_data_ptr<acc_t>();
 
-  const Blocks pb = split_blocks(N, P, C);
-  // partial[n][block][c]
-  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * C));
+  // NCHW streams C row segments per item: keep them long.
+  const Blocks pb = split_blocks(N, P, C, layout == Layout::kNCHW ? 256 : 16);
+  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * C));  // [n][block][c]
   acc_t* part = partial.data();
 
   if (layout == Layout::kNCHW) {
@@ -428,35 +625,23 @@ void bwd_reduce_impl(const Tensor& g, const Tensor& x, Layout layout, const Tens
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
         const int64_t len = std::min(pb.size, P - p0);
-        const acc_t* __restrict__ msr = msp + n * P + p0;
-        acc_t* __restrict__ d = buf.data();
-        acc_t* __restrict__ pr = part + item * C;
+        acc_t* d = buf.data();
         std::fill_n(d, len, acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* __restrict__ gr = gp + (n * C + c) * P + p0;
-          const scalar_t* __restrict__ xr = xp + (n * C + c) * P + p0;
-          const acc_t w = mcp[n * C + c];
-          acc_t lane[L];
-          for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
-          int64_t k = 0;
-          for (; k + L <= len; k += L) {
-            for (int j = 0; j < L; ++j) {
-              const acc_t gx = static_cast<acc_t>(gr[k + j]) * static_cast<acc_t>(xr[k + j]);
-              d[k + j] += gx * w;
-              lane[j] += gx * msr[k + j];
-            }
-          }
-          for (int j = 0; k + j < len; ++j) {
-            const acc_t gx = static_cast<acc_t>(gr[k + j]) * static_cast<acc_t>(xr[k + j]);
-            d[k + j] += gx * w;
-            lane[j] += gx * msr[k + j];
-          }
-          pr[c] = lane_sum<acc_t, L>(lane);
-        }
+        const int64_t off = n * C * P + p0;
+        int64_t c = 0;
+        for (; c + kGroup <= C; c += kGroup)
+          bwd_reduce_nchw_rows<scalar_t, kGroup>(gp + off + c * P, xp + off + c * P, P,
+                                                 mcp + n * C + c, msp + n * P + p0, d,
+                                                 part + item * C + c, len);
+        for (; c < C; ++c)
+          bwd_reduce_nchw_rows<scalar_t, 1>(gp + off + c * P, xp + off + c * P, P,
+                                            mcp + n * C + c, msp + n * P + p0, d,
+                                            part + item * C + c, len);
         std::copy_n(d, len, dmsp + n * P + p0);
       }
     });
   } else {
+    constexpr int L = kLanes<acc_t>;
     at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
@@ -465,21 +650,22 @@ void bwd_reduce_impl(const Tensor& g, const Tensor& x, Layout layout, const Tens
         acc_t* __restrict__ pr = part + item * C;
         std::fill_n(pr, C, acc_t(0));
         for (int64_t p = p0; p < p0 + len; ++p) {
-          const scalar_t* __restrict__ gr = gp + (n * P + p) * C;
-          const scalar_t* __restrict__ xr = xp + (n * P + p) * C;
+          const raw_t<scalar_t>* __restrict__ gr = gp + (n * P + p) * C;
+          const raw_t<scalar_t>* __restrict__ xr = xp + (n * P + p) * C;
           const acc_t t = msp[n * P + p];
           acc_t lane[L];
           for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
           int64_t c = 0;
           for (; c + L <= C; c += L) {
+#pragma omp simd
             for (int j = 0; j < L; ++j) {
-              const acc_t gx = static_cast<acc_t>(gr[c + j]) * static_cast<acc_t>(xr[c + j]);
+              const acc_t gx = E::load(gr[c + j]) * E::load(xr[c + j]);
               lane[j] += gx * mcr[c + j];
               pr[c + j] += gx * t;
             }
           }
           for (int j = 0; c + j < C; ++j) {
-            const acc_t gx = static_cast<acc_t>(gr[c + j]) * static_cast<acc_t>(xr[c + j]);
+            const acc_t gx = E::load(gr[c + j]) * E::load(xr[c + j]);
             lane[j] += gx * mcr[c + j];
             pr[c + j] += gx * t;
           }
@@ -501,75 +687,73 @@ void bwd_reduce_impl(const Tensor& g, const Tensor& x, Layout layout, const Tens
 
 // ---------------------------------------------------------------------------
 // B2: dmc[n,c] = sum_p (da_s/C) x  +  sum_{p: ic[n,p]==c} dm_s x.
-// The dense and the gathered terms are summed apart and added at the end, as the
+// The dense and the gathered sums are kept apart and added at the end, as the
 // reference does.
 
 template <typename scalar_t>
 void bwd_channel_impl(const Tensor& x, Layout layout, const Tensor& da_s, const Tensor& dm_s,
                       const Tensor& ic, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
   constexpr int L = kLanes<acc_t>;
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
   const acc_t* dap = da_s.const_data_ptr<acc_t>();
   const acc_t* dmp = dm_s.const_data_ptr<acc_t>();
   const int32_t* icp = ic.const_data_ptr<int32_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
 
-  // The gather below reads x[n, ic, p]: an index outside [0, C) would read out of
-  // bounds (the reference's gather raises too).
-  {
-    int32_t lo = 0, hi = 0;
-    const int64_t NP = N * P;
-    if (NP > 0) {
-      lo = hi = icp[0];
-      for (int64_t i = 0; i < NP; ++i) {
-        lo = std::min(lo, icp[i]);
-        hi = std::max(hi, icp[i]);
-      }
+  // The gather reads x[n, ic, p]: an index outside [0, C) would read out of
+  // bounds (the reference's gather raises as well).
+  const int64_t NP = N * P;
+  if (NP > 0) {
+    int32_t lo = icp[0], hi = icp[0];
+    for (int64_t i = 0; i < NP; ++i) {
+      lo = std::min(lo, icp[i]);
+      hi = std::max(hi, icp[i]);
     }
-    TORCH_CHECK(NP == 0 || (lo >= 0 && hi < C), "ic: expected channel indices in [0, C=", C,
-                "), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(lo >= 0 && hi < C, "ic: expected channel indices in [0, C=", C,
+                      "), got values in [", lo, ", ", hi, "]");
   }
 
   // da_s / C once per position (a division, as the reference computes it).
-  std::vector<acc_t> wbuf(static_cast<size_t>(N * P));
-  const acc_t den = static_cast<acc_t>(C);
-  for (int64_t i = 0; i < N * P; ++i) wbuf[i] = dap[i] / den;
+  std::vector<acc_t> wbuf(static_cast<size_t>(NP));
+  for (int64_t i = 0; i < NP; ++i) wbuf[i] = dap[i] / static_cast<acc_t>(C);
   const acc_t* wp = wbuf.data();
 
   if (layout == Layout::kNCHW) {
-    // Gathered term first (N*P scattered reads, not a pass), then the dense rows.
+    // The gathered term first: N*P scattered reads, not a pass.
     std::vector<acc_t> sparse(static_cast<size_t>(N * C), acc_t(0));
     acc_t* sp = sparse.data();
-    at::parallel_for(0, N, std::max<int64_t>(1, kMinChunkElems / std::max<int64_t>(P, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t n = begin; n < end; ++n)
-                         for (int64_t p = 0; p < P; ++p) {
-                           const int64_t c = icp[n * P + p];
-                           sp[n * C + c] += dmp[n * P + p] *
-                                            static_cast<acc_t>(xp[(n * C + c) * P + p]);
-                         }
-                     });
+    at::parallel_for(0, N, row_grain(P), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t c = icp[n * P + p];
+          sp[n * C + c] += dmp[n * P + p] * E::load(xp[(n * C + c) * P + p]);
+        }
+    });
     at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* __restrict__ xr = xp + r * P;
+        const raw_t<scalar_t>* __restrict__ xr = xp + r * P;
         const acc_t* __restrict__ wr = wp + (r / C) * P;
         acc_t lane[L];
         for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
         int64_t p = 0;
-        for (; p + L <= P; p += L)
-          for (int j = 0; j < L; ++j) lane[j] += static_cast<acc_t>(xr[p + j]) * wr[p + j];
-        for (int j = 0; p + j < P; ++j) lane[j] += static_cast<acc_t>(xr[p + j]) * wr[p + j];
+        for (; p + L <= P; p += L) {
+#pragma omp simd
+          for (int j = 0; j < L; ++j) lane[j] += E::load(xr[p + j]) * wr[p + j];
+        }
+        for (int j = 0; p + j < P; ++j) lane[j] += E::load(xr[p + j]) * wr[p + j];
         op[r] = lane_sum<acc_t, L>(lane) + sp[r];
       }
     });
     return;
   }
 
-  const Blocks pb = split_blocks(N, P, C);
-  // partial[n][block][{dense, sparse}][c]
-  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * 2 * C));
+  // channels_last: items are (sample, block of positions), each with its own
+  // partial rows, added in block order afterwards.
+  const Blocks pb = split_blocks(N, P, C, 16);
+  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * 2 * C));  // [n][block][2][c]
   acc_t* part = partial.data();
   at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -579,31 +763,32 @@ void bwd_channel_impl(const Tensor& x, Layout layout, const Tensor& da_s, const 
       acc_t* __restrict__ sparse = dense + C;
       std::fill_n(dense, 2 * C, acc_t(0));
       for (int64_t p = p0; p < p0 + len; ++p) {
-        const scalar_t* __restrict__ xr = xp + (n * P + p) * C;
+        const raw_t<scalar_t>* __restrict__ xr = xp + (n * P + p) * C;
         const acc_t w = wp[n * P + p];
-        for (int64_t c = 0; c < C; ++c) dense[c] += static_cast<acc_t>(xr[c]) * w;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) dense[c] += E::load(xr[c]) * w;
         const int64_t c = icp[n * P + p];
-        sparse[c] += dmp[n * P + p] * static_cast<acc_t>(xr[c]);
+        sparse[c] += dmp[n * P + p] * E::load(xr[c]);
       }
     }
   });
   for (int64_t n = 0; n < N; ++n) {
-    acc_t* __restrict__ o = op + n * C;
     for (int64_t c = 0; c < C; ++c) {
       acc_t d = 0, s = 0;
       for (int64_t b = 0; b < pb.count; ++b) {
         d += part[((n * pb.count + b) * 2) * C + c];
         s += part[((n * pb.count + b) * 2 + 1) * C + c];
       }
-      o[c] = d + s;
+      op[n * C + c] = d + s;
     }
   }
 }
 
 // ---------------------------------------------------------------------------
 // B3: dx = mc*(g*ms + da_s/C + dm_s*[c == ic]) + d_avg/P + d_mx*[p == im].
-// The dense part is one streaming pass; the two one-hot terms touch N*P and N*C
-// elements, which are recomputed in full where they apply. An index out of range
+// The dense part is one streaming pass; the one-hot terms touch N*P and N*C
+// elements, which are rewritten with the full expression afterwards (each
+// element's value is the same whichever fix-up writes it last). An index out of range
 // matches nothing, as in the reference.
 
 template <typename scalar_t>
@@ -611,8 +796,9 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
                  const Tensor& da_s, const Tensor& dm_s, const Tensor& ic, const Tensor& d_avg,
                  const Tensor& d_mx, const Tensor& im, Tensor& dx) {
   using acc_t = at::opmath_type<scalar_t>;
+  using E = Elem<scalar_t>;
   const int64_t N = g.size(0), C = g.size(1), P = g.size(2) * g.size(3);
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const raw_t<scalar_t>* gp = raw_ptr<scalar_t>(g);
   const acc_t* mcp = mc.const_data_ptr<acc_t>();
   const acc_t* msp = ms.const_data_ptr<acc_t>();
   const acc_t* dap = da_s.const_data_ptr<acc_t>();
@@ -621,16 +807,16 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
   const acc_t* davp = d_avg.const_data_ptr<acc_t>();
   const acc_t* dmxp = d_mx.const_data_ptr<acc_t>();
   const int32_t* imp = im.const_data_ptr<int32_t>();
-  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  raw_t<scalar_t>* dxp = raw_mut_ptr<scalar_t>(dx);
 
-  // da_s / C and d_avg / P, divided once as the reference does.
+  // da_s / C and d_avg / P, divided once, as the reference computes them.
   std::vector<acc_t> abuf(static_cast<size_t>(N * P)), bbuf(static_cast<size_t>(N * C));
   for (int64_t i = 0; i < N * P; ++i) abuf[i] = dap[i] / static_cast<acc_t>(C);
   for (int64_t i = 0; i < N * C; ++i) bbuf[i] = davp[i] / static_cast<acc_t>(P);
   const acc_t* ap = abuf.data();
   const acc_t* bp = bbuf.data();
 
-  // The exact reference expression for one element.
+  // The reference expression for one element, one-hot terms included.
   auto full = [&](int64_t n, int64_t c, int64_t p, acc_t gv) -> acc_t {
     const int64_t np = n * P + p, nc = n * C + c;
     acc_t inner = gv * msp[np] + ap[np];
@@ -644,21 +830,25 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
     at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / C, c = r % C;
-        const int32_t c32 = static_cast<int32_t>(c);
         const acc_t s = mcp[r], b = bp[r];
-        const scalar_t* __restrict__ gr = gp + r * P;
+        const raw_t<scalar_t>* __restrict__ gr = gp + r * P;
         const acc_t* __restrict__ msr = msp + n * P;
         const acc_t* __restrict__ ar = ap + n * P;
-        const acc_t* __restrict__ dmr = dmp + n * P;
-        const int32_t* __restrict__ icr = icp + n * P;
-        scalar_t* __restrict__ out = dxp + r * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const acc_t inner =
-              (static_cast<acc_t>(gr[p]) * msr[p] + ar[p]) + (icr[p] == c32 ? dmr[p] : acc_t(0));
-          out[p] = static_cast<scalar_t>(s * inner + b);
-        }
+        raw_t<scalar_t>* __restrict__ out = dxp + r * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p)
+          out[p] = E::store(s * (E::load(gr[p]) * msr[p] + ar[p]) + b);
         const int64_t pi = imp[r];
-        if (pi >= 0 && pi < P) out[pi] = static_cast<scalar_t>(full(n, c, pi, static_cast<acc_t>(gr[pi])));
+        if (pi >= 0 && pi < P) out[pi] = E::store(full(n, c, pi, E::load(gr[pi])));
+      }
+    });
+    // The picked-channel term, once every row above is written.
+    at::parallel_for(0, N * P, kMinChunkElems / 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / P, p = r % P, ci = icp[r];
+        if (ci < 0 || ci >= C) continue;
+        const int64_t o = (n * C + ci) * P + p;
+        dxp[o] = E::store(full(n, ci, p, E::load(gp[o])));
       }
     });
     return;
@@ -668,23 +858,23 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / P, p = r % P;
       const acc_t t = msp[r], a = ap[r];
-      const scalar_t* __restrict__ gr = gp + r * C;
+      const raw_t<scalar_t>* __restrict__ gr = gp + r * C;
       const acc_t* __restrict__ mcr = mcp + n * C;
       const acc_t* __restrict__ br = bp + n * C;
-      scalar_t* __restrict__ out = dxp + r * C;
-      for (int64_t c = 0; c < C; ++c)
-        out[c] = static_cast<scalar_t>(mcr[c] * (static_cast<acc_t>(gr[c]) * t + a) + br[c]);
+      raw_t<scalar_t>* __restrict__ out = dxp + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = E::store(mcr[c] * (E::load(gr[c]) * t + a) + br[c]);
       const int64_t ci = icp[r];
-      if (ci >= 0 && ci < C) out[ci] = static_cast<scalar_t>(full(n, ci, p, static_cast<acc_t>(gr[ci])));
+      if (ci >= 0 && ci < C) out[ci] = E::store(full(n, ci, p, E::load(gr[ci])));
     }
   });
-  // The argmax-position term, after every row above is written.
-  at::parallel_for(0, N * C, std::max<int64_t>(1, kMinChunkElems / 16), [&](int64_t begin, int64_t end) {
+  // The argmax-position term, once every row above is written.
+  at::parallel_for(0, N * C, kMinChunkElems / 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / C, c = r % C, pi = imp[r];
       if (pi < 0 || pi >= P) continue;
       const int64_t o = (n * P + pi) * C + c;
-      dxp[o] = static_cast<scalar_t>(full(n, c, pi, static_cast<acc_t>(gp[o])));
+      dxp[o] = E::store(full(n, c, pi, E::load(gp[o])));
     }
   });
 }
@@ -695,7 +885,8 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
 std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  TORCH_CHECK(P >= 1, "x: expected H*W >= 1 to take a max over positions, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(P >= 1, "x: expected H*W >= 1 to take a max over positions, got shape ",
+                    x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   Tensor avg = at::empty({N, C}, x.options().dtype(acc));
   Tensor mx = at::empty({N, C}, x.options().dtype(acc));
@@ -709,7 +900,8 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
 std::tuple<Tensor, Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& mc) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ",
+                    x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
   Tensor sa = at::empty({N, H, W}, x.options().dtype(acc));
@@ -739,21 +931,21 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& g, const Tensor& x, const Te
   const Layout layout = check_activation(x, "x");
   const Layout g_layout = check_activation(g, "g");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(g.sizes() == x.sizes(), "g: expected the shape of x ", x.sizes(), ", got ",
-              g.sizes());
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "g: expected the dtype of x (",
-              x.scalar_type(), "), got ", g.scalar_type());
-  TORCH_CHECK(g_layout == layout, "g: expected the memory format of x (",
-              layout == Layout::kNCHW ? "NCHW-contiguous" : "channels_last-contiguous",
-              "), got ", g_layout == Layout::kNCHW ? "NCHW-contiguous" : "channels_last-contiguous");
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes(), "g: expected the shape of x ", x.sizes(), ", got ",
+                    g.sizes());
+  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "g: expected the dtype of x (",
+                   dtype_name(x.scalar_type()), "), got ", dtype_name(g.scalar_type()));
+  TORCH_CHECK_VALUE(g_layout == layout, "g: expected the memory format of x (",
+                    layout_name(layout), "), got ", layout_name(g_layout));
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
   check_small(ms, "ms", "(N, H, W)", {N, H, W}, acc, "x", x.scalar_type());
   Tensor dms = at::empty({N, H, W}, x.options().dtype(acc));
   Tensor dmc = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_bwd_reduce",
-                                  [&] { bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc); });
+                                  "mixed_attention_bwd_reduce", [&] {
+                                    bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc);
+                                  });
   return {dms, dmc};
 }
 
@@ -766,8 +958,9 @@ Tensor bwd_channel(const Tensor& x, const Tensor& da_s, const Tensor& dm_s, cons
   check_index(ic, "ic", "(N, H, W)", {N, H, W});
   Tensor out = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_bwd_channel",
-                                  [&] { bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out); });
+                                  "mixed_attention_bwd_channel", [&] {
+                                    bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out);
+                                  });
   return out;
 }
 
