@@ -98,31 +98,34 @@ def _mlp_bwd(do, v, h, w1, w2):
     return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
 
 
+def _normalize(z, norm: SpatialNorm, stats):
+    """The BatchNorm's normalised input and inverse std, from the batch statistics
+    ``stats = [mean, biased var]`` in training mode or the running ones otherwise."""
+    mean, var = (stats[0], stats[1]) if norm.training else (norm.running_mean[0],
+                                                            norm.running_var[0])
+    rstd = torch.rsqrt(var + norm.eps)
+    return (z - mean) * rstd, rstd
+
+
 def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None):
-    """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the BN's normalised input,
-    its inverse std and the batch statistics (mean, biased var)."""
-    feat = torch.stack([sa, sm], 1)
-    z = F.conv2d(feat, conv_w, conv_b, padding=conv_w.shape[-1] // 2)
+    """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the conv output ``z`` and the batch
+    statistics (mean, biased var) the backward and the running-stat update need."""
+    z = F.conv2d(torch.stack([sa, sm], 1), conv_w, conv_b,
+                 padding=conv_w.shape[-1] // 2).squeeze(1)
     stats = z.new_empty(0)
-    zh = rstd = None
+    a = z
     if norm is not None:
         if norm.training:
             if z.numel() <= 1:
                 raise ValueError("spatial BatchNorm in training mode needs more than one "
                                  f"value (N*H*W > 1), got input of shape {tuple(z.shape)}")
-            mean = z.mean()
-            var = z.var(unbiased=False)
-            stats = torch.stack([mean, var])
-        else:
-            mean, var = norm.running_mean[0], norm.running_var[0]
-        rstd = torch.rsqrt(var + norm.eps)
-        zh = (z - mean) * rstd
-        z = zh
+            stats = torch.stack([z.mean(), z.var(unbiased=False)])
+        a = _normalize(z, norm, stats)[0]
         if norm.weight is not None:
-            z = z * norm.weight[0]
+            a = a * norm.weight[0]
         if norm.bias is not None:
-            z = z + norm.bias[0]
-    return torch.sigmoid(z).squeeze(1), feat, zh, rstd, stats
+            a = a + norm.bias[0]
+    return torch.sigmoid(a), z, stats
 
 
 def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
@@ -133,11 +136,10 @@ def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, b
     avg, mx, im = kern.mixed_attention_channel_pool(x)
     mc = torch.sigmoid(_mlp_fwd(avg, w1, b1, w2, b2)[0] + _mlp_fwd(mx, w1, b1, w2, b2)[0])
     sa, sm, ic = kern.mixed_attention_spatial_pool(x, mc)
-    ms, _, _, _, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
-                                      _norm_cast(norm, acc))
-    ms = ms.contiguous()
+    ms, z, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
+                                _norm_cast(norm, acc))
     y = kern.mixed_attention_apply(x, mc, ms)
-    return y, mc, ms, im, ic, avg, mx, sa, sm, stats
+    return y, mc, ms, im, ic, avg, mx, sa, sm, z, stats
 
 
 def _norm_cast(norm: SpatialNorm | None, acc) -> SpatialNorm | None:
@@ -146,7 +148,7 @@ def _norm_cast(norm: SpatialNorm | None, acc) -> SpatialNorm | None:
     return SpatialNorm(*(_cast(t, acc) for t in norm[:4]), norm.training, norm.eps)
 
 
-def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
+def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
                    w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     kern = _passes(backend)
     acc = mc.dtype
@@ -166,10 +168,10 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
         dmc = dmc + gmc.to(acc)
 
     # Tiny: back through sigmoid, BatchNorm and the conv.
-    _, feat, zh, rstd, _ = _spatial_fwd(sa, sm, cwa, cba, norm_a)
     dz = (dms * ms * (1 - ms)).unsqueeze(1)
     dbn_w = dbn_b = None
     if norm_a is not None:
+        zh, rstd = _normalize(z.unsqueeze(1), norm_a, stats)
         if norm_a.weight is not None:
             dbn_w = (dz * zh).sum().reshape(1)
         if norm_a.bias is not None:
@@ -180,7 +182,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
         else:
             dz = dzh * rstd
     dfeat, dconv_w, dconv_b = torch.ops.aten.convolution_backward(
-        dz, feat, cwa, [1] if conv_b is not None else None, [1, 1],
+        dz, torch.stack([sa, sm], 1), cwa, [1] if conv_b is not None else None, [1, 1],
         [conv_w.shape[-2] // 2, conv_w.shape[-1] // 2], [1, 1], False, [0, 0], 1,
         [True, True, conv_b is not None])
     da_s = dfeat[:, 0].contiguous()
@@ -223,8 +225,8 @@ def _mixed_attention_op(
         conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
         bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
         bn_eps: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, bn_stats)``; everything but
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z, bn_stats)``; everything but
     ``y`` is small (N*C or N*H*W) and kept for the backward."""
     norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
     return _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
@@ -240,14 +242,14 @@ def _(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, ha
     y = torch.empty_like(x, memory_format=activation_format(x))
     stats = x.new_empty((2,) if has_norm and bn_training else (0,), dtype=acc)
     return (y, nc, nhw, nc.to(torch.int32), nhw.to(torch.int32), nc.clone(), nc.clone(),
-            nhw.clone(), nhw.clone(), stats)
+            nhw.clone(), nhw.clone(), nhw.clone(), stats)
 
 
 @torch.library.custom_op("manet_kernels::mixed_attention_backward", mutates_args=())
 def _mixed_attention_backward_op(
         gy: Tensor, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor, ms: Tensor,
-        im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor,
-        w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, conv_w: Tensor,
+        im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor, z: Tensor,
+        stats: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, conv_w: Tensor,
         conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
         bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
         bn_eps: float, backend: str,
@@ -255,13 +257,13 @@ def _mixed_attention_backward_op(
     """Returns ``(dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_weight, dbn_bias)``;
     the gradient of an absent (None) parameter is an empty tensor."""
     norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
-    grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm,
+    grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
                            w1, b1, w2, b2, conv_w, conv_b, norm, backend)
     return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
 @_mixed_attention_backward_op.register_fake
-def _(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, w1, b1, w2, b2, conv_w, conv_b,
+def _(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w, conv_b,
       bn_weight, bn_bias, bn_mean, bn_var, has_norm, bn_training, bn_eps, backend):
     dx = torch.empty_like(x, memory_format=activation_format(x))
     return (dx,) + tuple(x.new_empty(0) if p is None else torch.empty_like(p)
@@ -274,11 +276,11 @@ _INPUT_NAMES = ("x", "w1", "b1", "w2", "b2", "conv_w", "conv_b", "bn_weight", "b
 def _setup_context(ctx, inputs, output):
     (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
      bn_training, bn_eps, backend) = inputs
-    _, mc, ms, im, ic, avg, mx, sa, sm, _ = output
+    _, mc, ms, im, ic, avg, mx, sa, sm, z, stats = output
     if bn_training:  # batch statistics: the running ones (updated in place later) are unused
         bn_mean = bn_var = None
-    ctx.save_for_backward(x, mc, ms, im, ic, avg, mx, sa, sm, w1, b1, w2, b2, conv_w, conv_b,
-                          bn_weight, bn_bias, bn_mean, bn_var)
+    ctx.save_for_backward(x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w,
+                          conv_b, bn_weight, bn_bias, bn_mean, bn_var)
     ctx.flags = (has_norm, bn_training, bn_eps, backend)
     ctx.mark_non_differentiable(*output[3:])
 
@@ -287,7 +289,7 @@ def _backward(ctx, gy, gmc, gms, *_unused):
     saved = ctx.saved_tensors
     grads = torch.ops.manet_kernels.mixed_attention_backward(
         gy, gmc, gms, *saved, *ctx.flags)
-    present = (True,) + tuple(t is not None for t in saved[9:17])
+    present = (True,) + tuple(t is not None for t in saved[11:19])
     out = [g if keep else None for g, keep in zip(grads, present)]
     # one gradient per op input: x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias,
     # then bn_mean, bn_var, has_norm, bn_training, bn_eps, backend
@@ -385,7 +387,7 @@ class MixedAttentionFunction(torch.autograd.Function):
         out = torch.ops.manet_kernels.mixed_attention(
             x, w1, b1, w2, b2, conv_w, conv_b, None, None, None, None, False, False, 0.0,
             backend)
-        ctx.save_for_backward(x, *out[1:9], w1, b1, w2, b2, conv_w, conv_b)
+        ctx.save_for_backward(x, *out[1:11], w1, b1, w2, b2, conv_w, conv_b)
         ctx.flags = (False, nb.training, nb.eps, backend)
         return out[0]
 
@@ -395,4 +397,4 @@ class MixedAttentionFunction(torch.autograd.Function):
         grads = torch.ops.manet_kernels.mixed_attention_backward(
             gy, None, None, *saved, None, None, None, None, *ctx.flags)
         return tuple(g if p is not None else None
-                     for g, p in zip(grads[:7], (saved[0],) + saved[9:15]))
+                     for g, p in zip(grads[:7], (saved[0],) + saved[11:17]))
