@@ -1,0 +1,430 @@
+// CPU kernels for AW-convolution and per-sample convolution (DESIGN.md section 2).
+// The contract, including dtypes and output memory format, is
+// manet_kernels/reference/passes.py.
+//
+// Every sample has its own weights, so a sample is one ordinary convolution; ATen's
+// (oneDNN for float32, im2col + BLAS for float64) does that better than a
+// hand-written loop nest. The aw_* ops build one sample's scaled weight at a time
+// (C2 * C1/g * kh * kw elements) and never the (N, C2, C1/g, kh, kw) stack.
+// Low-precision x is widened to float32 one sample at a time, since the contract
+// computes in the accumulation dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------
+// Argument checks. Every message starts with the argument's name.
+
+at::ScalarType acc_dtype_for(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cpu_dense(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
+              t.layout());
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+}
+
+// Returns the memory format the outputs derived from `t` take: NCHW when `t` is
+// NCHW-contiguous (also when it is both, e.g. C == 1 or H == W == 1), else channels_last.
+at::MemoryFormat check_activation(const Tensor& t, const char* name) {
+  check_cpu_dense(t, name);
+  TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
+              " with shape ", t.sizes());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(false, name,
+              ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
+              t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
+  return at::MemoryFormat::Contiguous;  // unreachable
+}
+
+// `dims` names the expected shape, e.g. "(N, C2)".
+void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
+                 at::ScalarType dtype, const char* why) {
+  check_cpu_dense(t, name);
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, " (", why, "), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+              t.strides());
+}
+
+std::array<int64_t, 2> check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
+              ", got ", v);
+  return {v[0], v[1]};
+}
+
+struct Geometry {
+  int64_t n, c1, h, w;    // x
+  int64_t c2, kh, kw;     // weight(s)
+  int64_t ho, wo;         // y
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+  at::MemoryFormat format;  // of x, and so of y and dx
+  at::ScalarType dtype, acc;
+
+  // One sample's weights in the accumulation dtype.
+  int64_t weight_bytes() const {
+    return c2 * (c1 / groups) * kh * kw * static_cast<int64_t>(c10::elementSize(acc));
+  }
+};
+
+// Checks x and the convolution parameters against a weight of shape
+// (C2, C1/groups, kh, kw) taken from `wsizes` (the trailing four sizes).
+Geometry check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups) {
+  Geometry geo;
+  geo.format = check_activation(x, "x");
+  geo.dtype = x.scalar_type();
+  geo.acc = acc_dtype_for(geo.dtype);
+  geo.n = x.size(0);
+  geo.c1 = x.size(1);
+  geo.h = x.size(2);
+  geo.w = x.size(3);
+  geo.stride = check_pair(stride, "stride", 1);
+  geo.padding = check_pair(padding, "padding", 0);
+  geo.dilation = check_pair(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1, "groups: expected a positive value, got ", groups);
+  const size_t r = wsizes.size();
+  geo.c2 = wsizes[r - 4];
+  geo.kh = wsizes[r - 2];
+  geo.kw = wsizes[r - 1];
+  TORCH_CHECK(geo.c1 % groups == 0, "groups: must divide x's channel count C1 = ", geo.c1,
+              ", got groups = ", groups);
+  TORCH_CHECK(geo.c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
+              geo.c2, ", got groups = ", groups);
+  TORCH_CHECK(wsizes[r - 3] * groups == geo.c1, wname, ": expected C1/groups = ", geo.c1, "/",
+              groups, " = ", geo.c1 / groups, " input channels (dim ", r - 3, "), got shape ",
+              wsizes);
+  TORCH_CHECK(geo.kh >= 1 && geo.kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
+              wsizes);
+  const int64_t span_h = geo.h + 2 * geo.padding[0] - geo.dilation[0] * (geo.kh - 1) - 1;
+  const int64_t span_w = geo.w + 2 * geo.padding[1] - geo.dilation[1] * (geo.kw - 1) - 1;
+  TORCH_CHECK(geo.h >= 1 && geo.w >= 1 && span_h >= 0 && span_w >= 0,
+              "x: spatial size (", geo.h, ", ", geo.w, ") with padding (", geo.padding[0], ", ",
+              geo.padding[1], ") is smaller than the dilated kernel (",
+              geo.dilation[0] * (geo.kh - 1) + 1, ", ", geo.dilation[1] * (geo.kw - 1) + 1, ")");
+  geo.ho = span_h / geo.stride[0] + 1;
+  geo.wo = span_w / geo.stride[1] + 1;
+  geo.groups = groups;
+  return geo;
+}
+
+void check_per_sample_weights(const Tensor& weights, const Geometry& geo) {
+  check_cpu_dense(weights, "weights");
+  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+              "got rank ", weights.dim(), " with shape ", weights.sizes());
+  TORCH_CHECK(weights.size(0) == geo.n, "weights: expected one kernel per sample of x (N = ",
+              geo.n, "), got shape ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == geo.dtype, "weights: expected x's dtype ", geo.dtype,
+              ", got ", weights.scalar_type());
+  TORCH_CHECK(weights.is_contiguous(), "weights: expected a contiguous tensor, got strides ",
+              weights.strides());
+}
+
+void check_shared_weight(const Tensor& weight, const Geometry& geo) {
+  TORCH_CHECK(weight.scalar_type() == geo.dtype, "weight: expected x's dtype ", geo.dtype,
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.is_contiguous(), "weight: expected a contiguous tensor, got strides ",
+              weight.strides());
+}
+
+// Rank and device of a weight before its sizes are used for the geometry.
+void check_weight_rank(const Tensor& weight) {
+  check_cpu_dense(weight, "weight");
+  TORCH_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
+              "rank ", weight.dim(), " with shape ", weight.sizes());
+}
+
+void check_scale(const Tensor& scale, const Geometry& geo) {
+  check_small(scale, "scale", "(N, C2, kh, kw)", {geo.n, geo.c2, geo.kh, geo.kw}, geo.acc,
+              "the accumulation dtype for x's dtype");
+}
+
+void check_bias(const c10::optional<Tensor>& bias, const Geometry& geo) {
+  if (bias.has_value() && bias->defined())
+    check_small(*bias, "bias", "(N, C2)", {geo.n, geo.c2}, geo.acc,
+                "the accumulation dtype for x's dtype");
+}
+
+void check_grad(const Tensor& g, const Geometry& geo) {
+  check_activation(g, "g");
+  TORCH_CHECK(g.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}),
+              "g: expected the output's shape (N, C2, Ho, Wo) = ",
+              at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}), ", got ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == geo.dtype, "g: expected x's dtype ", geo.dtype, ", got ",
+              g.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// Per-sample pieces.
+
+// Sample n of an activation as a (1, C, H, W) view, widened to the
+// accumulation dtype when it is narrower.
+Tensor sample_of(const Tensor& t, int64_t n, at::ScalarType acc) {
+  Tensor s = t.narrow(0, n, 1);
+  return s.scalar_type() == acc ? s : s.to(acc);
+}
+
+Tensor conv_forward(const Tensor& xn, const Tensor& wn, const c10::optional<Tensor>& bn,
+                    const Geometry& geo) {
+  return at::convolution(xn, wn, bn, geo.stride, geo.padding, geo.dilation,
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, geo.groups);
+}
+
+// (dx_n, G_n) for one sample.
+std::tuple<Tensor, Tensor> conv_backward(const Tensor& gn, const Tensor& xn, const Tensor& wn,
+                                         const Geometry& geo) {
+  auto r = at::convolution_backward(gn, xn, wn, c10::nullopt, geo.stride, geo.padding,
+                                    geo.dilation, /*transposed=*/false, {0, 0}, geo.groups,
+                                    {true, true, false});
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+// wn[o, c, t] = wa[o, c, t] * s[o, t], t the kh*kw tap.
+template <typename acc_t>
+void scale_weight(const acc_t* __restrict__ wa, const acc_t* __restrict__ s,
+                  acc_t* __restrict__ wn, int64_t c2, int64_t cg, int64_t taps) {
+  for (int64_t o = 0; o < c2; ++o) {
+    const acc_t* so = s + o * taps;
+    for (int64_t c = 0; c < cg; ++c) {
+      const int64_t base = (o * cg + c) * taps;
+#pragma omp simd
+      for (int64_t t = 0; t < taps; ++t) wn[base + t] = wa[base + t] * so[t];
+    }
+  }
+}
+
+// dweight += s ⊙ G and ds[o, t] = Σ_c wa[o, c, t] G[o, c, t], c in increasing order.
+template <typename acc_t>
+void fold_weight_grad(const acc_t* __restrict__ gw, const acc_t* __restrict__ wa,
+                      const acc_t* __restrict__ s, acc_t* __restrict__ dweight,
+                      acc_t* __restrict__ ds, int64_t c2, int64_t cg, int64_t taps) {
+  for (int64_t o = 0; o < c2; ++o) {
+    const acc_t* so = s + o * taps;
+    acc_t* dso = ds + o * taps;
+    for (int64_t t = 0; t < taps; ++t) dso[t] = acc_t(0);
+    for (int64_t c = 0; c < cg; ++c) {
+      const int64_t base = (o * cg + c) * taps;
+#pragma omp simd
+      for (int64_t t = 0; t < taps; ++t) {
+        dso[t] += wa[base + t] * gw[base + t];
+        dweight[base + t] += so[t] * gw[base + t];
+      }
+    }
+  }
+}
+
+// Below this many elements a parallel chunk costs more in fork/join than it saves.
+constexpr int64_t kMinFoldElems = 1 << 14;
+
+// Running samples side by side keeps one sample's weights (and, in aw_conv2d_bwd,
+// its weight gradient) alive per thread; past this much, samples go one at a time.
+constexpr int64_t kMaxSideBySideBytes = int64_t{512} << 20;
+
+// How many samples run side by side: one per thread (see for_each_sample).
+int64_t sample_threads(int64_t weight_bytes) {
+  if (at::in_parallel_region()) return 1;
+  const int64_t threads = at::get_num_threads();
+  return threads * weight_bytes * 2 > kMaxSideBySideBytes ? 1 : threads;
+}
+
+// Sets this thread's OpenMP thread count to 1 while alive.
+struct OneOmpThread {
+#ifdef _OPENMP
+  int saved = omp_get_max_threads();
+  OneOmpThread() { omp_set_num_threads(1); }
+  ~OneOmpThread() { omp_set_num_threads(saved); }
+#endif
+};
+
+// Runs fn(n) for n in [begin, end): whole rounds of one sample per thread in
+// parallel, each convolution single-threaded; the samples left over one after the
+// other, each convolution using every thread.
+// Fwd+bwd, fp32, 2 threads (Zen 4): (8,64,28,28)->64 3x3 8.4 ms vs 9.2 ms with every
+// sample's conv threaded, (8,256,14,14)->256 34.1 vs 34.5-38.0 ms.
+template <typename F>
+void for_each_sample(int64_t begin, int64_t end, int64_t threads, const F& fn) {
+  const int64_t split = threads > 1 ? begin + (end - begin) / threads * threads : begin;
+  if (split > begin) {
+    at::parallel_for(begin, split, 1, [&](int64_t b, int64_t e) {
+      // Worker threads do not inherit the caller's dispatch state.
+      at::AutoDispatchBelowADInplaceOrView guard;
+      // oneDNN splits its work by omp_get_max_threads(), which still reports every
+      // thread in here, then runs on one: its weight gradients came back partly
+      // uncomputed.
+      OneOmpThread one_thread;
+      for (int64_t i = b; i < e; ++i) fn(i);
+    });
+  }
+  // Not through parallel_for: that would mark the region parallel and make every
+  // ATen op inside single-threaded.
+  for (int64_t i = split; i < end; ++i) fn(i);
+}
+
+// ---------------------------------------------------------------------------
+// Ops.
+
+Tensor per_sample_conv2d_fwd(const Tensor& x, const Tensor& weights,
+                             const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cpu_dense(weights, "weights");
+  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+              "got rank ", weights.dim(), " with shape ", weights.sizes());
+  const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
+  check_per_sample_weights(weights, geo);
+  check_bias(bias, geo);
+  at::AutoDispatchBelowADInplaceOrView guard;
+
+  Tensor y = at::empty({geo.n, geo.c2, geo.ho, geo.wo}, x.options().memory_format(geo.format));
+  const bool has_bias = bias.has_value() && bias->defined();
+  for_each_sample(0, geo.n, sample_threads(geo.weight_bytes()), [&](int64_t n) {
+    Tensor wn = weights.select(0, n);
+    if (wn.scalar_type() != geo.acc) wn = wn.to(geo.acc);
+    c10::optional<Tensor> bn;
+    if (has_bias) bn = bias->select(0, n);
+    y.narrow(0, n, 1).copy_(conv_forward(sample_of(x, n, geo.acc), wn, bn, geo));
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> per_sample_conv2d_bwd(const Tensor& g, const Tensor& x,
+                                                 const Tensor& weights, at::IntArrayRef stride,
+                                                 at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups) {
+  check_cpu_dense(weights, "weights");
+  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+              "got rank ", weights.dim(), " with shape ", weights.sizes());
+  const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
+  check_per_sample_weights(weights, geo);
+  check_grad(g, geo);
+  at::AutoDispatchBelowADInplaceOrView guard;
+
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(geo.format));
+  Tensor dweights = at::empty(weights.sizes(), weights.options().dtype(geo.acc));
+  for_each_sample(0, geo.n, sample_threads(geo.weight_bytes()), [&](int64_t n) {
+    Tensor wn = weights.select(0, n);
+    if (wn.scalar_type() != geo.acc) wn = wn.to(geo.acc);
+    auto [dxn, gw] = conv_backward(sample_of(g, n, geo.acc), sample_of(x, n, geo.acc), wn, geo);
+    dx.narrow(0, n, 1).copy_(dxn);
+    dweights.select(0, n).copy_(gw);
+  });
+  return {dx, dweights};
+}
+
+Tensor aw_conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& scale,
+                     const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_weight_rank(weight);
+  const Geometry geo = check_conv(x, weight.sizes(), "weight", stride, padding, dilation, groups);
+  check_shared_weight(weight, geo);
+  check_scale(scale, geo);
+  check_bias(bias, geo);
+  at::AutoDispatchBelowADInplaceOrView guard;
+
+  Tensor y = at::empty({geo.n, geo.c2, geo.ho, geo.wo}, x.options().memory_format(geo.format));
+  if (geo.n == 0) return y;
+  const Tensor wa = weight.to(geo.acc).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t cg = weight.size(1), taps = geo.kh * geo.kw;
+  AT_DISPATCH_FLOATING_TYPES(geo.acc, "aw_conv2d_fwd", [&] {
+    for_each_sample(0, geo.n, sample_threads(geo.weight_bytes()), [&](int64_t n) {
+      Tensor wn = at::empty_like(wa);
+      scale_weight<scalar_t>(wa.const_data_ptr<scalar_t>(),
+                             scale.const_data_ptr<scalar_t>() + n * geo.c2 * taps,
+                             wn.mutable_data_ptr<scalar_t>(), geo.c2, cg, taps);
+      c10::optional<Tensor> bn;
+      if (has_bias) bn = bias->select(0, n);
+      y.narrow(0, n, 1).copy_(conv_forward(sample_of(x, n, geo.acc), wn, bn, geo));
+    });
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& x,
+                                                 const Tensor& weight, const Tensor& scale,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups) {
+  check_weight_rank(weight);
+  const Geometry geo = check_conv(x, weight.sizes(), "weight", stride, padding, dilation, groups);
+  check_shared_weight(weight, geo);
+  check_scale(scale, geo);
+  check_grad(g, geo);
+  at::AutoDispatchBelowADInplaceOrView guard;
+
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(geo.format));
+  Tensor dweight = at::zeros(weight.sizes(), weight.options().dtype(geo.acc));
+  Tensor dscale = at::empty(scale.sizes(), scale.options());
+  if (geo.n == 0) return {dx, dweight, dscale};
+  const Tensor wa = weight.to(geo.acc).contiguous();
+  const int64_t cg = weight.size(1), taps = geo.kh * geo.kw;
+  // Samples go in waves of one per thread; a wave's G_n are kept (wave weights'
+  // worth) and then folded in sample order, so the sums do not depend on which
+  // thread computed what.
+  const int64_t wave = sample_threads(geo.weight_bytes());
+  std::vector<Tensor> gws(wave);
+  const int64_t fold_grain =
+      std::max<int64_t>(1, kMinFoldElems / std::max<int64_t>(cg * taps * wave, 1));
+  AT_DISPATCH_FLOATING_TYPES(geo.acc, "aw_conv2d_bwd", [&] {
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    const scalar_t* wp = wa.const_data_ptr<scalar_t>();
+    scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
+    scalar_t* dsp = dscale.mutable_data_ptr<scalar_t>();
+    for (int64_t w0 = 0; w0 < geo.n; w0 += wave) {
+      const int64_t count = std::min(wave, geo.n - w0);
+      for_each_sample(w0, w0 + count, wave, [&](int64_t n) {
+        Tensor wn = at::empty_like(wa);
+        scale_weight<scalar_t>(wp, sp + n * geo.c2 * taps, wn.mutable_data_ptr<scalar_t>(),
+                               geo.c2, cg, taps);
+        auto [dxn, gw] =
+            conv_backward(sample_of(g, n, geo.acc), sample_of(x, n, geo.acc), wn, geo);
+        dx.narrow(0, n, 1).copy_(dxn);
+        // oneDNN may hand G_n back channels_last when x is.
+        gws[n - w0] = gw.contiguous();
+      });
+      at::parallel_for(0, geo.c2, fold_grain, [&](int64_t ob, int64_t oe) {
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t n = w0 + i;
+          const int64_t off = ob * cg * taps;
+          fold_weight_grad<scalar_t>(gws[i].const_data_ptr<scalar_t>() + off, wp + off,
+                                     sp + (n * geo.c2 + ob) * taps, dwp + off,
+                                     dsp + (n * geo.c2 + ob) * taps, oe - ob, cg, taps);
+        }
+      });
+    }
+  });
+  return {dx, dweight, dscale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
+  m.impl("per_sample_conv2d_fwd", &per_sample_conv2d_fwd);
+  m.impl("per_sample_conv2d_bwd", &per_sample_conv2d_bwd);
+  m.impl("aw_conv2d_fwd", &aw_conv2d_fwd);
+  m.impl("aw_conv2d_bwd", &aw_conv2d_bwd);
+}
