@@ -89,27 +89,27 @@ def _(x, weight, scale, bias, stride, padding, dilation, groups, backend):
 
 @torch.library.custom_op("manet_kernels::aw_conv2d_backward", mutates_args=())
 def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)``."""
+                    padding: list[int], dilation: list[int], groups: int, backend: str,
+                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)`` (empty without a bias)."""
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     g = g.to(x.dtype).contiguous(memory_format=fmt)
     acc = acc_dtype(x.dtype)
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
-                weight.new_zeros(weight.shape[0]))
+                weight.new_zeros(weight.shape[0] if has_bias else 0))
     dx, dw, ds = _passes(backend).aw_conv2d_bwd(g, x, weight.to(x.dtype).contiguous(),
                                                scale.to(acc).contiguous(), stride, padding,
                                                dilation, groups)
-    db = g.sum((0, 2, 3), dtype=acc)
+    db = g.sum((0, 2, 3), dtype=acc) if has_bias else weight.new_empty(0)
     return dx, dw.to(weight.dtype), ds.to(scale.dtype), db.to(weight.dtype)
 
 
 @_aw_backward_op.register_fake
-def _(g, x, weight, scale, stride, padding, dilation, groups, backend):
+def _(g, x, weight, scale, stride, padding, dilation, groups, backend, has_bias):
     return (torch.empty_like(x, memory_format=activation_format(x)), torch.empty_like(weight),
-            torch.empty_like(scale), weight.new_empty(weight.shape[0]))
+            torch.empty_like(scale), weight.new_empty(weight.shape[0] if has_bias else 0))
 
 
 def _aw_setup(ctx, inputs, output):
@@ -122,7 +122,8 @@ def _aw_setup(ctx, inputs, output):
 
 def _aw_backward(ctx, g):
     x, weight, scale = ctx.saved_tensors
-    dx, dw, ds, db = torch.ops.manet_kernels.aw_conv2d_backward(g, x, weight, scale, *ctx.conf)
+    dx, dw, ds, db = torch.ops.manet_kernels.aw_conv2d_backward(g, x, weight, scale, *ctx.conf,
+                                                                ctx.has_bias)
     return dx, dw, ds, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None, None, \
         None, None
 
