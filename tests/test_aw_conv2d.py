@@ -1,0 +1,285 @@
+"""AW-convolution and per-sample convolution against a per-sample loop of F.conv2d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
+from helpers import LOW_PRECISION, assert_matches, make_x
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import manet_kernels as mk
+from manet_kernels import reference
+from manet_kernels.reference import aw_conv2d as ref_ops
+
+# (C1, C2, k, stride, padding, dilation, groups, H, W)
+CONFIGS = [
+    (4, 6, 1, 1, 0, 1, 1, 5, 7),
+    (5, 7, 3, 1, 1, 1, 1, 7, 6),
+    (4, 6, 3, 2, 1, 1, 2, 9, 7),
+    (6, 6, 3, 1, (1, 2), (1, 2), 6, 8, 8),   # depthwise, uneven padding and dilation
+    (3, 4, 5, 2, 2, 1, 1, 7, 5),
+    (2, 3, 7, 1, 3, 1, 1, 9, 9),
+    (3, 5, 3, 1, 1, 1, 1, 1, 1),             # 1x1 map
+    (8, 8, 3, (2, 1), 0, 2, 4, 11, 9),
+]
+
+
+def ids(cfg):
+    return "c{}-{}_k{}_s{}_p{}_d{}_g{}_{}x{}".format(*cfg)
+
+
+def make_case(cfg, n, dtype, device, layout, full_attn=False, bias=True):
+    c1, c2, k, stride, padding, dilation, groups, h, w = cfg
+    x = make_x((n, c1, h, w), dtype, device, layout)
+    weight = (torch.randn(c2, c1 // groups, k, k, dtype=torch.float64, device=device)
+              / (c1 // groups * k * k) ** 0.5).to(dtype)
+    attn = torch.rand(n, c2, c1 // groups if full_attn else 1, k, k, dtype=torch.float64,
+                      device=device).to(dtype)
+    b = torch.randn(c2, dtype=torch.float64, device=device).to(dtype) if bias else None
+    return x, weight, attn, b, dict(stride=stride, padding=padding, dilation=dilation,
+                                    groups=groups)
+
+
+def run(fn, tensors, upstream):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    y = fn(*leaves)
+    need = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((y.double() * upstream).sum(), need)
+    names = ["x", "weight", "attn", "bias"][: len(leaves)]
+    out = {"y": y}
+    it = iter(grads)
+    for name, t in zip(names, leaves):
+        if t is not None:
+            out[f"grad_{name}"] = next(it)
+    return out
+
+
+def check_aw(backend, device, dtype, layout, cfg, n=3, full_attn=False, bias=True):
+    x, weight, attn, b, conf = make_case(cfg, n, dtype, device, layout, full_attn, bias)
+    y_shape = ref_ops.aw_conv2d(x.double(), weight.double(), attn.double(), None, **conf).shape
+    up = torch.randn(y_shape, dtype=torch.float64, device=device)
+    out = run(lambda *t: mk.aw_conv2d(*t, **conf, backend=backend), (x, weight, attn, b), up)
+    ref_dtype = torch.float64 if dtype in LOW_PRECISION else dtype
+    ref = run(lambda *t: ref_ops.aw_conv2d(*t, **conf),
+              [t.to(ref_dtype) if t is not None else None for t in (x, weight, attn, b)], up)
+    low = (run(lambda *t: ref_ops.aw_conv2d(*t, **conf), (x, weight, attn, b), up)
+           if dtype in LOW_PRECISION else None)
+    assert out["y"].dtype == dtype
+    if layout == "channels_last" and min(out["y"].shape[1:]) > 1:
+        assert out["y"].is_contiguous(memory_format=torch.channels_last)
+    assert_matches(out, ref, low, dtype)
+
+
+@requires_ext
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_aw_matches_reference(cfg, layout, dtype):
+    check_aw("cpu", "cpu", dtype, layout, cfg)
+
+
+@requires_ext
+@pytest.mark.parametrize("cfg", CONFIGS[:4], ids=ids)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_aw_full_attn_matches_reference(cfg, bias):
+    check_aw("cpu", "cpu", torch.float64, "contiguous", cfg, full_attn=True, bias=bias)
+
+
+@requires_ext
+@pytest.mark.parametrize("n", [1, 2])
+def test_cpu_aw_batch_sizes(n):
+    check_aw("cpu", "cpu", torch.float32, "channels_last", CONFIGS[2], n=n)
+
+
+@requires_ext
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), g=st.sampled_from([1, 2]), c1g=st.integers(1, 4),
+       c2g=st.integers(1, 4), k=st.sampled_from([1, 3, 5]), s=st.integers(1, 2),
+       p=st.integers(0, 2), d=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
+       full=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_random_configs(n, g, c1g, c2g, k, s, p, d, h, w, full, seed):
+    if h + 2 * p < d * (k - 1) + 1 or w + 2 * p < d * (k - 1) + 1:
+        return  # empty output: rejected by the argument checks (tested below)
+    torch.manual_seed(seed)
+    cfg = (c1g * g, c2g * g, k, s, p, d, g, h, w)
+    check_aw("cpu", "cpu", torch.float64, "contiguous", cfg, n=n, full_attn=full)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
+                    reason="Triton interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[6]], ids=ids)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_interpreter_aw(cfg, layout, dtype):
+    check_aw("triton", "cpu", dtype, layout, cfg, n=2)
+
+
+GPU_CONFIGS = CONFIGS + [(64, 64, 3, 1, 1, 1, 1, 56, 56), (256, 256, 3, 2, 1, 1, 1, 14, 14),
+                         (64, 64, 3, 1, 1, 1, 64, 28, 28)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=ids)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_aw_matches_reference(backend, cfg, layout, dtype):
+    if backend not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    check_aw(backend, "cuda", dtype, layout, cfg, n=2)
+
+
+# --------------------------------------------------------------------------- per-sample conv
+
+@requires_ext
+@pytest.mark.parametrize("cfg", CONFIGS[:5], ids=ids)
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "per_sample"])
+def test_cpu_per_sample_matches_reference(cfg, bias_kind):
+    c1, c2, k, stride, padding, dilation, groups, h, w = cfg
+    n = 3
+    x = torch.randn(n, c1, h, w, dtype=torch.float64)
+    weights = torch.randn(n, c2, c1 // groups, k, k, dtype=torch.float64)
+    bias = {"none": None, "shared": torch.randn(c2, dtype=torch.float64),
+            "per_sample": torch.randn(n, c2, dtype=torch.float64)}[bias_kind]
+    conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y_ref = ref_ops.per_sample_conv2d(x, weights, bias, **conf)
+    up = torch.randn_like(y_ref)
+    out = run(lambda *t: mk.per_sample_conv2d(*t, **conf, backend="cpu"), (x, weights, bias), up)
+    ref = run(lambda *t: ref_ops.per_sample_conv2d(*t, **conf), (x, weights, bias), up)
+    out = {k.replace("grad_weight", "grad_weights"): v for k, v in out.items()}
+    ref = {k.replace("grad_weight", "grad_weights"): v for k, v in ref.items()}
+    assert_matches(out, ref, None, torch.float64)
+    # the grouped-conv baseline computes the same thing
+    torch.testing.assert_close(ref_ops.grouped_conv_trick(x, weights, bias, **conf), y_ref)
+
+
+@requires_ext
+def test_gradcheck_cpu():
+    x, weight, attn, b, conf = make_case((4, 4, 3, 2, 1, 1, 2, 5, 4), 2, torch.float64, "cpu",
+                                         "contiguous")
+    args = [t.requires_grad_() for t in (x, weight, attn, b)]
+    assert torch.autograd.gradcheck(lambda *t: mk.aw_conv2d(*t, **conf, backend="cpu"), args)
+    ws = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.per_sample_conv2d(a, b, padding=1, groups=2, backend="cpu"), (xs, ws))
+
+
+@requires_ext
+def test_opcheck_cpu():
+    x, weight, attn, b, conf = make_case((4, 6, 3, 2, 1, 1, 2, 6, 5), 2, torch.float32, "cpu",
+                                         "contiguous")
+    scale = (1 + attn).squeeze(2)
+    for rg in (False, True):
+        t = [v.clone().requires_grad_(rg) for v in (x, weight, scale, b)]
+        torch.library.opcheck(torch.ops.manet_kernels.aw_conv2d.default,
+                              (*t, [2, 2], [1, 1], [1, 1], 2, "cpu"))
+        ws = (weight[None] * (1 + attn)).clone().requires_grad_(rg)
+        torch.library.opcheck(torch.ops.manet_kernels.per_sample_conv2d.default,
+                              (x.clone().requires_grad_(rg), ws, None, [1, 1], [0, 0], [1, 1], 2,
+                               "cpu"))
+
+
+@requires_ext
+def test_compile_fullgraph_module():
+    torch._dynamo.reset()
+    ref = reference.AWConv2d(8, 12, 3, padding=1, bias=True, reduction=4)
+    fused = mk.nn.AWConv2d(8, 12, 3, padding=1, bias=True, reduction=4, backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 8, 7, 6, requires_grad=True)
+    y, y_ref = compiled(x), ref(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    g = torch.autograd.grad(y.square().sum(), [x] + list(fused.parameters()))
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x] + list(ref.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@requires_ext
+def test_module_from_conv_starts_close_to_the_conv():
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True)
+    layer = mk.nn.AWConv2d.from_conv(conv, reduction=4, backend="cpu")
+    x = torch.randn(2, 8, 9, 9)
+    y, y_conv = layer(x), conv(x)
+    assert (y - y_conv).abs().max() <= 1e-3 * y_conv.abs().max()
+    torch.testing.assert_close(layer.weight, conv.weight)
+
+
+@requires_ext
+def test_autograd_functions_dropin():
+    x, weight, attn, b, conf = make_case(CONFIGS[2], 2, torch.float64, "cpu", "contiguous")
+    args = [t.requires_grad_() for t in (x, weight, attn, b)]
+    y = mk.AWConv2dFunction.apply(*args, conf["stride"], conf["padding"], conf["dilation"],
+                                  conf["groups"])
+    y_ref = ref_ops.aw_conv2d(*args, **conf)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for a, b_ in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, args, g)):
+        torch.testing.assert_close(a, b_)
+    ws = (weight[None] * (1 + attn)).detach().requires_grad_()
+    y2 = mk.PerSampleConv2dFunction.apply(x, ws, None, 2, 1, 1, 2)
+    torch.testing.assert_close(y2, ref_ops.per_sample_conv2d(x, ws, None, 2, 1, 1, 2))
+
+
+@requires_ext
+def test_empty_batch():
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    a = torch.rand(0, 6, 1, 3, 3, requires_grad=True)
+    y = mk.aw_conv2d(x, w, a, padding=1, backend="cpu")
+    assert y.shape == (0, 6, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    a = torch.rand(2, 6, 1, 3, 3)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        mk.aw_conv2d(x[0], w, a)
+    with pytest.raises(ValueError, match="attn must be"):
+        mk.aw_conv2d(x, w, torch.rand(2, 6, 2, 3, 3))
+    with pytest.raises(ValueError, match="attn must be"):
+        mk.aw_conv2d(x, w, torch.rand(3, 6, 1, 3, 3))
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        mk.aw_conv2d(x, torch.randn(6, 1, 3, 3), a, groups=3)
+    with pytest.raises(ValueError, match="weight expects"):
+        mk.aw_conv2d(x, torch.randn(6, 3, 3, 3), a)
+    with pytest.raises(ValueError, match="bias must be"):
+        mk.aw_conv2d(x, w, a, torch.randn(5))
+    with pytest.raises(ValueError, match="output would be empty"):
+        mk.aw_conv2d(x, torch.randn(6, 4, 7, 7), torch.rand(2, 6, 1, 7, 7))
+    with pytest.raises(TypeError, match="stride must be an int or a pair"):
+        mk.aw_conv2d(x, w, a, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        mk.aw_conv2d(x, w, a, padding=-1)
+    with pytest.raises(ValueError, match="attn is on meta"):
+        mk.aw_conv2d(x, w, a.to("meta"), backend="reference")
+    with pytest.raises(ValueError, match="weights must have one kernel per sample"):
+        mk.per_sample_conv2d(x, torch.randn(3, 6, 4, 3, 3))
+    with pytest.raises(ValueError, match="weights must be 5-D"):
+        mk.per_sample_conv2d(x, w)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        mk.aw_conv2d(x, w, a, backend="cuda")
+
+
+@requires_gpu
+def test_mixed_devices_rejected():
+    x = torch.randn(2, 4, 5, 5, device="cuda")
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        mk.aw_conv2d(x, torch.randn(6, 4, 3, 3), torch.rand(2, 6, 1, 3, 3, device="cuda"))
+
+
+def test_reference_matches_plain_conv_when_attn_is_zero():
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(5, 4, 3, 3)
+    y = ref_ops.aw_conv2d(x, w, torch.zeros(2, 5, 1, 3, 3), None, 1, 1)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1))
