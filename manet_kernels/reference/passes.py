@@ -8,8 +8,8 @@ the oracle their unit tests compare with. Each function mirrors one schema in
 * ``acc`` dtype: ``float64`` when ``x`` is ``float64``, ``float32`` otherwise.
   Every small tensor passed in or returned is contiguous in ``acc`` dtype, and
   every reduction accumulates in it.
-* index tensors are ``int32``; on ties the *first* maximum wins (lowest index),
-  as ``torch.max(dim)`` documents.
+* index tensors are ``int32`` (BR-NPA's representative positions ``idx``: ``int64``);
+  on ties the *first* maximum wins (lowest index), as ``torch.max(dim)`` documents.
 * ``P = H * W``; positions are flattened row-major, ``p = h * W + w``.
 """
 
