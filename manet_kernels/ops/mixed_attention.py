@@ -98,12 +98,20 @@ def _mlp_bwd(do, v, h, w1, w2):
     return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
 
 
+@contextlib.contextmanager
 def _tiny_conv(device: torch.device):
     """oneDNN's per-call setup dominates a 2-channel k x k conv on CPU; ATen's own
-    kernel is 2.3-2.7x faster there ((8,2,28,28) and (4,2,14,14), 7x7, 2 cores)."""
-    if device.type == "cpu":
-        return torch.backends.mkldnn.flags(enabled=False)
-    return contextlib.nullcontext()
+    kernel is 2.3-2.7x faster there ((8,2,28,28) and (4,2,14,14), 7x7, 2 cores).
+    (torch.backends.mkldnn.flags would also touch TF32 settings, with a warning.)"""
+    if device.type != "cpu":
+        yield
+        return
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
 
 
 def _normalize(z, norm: SpatialNorm, stats):
