@@ -105,3 +105,14 @@ def activation_format(x: Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+class CppPasses:
+    """The compiled pass kernels, ``torch.ops.manet_kernels.<name>``: the dispatcher picks
+    the CPU or CUDA kernel from the tensors' device."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch.ops.manet_kernels, name)
+
+
+CPP_PASSES = CppPasses()

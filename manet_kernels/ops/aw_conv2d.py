@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
-                                       resolve_backend)
+from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
+                                       check_same_device, resolve_backend)
 from manet_kernels.reference import aw_conv2d as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
@@ -24,27 +24,9 @@ __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2
 _CPU_DTYPES = (torch.float32, torch.float64)
 
 
-class _CppPasses:
-    @staticmethod
-    def per_sample_conv2d_fwd(*args):
-        return torch.ops.manet_kernels.per_sample_conv2d_fwd(*args)
-
-    @staticmethod
-    def per_sample_conv2d_bwd(*args):
-        return torch.ops.manet_kernels.per_sample_conv2d_bwd(*args)
-
-    @staticmethod
-    def aw_conv2d_fwd(*args):
-        return torch.ops.manet_kernels.aw_conv2d_fwd(*args)
-
-    @staticmethod
-    def aw_conv2d_bwd(*args):
-        return torch.ops.manet_kernels.aw_conv2d_bwd(*args)
-
-
 def _passes(backend: str):
     if backend in ("cpu", "cuda"):
-        return _CppPasses
+        return CPP_PASSES
     if backend == "triton":
         from manet_kernels.triton import aw_conv2d as tri
         return tri
@@ -305,26 +287,37 @@ def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, st
                                                      dilation, groups, backend)
 
 
+def _forward_on_leaves(ctx, fn, tensors, conf):
+    """Run ``fn`` on detached leaves under grad mode and keep that small graph: the
+    registered ops' own autograd then gives the backward of the drop-in Functions."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in tensors]
+        y = fn(*leaves, *conf)
+    ctx.graph = (leaves, y)
+    return y.detach()
+
+
+def _backward_on_leaves(ctx, g, n_conf):
+    leaves, y = ctx.graph
+    need = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
+    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return (*out,) + (None,) * n_conf
+
+
 class AWConv2dFunction(torch.autograd.Function):
     """Drop-in ``torch.autograd.Function``: ``AWConv2dFunction.apply(x, weight, attn,
     bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic backend)."""
 
     @staticmethod
     def forward(ctx, x, weight, attn, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                      for t in (x, weight, attn, bias)]
-            y = aw_conv2d(*leaves, stride, padding, dilation, groups)
-        ctx.graph = (leaves, y)
-        return y.detach()
+        return _forward_on_leaves(ctx, aw_conv2d, (x, weight, attn, bias),
+                                  (stride, padding, dilation, groups))
 
     @staticmethod
     def backward(ctx, g):
-        leaves, y = ctx.graph
-        need = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
-        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return (*out, None, None, None, None)
+        return _backward_on_leaves(ctx, g, 4)
 
 
 class PerSampleConv2dFunction(torch.autograd.Function):
@@ -333,19 +326,9 @@ class PerSampleConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                      for t in (x, weights, bias)]
-            y = per_sample_conv2d(*leaves, stride, padding, dilation, groups)
-        ctx.graph = (leaves, y)
-        return y.detach()
+        return _forward_on_leaves(ctx, per_sample_conv2d, (x, weights, bias),
+                                  (stride, padding, dilation, groups))
 
     @staticmethod
     def backward(ctx, g):
-        leaves, y = ctx.graph
-        need = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
-        out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return (*out, None, None, None, None)
-
-
+        return _backward_on_leaves(ctx, g, 4)

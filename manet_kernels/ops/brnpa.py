@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from manet_kernels.ops._common import activation_format, check_dtype, resolve_backend
+from manet_kernels.ops._common import CPP_PASSES, activation_format, check_dtype, resolve_backend
 from manet_kernels.reference import brnpa as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
@@ -21,27 +21,9 @@ from manet_kernels.reference.passes import acc_dtype
 __all__ = ["brnpa", "BRNPAFunction"]
 
 
-class _CppPasses:
-    @staticmethod
-    def brnpa_norms(x):
-        return torch.ops.manet_kernels.brnpa_norms(x)
-
-    @staticmethod
-    def brnpa_step(x, inv_nrm, idx):
-        return torch.ops.manet_kernels.brnpa_step(x, inv_nrm, idx)
-
-    @staticmethod
-    def brnpa_bwd_reduce(x, inv_nrm, dv, dmap):
-        return torch.ops.manet_kernels.brnpa_bwd_reduce(x, inv_nrm, dv, dmap)
-
-    @staticmethod
-    def brnpa_bwd_dx(x, a, m, c):
-        return torch.ops.manet_kernels.brnpa_bwd_dx(x, a, m, c)
-
-
 def _passes(backend: str):
     if backend in ("cpu", "cuda"):
-        return _CppPasses
+        return CPP_PASSES
     if backend == "triton":
         from manet_kernels.triton import brnpa as tri
         return tri

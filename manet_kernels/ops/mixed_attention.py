@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
-                                       check_shape, resolve_backend)
+from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
+                                       check_same_device, check_shape, resolve_backend)
 from manet_kernels.reference import mixed_attention as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
@@ -39,43 +39,13 @@ class SpatialNorm(NamedTuple):
 def _passes(backend: str):
     """The six pass kernels of a backend, as a namespace."""
     if backend in ("cpu", "cuda"):
-        return _CppPasses
+        return CPP_PASSES
     if backend == "triton":
         from manet_kernels.triton import mixed_attention as tri
         return tri
     if backend == "torch":  # the pass contract itself: tests the composition alone
         return _torch_passes
     raise ValueError(f"no pass kernels for backend {backend!r}")
-
-
-class _CppPasses:
-    """``torch.ops.manet_kernels.mixed_attention_<stage>``: the dispatcher picks the
-    CPU or CUDA kernel from the tensors' device."""
-
-    @staticmethod
-    def mixed_attention_channel_pool(x):
-        return torch.ops.manet_kernels.mixed_attention_channel_pool(x)
-
-    @staticmethod
-    def mixed_attention_spatial_pool(x, mc):
-        return torch.ops.manet_kernels.mixed_attention_spatial_pool(x, mc)
-
-    @staticmethod
-    def mixed_attention_apply(x, mc, ms):
-        return torch.ops.manet_kernels.mixed_attention_apply(x, mc, ms)
-
-    @staticmethod
-    def mixed_attention_bwd_reduce(g, x, mc, ms):
-        return torch.ops.manet_kernels.mixed_attention_bwd_reduce(g, x, mc, ms)
-
-    @staticmethod
-    def mixed_attention_bwd_channel(x, da_s, dm_s, ic):
-        return torch.ops.manet_kernels.mixed_attention_bwd_channel(x, da_s, dm_s, ic)
-
-    @staticmethod
-    def mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im):
-        return torch.ops.manet_kernels.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic,
-                                                              d_avg, d_mx, im)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
