@@ -21,8 +21,10 @@ export PY
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.14.1"
 fi
-# Test and build tools only; none of them pulls in torch.
-"$PY" -m pip install -q setuptools wheel numpy ninja pytest hypothesis expecttest pytest-benchmark
+# Build, test and training tools; none of them pulls in torch. Already-installed ones
+# (the GPU machine ships most) are kept as they are.
+"$PY" -m pip install -q setuptools wheel numpy ninja pytest hypothesis expecttest \
+  pytest-benchmark scikit-learn matplotlib pillow tqdm tensorboard
 # --no-build-isolation: build against the torch installed here; --no-deps: never touch it.
 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" - <<'PY'
