@@ -1,0 +1,163 @@
+"""Residual blocks with optional SE / CBAM attention and AW-convolutions.
+
+Where the attention sits (both as in the papers' official code):
+- SE: on the residual branch after its last conv + BN, before the addition
+  (Hu et al., SE-ResNet).
+- CBAM: mixed attention (channel then spatial) at the same place (Woo et al.).
+AW variants replace every 3x3 conv inside a residual block by ``AWConv2d`` with the
+same stride and padding: both convs of a BasicBlock, ``conv2`` of a Bottleneck. The
+stem and the 1x1 convs (Bottleneck's conv1/conv3, the downsample projection) stay
+plain: the AW paper re-weights the 3x3 kernels, whose taps the attention indexes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from manet_kernels import nn as fused_nn
+from manet_kernels import reference as reference_nn
+from manet_kernels.ops._common import BACKENDS, resolve_backend
+
+KERNELS = ("fused", "reference")
+ATTENTIONS = (None, "se", "cbam")
+
+# CBAM's official flavour of mixed attention.
+CBAM_OPTIONS = dict(reduction=16, kernel_size=7, pool_order="max_avg", spatial_norm=True)
+
+
+def check_kernels(kernels: str, backend: str) -> None:
+    if not isinstance(kernels, str) or kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def modules_for(kernels: str):
+    """``manet_kernels.nn`` (fused) or ``manet_kernels.reference``: the same classes."""
+    return fused_nn if kernels == "fused" else reference_nn
+
+
+def run(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, keeping the fused attention modules working under autocast.
+
+    Under autocast, the fused MixedAttention's tiny MLP between its passes would run in
+    low precision and hand the kernels a half-precision channel gate where they expect
+    the float32 accumulation dtype; run it with autocast off instead (the kernels take a
+    half ``x`` with float32 parameters: AMP's layout). The C++ CPU AW kernel takes only
+    float32/float64: under CPU autocast it gets a float32 copy of ``x`` and its result
+    is cast back. Reference modules and every other backend run as they are.
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return module(x)
+    if type(module) is fused_nn.MixedAttention:
+        if resolve_backend(module.backend, x.device, "mixed_attention_apply") != "reference":
+            with torch.autocast(device, enabled=False):
+                return module(x)
+    elif type(module) is fused_nn.AWConv2d and x.dtype not in (torch.float32, torch.float64):
+        if resolve_backend(module.backend, x.device, "aw_conv2d_fwd") == "cpu":
+            with torch.autocast(device, enabled=False):
+                return module(x.float()).to(x.dtype)
+    return module(x)
+
+
+class SqueezeExcitation(nn.Module):
+    """SE gate: ``x * sigmoid(fc2(relu(fc1(avgpool(x)))))``, 1x1 convs as the FCs."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avgpool(x)))))
+
+
+def make_attention(kind: str | None, channels: int, kernels: str, backend: str):
+    if kind is None:
+        return None
+    if kind == "se":
+        return SqueezeExcitation(channels)
+    if kind == "cbam":
+        return modules_for(kernels).MixedAttention(channels, backend=backend, **CBAM_OPTIONS)
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, *, aw: bool = False,
+            kernels: str = "fused", backend: str = "auto") -> nn.Module:
+    if aw:
+        return modules_for(kernels).AWConv2d(in_planes, out_planes, 3, stride=stride,
+                                             padding=1, bias=False, backend=backend)
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (torchvision's layout), attention on the branch before the add."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, *, attention: str | None = None,
+                 aw: bool = False, kernels: str = "fused", backend: str = "auto"):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, aw=aw, kernels=kernels, backend=backend)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, aw=aw, kernels=kernels, backend=backend)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.attention = make_attention(attention, planes, kernels, backend)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(run(self.conv1, x)))
+        out = self.bn2(run(self.conv2, out))
+        if self.attention is not None:
+            out = run(self.attention, out)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride here, "ResNet v1.5" as torchvision) -> 1x1 with 4x expansion."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, *, attention: str | None = None,
+                 aw: bool = False, kernels: str = "fused", backend: str = "auto"):
+        super().__init__()
+        width = planes
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride, aw=aw, kernels=kernels, backend=backend)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.attention = make_attention(attention, planes * self.expansion, kernels, backend)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(run(self.conv2, out)))
+        out = self.bn3(self.conv3(out))
+        if self.attention is not None:
+            out = run(self.attention, out)
+        return self.relu(out + identity)
+
+
+def last_bn(block: nn.Module) -> nn.BatchNorm2d:
+    """The BN closing a block's residual branch (zero-initialised on request)."""
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2
