@@ -25,6 +25,12 @@ TORCH_LIBRARY(manet_kernels, m) {
   m.def(
       "mixed_attention_bwd_dx(Tensor g, Tensor mc, Tensor ms, Tensor da_s, Tensor dm_s, "
       "Tensor ic, Tensor d_avg, Tensor d_mx, Tensor im) -> Tensor");
+  // The k x k conv (padding k//2) on the [mean, max] map, between F2 and F3: CPU only
+  // (on GPU cuDNN's conv does it well). sa, sm, dz: (N, H, W) in the acc dtype.
+  m.def("mixed_attention_spatial_conv(Tensor sa, Tensor sm, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "mixed_attention_spatial_conv_bwd(Tensor dz, Tensor sa, Tensor sm, Tensor weight, "
+      "bool has_bias) -> (Tensor dsa, Tensor dsm, Tensor dweight, Tensor dbias)");
 
   // BR-NPA (DESIGN.md section 3); definitions in manet_kernels/reference/passes.py.
   m.def("brnpa_norms(Tensor x) -> Tensor");

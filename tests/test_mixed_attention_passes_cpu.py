@@ -431,3 +431,65 @@ def test_bad_argument_relations():
         ops.mixed_attention_channel_pool(torch.zeros(1, 2, 0, 3))
     with pytest.raises(ValueError, match=r"^x: expected C >= 1"):
         ops.mixed_attention_spatial_pool(torch.zeros(1, 0, 2, 3), torch.zeros(1, 0))
+
+
+# --------------------------------------------------------------------------- #
+# the k x k conv on the [mean, max] map (between F2 and F3)
+# --------------------------------------------------------------------------- #
+
+CONV_CASES = [(2, 28, 28, 7, True), (3, 5, 7, 7, False), (1, 1, 1, 3, True), (2, 3, 2, 7, True),
+              (4, 9, 13, 1, False), (1, 6, 17, 5, True), (0, 4, 4, 3, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,h,w,k,bias", CONV_CASES)
+def test_spatial_conv(dtype, n, h, w, k, bias):
+    gen = _gen(11)
+    sa, sm, dz = (torch.randn(n, h, w, generator=gen, dtype=dtype) for _ in range(3))
+    weight = torch.randn(1, 2, k, k, generator=gen, dtype=dtype)
+    b = torch.randn(1, generator=gen, dtype=dtype) if bias else None
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    z = ops.mixed_attention_spatial_conv(sa, sm, weight, b)
+    # |z| is a sum of 2*k*k products of unit-scale terms.
+    torch.testing.assert_close(z, ref.mixed_attention_spatial_conv(sa, sm, weight, b),
+                               rtol=rtol, atol=rtol * k)
+    out = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, weight, bias)
+    exp = ref.mixed_attention_spatial_conv_bwd(dz, sa, sm, weight, bias)
+    for name, o, e in zip(("dsa", "dsm", "dweight", "dbias"), out, exp):
+        assert o.shape == e.shape and o.dtype == dtype, name
+        # dweight / dbias sum N*H*W terms
+        atol = rtol * (k if name in ("dsa", "dsm") else max(1, n * h * w) ** 0.5)
+        torch.testing.assert_close(o, e, rtol=rtol, atol=atol, msg=name)
+
+
+def test_spatial_conv_deterministic_and_noncontiguous():
+    gen = _gen(12)
+    sa, sm, dz = (torch.randn(5, 19, 23, generator=gen) for _ in range(3))
+    weight = torch.randn(1, 2, 7, 7, generator=gen)
+    first = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, weight, True)
+    again = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, weight, True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # a transposed view gives the same result as its contiguous copy
+    sa_t = sa.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(ops.mixed_attention_spatial_conv(sa_t, sm, weight, None),
+                       ops.mixed_attention_spatial_conv(sa, sm, weight, None))
+
+
+def test_spatial_conv_bad_arguments():
+    sa = torch.randn(2, 5, 5)
+    w = torch.randn(1, 2, 3, 3)
+    with pytest.raises(TypeError, match="sa: expected dtype float32 or float64"):
+        ops.mixed_attention_spatial_conv(sa.half(), sa.half(), w.half(), None)
+    with pytest.raises(ValueError, match="sm: expected shape"):
+        ops.mixed_attention_spatial_conv(sa, sa[:, :4], w, None)
+    with pytest.raises(TypeError, match="sm: expected dtype"):
+        ops.mixed_attention_spatial_conv(sa, sa.double(), w, None)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        ops.mixed_attention_spatial_conv(sa, sa, torch.randn(1, 2, 4, 4), None)
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        ops.mixed_attention_spatial_conv(sa, sa, w, torch.randn(2))
+    with pytest.raises(ValueError, match="sa: expected a rank-3"):
+        ops.mixed_attention_spatial_conv(sa[0], sa[0], w, None)
+    with pytest.raises(ValueError, match="dz: expected shape"):
+        ops.mixed_attention_spatial_conv_bwd(sa[:1], sa, sa, w, False)

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -986,6 +987,172 @@ Tensor bwd_dx(const Tensor& g, const Tensor& mc, const Tensor& ms, const Tensor&
   return dx;
 }
 
+
+// ---------------------------------------------------------------------------
+// The k x k conv on the 2-channel [mean, max] map, (N, H, W) each, padding k//2.
+// It is tiny (2*k*k MACs per position), and ATen's CPU convolution spends far more
+// on its im2col / oneDNN setup than on the arithmetic; here every tap is one
+// unit-stride axpy over a row. Per-sample partial sums keep dweight / dbias
+// deterministic.
+
+// The rows/columns of the output that tap offset `d` (input = output + d) reaches.
+inline void tap_range(int64_t d, int64_t len, int64_t& lo, int64_t& hi) {
+  lo = std::max<int64_t>(0, -d);
+  hi = std::min<int64_t>(len, len - d);
+}
+
+template <typename T>
+void spatial_conv_sample(const T* sa, const T* sm, const T* w, T b, T* z, int64_t H, int64_t W,
+                         int64_t k) {
+  const int64_t r = k / 2;
+  std::fill(z, z + H * W, b);
+  for (int c = 0; c < 2; ++c) {
+    const T* f = c == 0 ? sa : sm;
+    for (int64_t ki = 0; ki < k; ++ki) {
+      int64_t i0, i1;
+      tap_range(ki - r, H, i0, i1);
+      for (int64_t kj = 0; kj < k; ++kj) {
+        int64_t j0, j1;
+        tap_range(kj - r, W, j0, j1);
+        const T wv = w[(c * k + ki) * k + kj];
+        for (int64_t i = i0; i < i1; ++i) {
+          T* __restrict__ zr = z + i * W;
+          const T* __restrict__ fr = f + (i + ki - r) * W + (kj - r);
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) zr[j] += wv * fr[j];
+        }
+      }
+    }
+  }
+}
+
+// d(sa), d(sm) of one sample (scatter of dz through every tap), and its partial
+// dweight (2*k*k) and dbias (1).
+template <typename T>
+void spatial_conv_bwd_sample(const T* dz, const T* sa, const T* sm, const T* w, T* dsa, T* dsm,
+                             T* dw, T* db, int64_t H, int64_t W, int64_t k) {
+  const int64_t r = k / 2;
+  std::fill(dsa, dsa + H * W, T(0));
+  std::fill(dsm, dsm + H * W, T(0));
+  T sb = 0;
+  for (int64_t p = 0; p < H * W; ++p) sb += dz[p];
+  *db = sb;
+  for (int c = 0; c < 2; ++c) {
+    const T* f = c == 0 ? sa : sm;
+    T* df = c == 0 ? dsa : dsm;
+    for (int64_t ki = 0; ki < k; ++ki) {
+      int64_t i0, i1;
+      tap_range(ki - r, H, i0, i1);
+      for (int64_t kj = 0; kj < k; ++kj) {
+        int64_t j0, j1;
+        tap_range(kj - r, W, j0, j1);
+        const T wv = w[(c * k + ki) * k + kj];
+        T acc = 0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* __restrict__ dzr = dz + i * W;
+          const int64_t off = (i + ki - r) * W + (kj - r);
+          const T* __restrict__ fr = f + off;
+          T* __restrict__ dfr = df + off;
+          T row = 0;
+#pragma omp simd reduction(+ : row)
+          for (int64_t j = j0; j < j1; ++j) {
+            dfr[j] += wv * dzr[j];
+            row += dzr[j] * fr[j];
+          }
+          acc += row;
+        }
+        dw[(c * k + ki) * k + kj] = acc;
+      }
+    }
+  }
+}
+
+void check_map(const Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType st) {
+  check_dense_cpu(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape (N, H, W) = ", sizes, ", got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", dtype_name(st),
+                   " (the dtype of sa), got ", dtype_name(t.scalar_type()));
+}
+
+int64_t check_spatial_conv(const Tensor& sa, const Tensor& sm, const Tensor& weight) {
+  check_dense_cpu(sa, "sa");
+  TORCH_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
+                    sa.sizes());
+  const auto st = sa.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
+                   "sa: expected dtype float32 or float64 (an accumulation dtype), got ",
+                   dtype_name(st));
+  check_map(sm, "sm", sa.sizes(), st);
+  check_dense_cpu(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
+                    weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+                    "weight: expected shape (1, 2, k, k) with k odd, got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
+                   " (the dtype of sa), got ", dtype_name(weight.scalar_type()));
+  return weight.size(2);
+}
+
+Tensor spatial_conv(const Tensor& sa_in, const Tensor& sm_in, const Tensor& weight_in,
+                    const std::optional<Tensor>& bias) {
+  const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
+  if (bias.has_value()) {
+    check_dense_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == 1, "bias: expected shape (1,), got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
+                     dtype_name(sa_in.scalar_type()), " (the dtype of sa), got ",
+                     dtype_name(bias->scalar_type()));
+  }
+  const Tensor sa = sa_in.contiguous(), sm = sm_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
+  Tensor z = at::empty({N, H, W}, sa.options());
+  AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv", [&] {
+    const scalar_t b = bias.has_value() ? bias->item<scalar_t>() : scalar_t(0);
+    const scalar_t *a = sa.data_ptr<scalar_t>(), *m = sm.data_ptr<scalar_t>(),
+                   *w = weight.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        spatial_conv_sample(a + n * H * W, m + n * H * W, w, b, zp + n * H * W, H, W, k);
+    });
+  });
+  return z;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
+                                                            const Tensor& sa_in,
+                                                            const Tensor& sm_in,
+                                                            const Tensor& weight_in,
+                                                            bool has_bias) {
+  const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
+  check_map(dz_in, "dz", sa_in.sizes(), sa_in.scalar_type());
+  const Tensor dz = dz_in.contiguous(), sa = sa_in.contiguous(), sm = sm_in.contiguous(),
+               weight = weight_in.contiguous();
+  const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
+  Tensor dsa = at::empty({N, H, W}, sa.options()), dsm = at::empty({N, H, W}, sa.options());
+  const int64_t kk = 2 * k * k;
+  Tensor part = at::empty({N, kk + 1}, sa.options());  // per sample: dweight, then dbias
+  AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv_bwd", [&] {
+    const scalar_t *g = dz.data_ptr<scalar_t>(), *a = sa.data_ptr<scalar_t>(),
+                   *m = sm.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
+    scalar_t *da = dsa.data_ptr<scalar_t>(), *dm = dsm.data_ptr<scalar_t>(),
+             *pp = part.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t o = n * H * W;
+        spatial_conv_bwd_sample(g + o, a + o, m + o, w, da + o, dm + o, pp + n * (kk + 1),
+                                pp + n * (kk + 1) + kk, H, W, k);
+      }
+    });
+  });
+  // Summed over samples in order: deterministic.
+  Tensor total = N > 0 ? part.sum(0) : at::zeros({kk + 1}, sa.options());
+  Tensor dweight = total.narrow(0, 0, kk).reshape({1, 2, k, k});
+  Tensor dbias = has_bias ? total.narrow(0, kk, 1).clone() : at::empty({0}, sa.options());
+  return {dsa, dsm, dweight, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
@@ -995,4 +1162,6 @@ TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
   m.impl("mixed_attention_bwd_reduce", &bwd_reduce);
   m.impl("mixed_attention_bwd_channel", &bwd_channel);
   m.impl("mixed_attention_bwd_dx", &bwd_dx);
+  m.impl("mixed_attention_spatial_conv", &spatial_conv);
+  m.impl("mixed_attention_spatial_conv_bwd", &spatial_conv_bwd);
 }

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from manet_kernels import _ext
 from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
                                        check_same_device, check_shape, resolve_backend)
 from manet_kernels.reference import mixed_attention as _reference
@@ -93,12 +94,21 @@ def _normalize(z, norm: SpatialNorm, stats):
     return (z - mean) * rstd, rstd
 
 
-def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None):
+def _conv_passes(device: torch.device, backend: str):
+    """Where the k x k conv on the [mean, max] map runs: the C++ kernel on CPU (ATen's
+    conv pays im2col/oneDNN setup that dwarfs 2*k*k MACs per position), else ATen's conv
+    (cuDNN on GPU). The "torch" backend is the pure-PyTorch contract throughout."""
+    if device.type == "cpu" and backend != "torch" and \
+            _ext.has_kernel("mixed_attention_spatial_conv", "cpu"):
+        return CPP_PASSES
+    return _torch_passes
+
+
+def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the conv output ``z`` and the batch
     statistics (mean, biased var) the backward and the running-stat update need."""
     with _tiny_conv(sa.device):
-        z = F.conv2d(torch.stack([sa, sm], 1), conv_w, conv_b,
-                     padding=conv_w.shape[-1] // 2).squeeze(1)
+        z = _conv_passes(sa.device, backend).mixed_attention_spatial_conv(sa, sm, conv_w, conv_b)
     stats = z.new_empty(0)
     a = z
     if norm is not None:
@@ -124,7 +134,7 @@ def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, b
     mc = torch.sigmoid(_mlp_fwd(avg, w1, b1, w2, b2)[0] + _mlp_fwd(mx, w1, b1, w2, b2)[0])
     sa, sm, ic = kern.mixed_attention_spatial_pool(x, mc)
     ms, z, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
-                                _norm_cast(norm, acc))
+                                _norm_cast(norm, acc), backend)
     y = kern.mixed_attention_apply(x, mc, ms)
     return y, mc, ms, im, ic, avg, mx, sa, sm, z, stats
 
@@ -144,7 +154,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     g = gy.to(x.dtype).contiguous(memory_format=fmt)
     c = x.shape[1]
     w1a, b1a, w2a, b2a = (_cast(t, acc) for t in (w1, b1, w2, b2))
-    cwa, cba = conv_w.to(acc), _cast(conv_b, acc)
+    cwa = conv_w.to(acc)
     norm_a = _norm_cast(norm, acc)
 
     # B1: sum_c g*mc*x and sum_p g*ms*x in one pass.
@@ -155,10 +165,10 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
         dmc = dmc + gmc.to(acc)
 
     # Tiny: back through sigmoid, BatchNorm and the conv.
-    dz = (dms * ms * (1 - ms)).unsqueeze(1)
+    dz = dms * ms * (1 - ms)
     dbn_w = dbn_b = None
     if norm_a is not None:
-        zh, rstd = _normalize(z.unsqueeze(1), norm_a, stats)
+        zh, rstd = _normalize(z, norm_a, stats)
         if norm_a.weight is not None:
             dbn_w = (dz * zh).sum().reshape(1)
         if norm_a.bias is not None:
@@ -169,12 +179,11 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
         else:
             dz = dzh * rstd
     with _tiny_conv(x.device):
-        dfeat, dconv_w, dconv_b = torch.ops.aten.convolution_backward(
-            dz, torch.stack([sa, sm], 1), cwa, [1] if conv_b is not None else None, [1, 1],
-            [conv_w.shape[-2] // 2, conv_w.shape[-1] // 2], [1, 1], False, [0, 0], 1,
-            [True, True, conv_b is not None])
-    da_s = dfeat[:, 0].contiguous()
-    dm_s = dfeat[:, 1].contiguous()
+        da_s, dm_s, dconv_w, dconv_b = _conv_passes(
+            x.device, backend).mixed_attention_spatial_conv_bwd(dz, sa, sm, cwa,
+                                                                conv_b is not None)
+    if conv_b is None:
+        dconv_b = None
 
     # B2: the part of d(mc) that flows through the spatial pooling.
     dmc = dmc + kern.mixed_attention_bwd_channel(x, da_s, dm_s, ic)

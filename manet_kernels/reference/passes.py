@@ -16,6 +16,7 @@ the oracle their unit tests compare with. Each function mirrors one schema in
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -92,6 +93,25 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     dx = (mc[:, :, None, None] * inner + (d_avg / p)[:, :, None, None]
           + d_mx[:, :, None, None] * (pos == im[:, :, None, None]).to(mc.dtype))
     return _like_x(dx, g)
+
+
+def mixed_attention_spatial_conv(sa: Tensor, sm: Tensor, weight: Tensor,
+                                 bias: Tensor | None) -> Tensor:
+    """Between F2 and F3: ``z = conv2d(cat[sa, sm], weight (1, 2, k, k), bias,
+    padding=k//2)`` as ``(N, H, W)``; everything in the acc dtype."""
+    k = weight.shape[-1]
+    return F.conv2d(torch.stack([sa, sm], 1), weight, bias, padding=k // 2).squeeze(1)
+
+
+def mixed_attention_spatial_conv_bwd(dz: Tensor, sa: Tensor, sm: Tensor, weight: Tensor,
+                                     has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Its backward: ``(dsa, dsm, dweight, dbias)``; ``dbias`` is empty without a bias."""
+    k = weight.shape[-1]
+    dfeat, dw, db = torch.ops.aten.convolution_backward(
+        dz[:, None], torch.stack([sa, sm], 1), weight, [1] if has_bias else None, [1, 1],
+        [k // 2, k // 2], [1, 1], False, [0, 0], 1, [True, True, has_bias])
+    return (dfeat[:, 0].contiguous(), dfeat[:, 1].contiguous(), dw,
+            db if has_bias else dz.new_empty(0))
 
 
 # ---------------------------------------------------------------------------
