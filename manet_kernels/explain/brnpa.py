@@ -49,3 +49,25 @@ def sparsity(maps: Tensor, norms: Tensor) -> Tensor:
     avg = maps.mean(1) * norms
     out = avg.amax((1, 2)) / avg.mean((1, 2))
     return out[0] if single else out
+
+
+def model_sparsity(model, images: Tensor, *, batch_size: int = 64) -> Tensor:
+    """Per-image :func:`sparsity` ``(N,)`` of a BR-NPA-head model's part maps on
+    ``images`` (normalised ``(N, C, H, W)``), the model run in eval mode."""
+    from manet_kernels.explain.cam import check_images, explain_forward, is_part_output
+
+    check_images(images)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    p = next(model.parameters(), None)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        fwd = explain_forward(model, x if p is None else x.to(p.device), need_features=False)
+        if not is_part_output(fwd.output):
+            raise ValueError(f"{type(model).__name__} is not a BR-NPA-head model (its output "
+                             "has no part maps), so sparsity is not defined for it")
+        out.append(sparsity(fwd.output.part_maps, fwd.output.features.norm(dim=1)))
+    if not out:
+        raise ValueError("images must hold at least one image")
+    return torch.cat(out)

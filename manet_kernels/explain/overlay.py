@@ -1,0 +1,243 @@
+"""Heat-map and part-map overlays, and the figure the training CLI writes at the end.
+
+Everything here is numpy + PIL (no matplotlib import), so ``save_attention_maps`` costs
+one forward (and one backward for Grad-CAM) on a few images plus a PNG write.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from manet_kernels.explain.cam import (attention_maps_of, cam_from_features, check_images,
+                                       explain_forward, fc_of, grad_cam_from_forward,
+                                       has_cam, has_grad_cam, is_part_output, logits_of,
+                                       normalize_maps, upsample)
+from manet_kernels.explain.brnpa import brnpa_rgb
+
+METHODS = ("attention", "cam", "gradcam")
+_MIN_TILE = 128  # pixels: 32x32 inputs are shown 4x so the maps stay readable
+
+
+def jet(values: np.ndarray | Tensor) -> np.ndarray:
+    """Jet-like colormap (blue -> cyan -> yellow -> red) of values in [0, 1]:
+    ``uint8`` array of shape ``values.shape + (3,)``. Values outside are clipped."""
+    v = np.clip(np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values,
+                           dtype=np.float32), 0.0, 1.0)
+    # Three shifted tent functions, the classic piecewise-linear jet.
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * v - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], -1)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_display(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the dataset normalisation: ``(N, C, H, W)`` -> ``uint8 (N, H, W, 3)``.
+
+    One channel is shown as grey; three as RGB; any other count as the grey mean of
+    the channels. ``mean``/``std``: one value per channel (or one for all).
+    """
+    check_images(images)
+    c = images.shape[1]
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+    for name, t in (("mean", mean_t), ("std", std_t)):
+        if t.numel() not in (1, c):
+            raise ValueError(f"{name} must have 1 or {c} values (one per image channel), "
+                             f"got {t.numel()}")
+    if bool((std_t == 0).any()):
+        raise ValueError("std must be non-zero")
+    x = images.detach().float().cpu() * std_t.reshape(1, -1, 1, 1) + mean_t.reshape(1, -1, 1, 1)
+    if c != 3:
+        x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    x = (x.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``uint8 (N, h, w, 3)`` to ``size = (H, W)``."""
+    if rgb.shape[1:3] == tuple(size):
+        return rgb
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float()
+    t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return (t.clamp(0, 255) + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _blend(base: np.ndarray, top: np.ndarray, alpha: float) -> np.ndarray:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = (1.0 - alpha) * base.astype(np.float32) + alpha * top.astype(np.float32)
+    return (out + 0.5).astype(np.uint8)
+
+
+def heatmap_overlay(images: np.ndarray, maps: Tensor, *, alpha: float = 0.5) -> np.ndarray:
+    """Jet heat map of ``maps`` (``(N, h, w)`` in [0, 1], upsampled bilinearly) blended
+    over ``images`` (``uint8 (N, H, W, 3)``, e.g. from :func:`to_display`)."""
+    images = _check_display(images)
+    if not isinstance(maps, Tensor) or maps.dim() != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(f"maps must be ({images.shape[0]}, h, w) to match images, got "
+                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+    heat = jet(upsample(maps, images.shape[1:3]).numpy())
+    return _blend(images, heat, alpha)
+
+
+def parts_overlay(part_maps: Tensor, features: Tensor, images: np.ndarray, *,
+                  alpha: float = 0.7) -> np.ndarray:
+    """BR-NPA parts 1-3 in red, green, blue, brightness by the feature norm
+    (:func:`brnpa_rgb`), upsampled to the images' size and blended over them."""
+    images = _check_display(images)
+    if not isinstance(features, Tensor) or features.dim() != 4:
+        raise ValueError("features must be the (N, C, h, w) feature map, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    rgb = brnpa_rgb(part_maps, features.detach().float().norm(dim=1))
+    if rgb.shape[0] != images.shape[0]:
+        raise ValueError(f"part_maps hold {rgb.shape[0]} images but images hold {images.shape[0]}")
+    return _blend(images, _resize_rgb(rgb, images.shape[1:3]), alpha)
+
+
+def _check_display(images: Any) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[-1] != 3:
+        raise ValueError("images must be a uint8 (N, H, W, 3) array (see to_display), got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} "
+                         f"{getattr(images, 'shape', '')}")
+    return images
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a ``uint8 (H, W, 3)`` or ``(H, W)`` array as PNG (parent folders made)."""
+    from PIL import Image
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or \
+            (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+        raise ValueError(f"image must be uint8 (H, W[, 3|4]), got {image.dtype} {image.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="PNG")
+    return path
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def compose_grid(columns: list[tuple[str, np.ndarray]], captions: Sequence[str] | None = None,
+                 *, pad: int = 4) -> np.ndarray:
+    """Lay out ``columns`` (title, ``uint8 (N, H, W, 3)``) side by side, one row per
+    image, titles on top and ``captions[i]`` under row ``i``'s first tile."""
+    from PIL import Image, ImageDraw
+    n, h, w = columns[0][1].shape[:3]
+    font = _font(12)
+    head, cap = 18, (16 if captions is not None else 0)
+    width = len(columns) * (w + pad) + pad
+    height = head + n * (h + cap + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, (title, tiles) in enumerate(columns):
+        x = pad + j * (w + pad)
+        draw.text((x + w / 2, head / 2), _fit(draw, title, font, w), fill=(0, 0, 0),
+                  font=font, anchor="mm")
+        for i in range(n):
+            canvas.paste(Image.fromarray(tiles[i]), (x, head + i * (h + cap + pad)))
+    if captions is not None:
+        for i, text in enumerate(captions):
+            y = head + i * (h + cap + pad) + h + cap / 2
+            draw.text((pad, y), _fit(draw, text, font, width - 2 * pad), fill=(0, 0, 0),
+                      font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
+def _display_size(h: int, w: int) -> tuple[int, int]:
+    scale = max(1, math.ceil(_MIN_TILE / max(1, min(h, w))))
+    return h * scale, w * scale
+
+
+def _class_text(idx: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= idx < len(class_names):
+        return str(class_names[idx])
+    return str(idx)
+
+
+def save_attention_maps(model: nn.Module, images: Tensor, out_dir: str | os.PathLike, *,
+                        mean: Sequence[float], std: Sequence[float],
+                        labels: Sequence[int] | Tensor | None = None,
+                        class_names: Sequence[str] | None = None,
+                        methods: Sequence[str] = METHODS, prefix: str = "") -> list[Path]:
+    """Write one PNG figure of the model's explanations and return its path(s).
+
+    One row per image: the input, then one overlay per method that applies to the
+    model, like the papers' figures. ``methods``: any of ``"attention"`` (the ABN/MANet
+    attention map, or the BR-NPA part maps in RGB), ``"cam"`` (models with a linear
+    ``fc``) and ``"gradcam"`` (models with a ``cam_layer``); methods that do not apply
+    are skipped. CAM and Grad-CAM explain the predicted class. ``images``: normalised
+    ``(N, C, H, W)`` as the dataset yields them (moved to the model's device);
+    ``mean``/``std`` undo the normalisation for display. The file is
+    ``out_dir/<prefix>attention_maps.png``.
+    """
+    if isinstance(methods, str):
+        methods = (methods,)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {METHODS}, got {unknown}")
+    check_images(images)
+    if images.shape[0] == 0:
+        raise ValueError("images must hold at least one image")
+    if labels is not None:
+        labels = torch.as_tensor(labels).flatten().tolist()
+        if len(labels) != images.shape[0]:
+            raise ValueError(f"labels must hold {images.shape[0]} class indices (one per "
+                             f"image), got {len(labels)}")
+    p = next(model.parameters(), None)
+    if p is not None:
+        images = images.to(p.device)
+
+    want_cam = "cam" in methods and has_cam(model)
+    want_grad = "gradcam" in methods and has_grad_cam(model)
+    fwd = explain_forward(model, images, need_grad=want_grad,
+                               need_features=want_cam or want_grad)
+    logits = logits_of(fwd.output)
+    preds = logits.detach().argmax(1)
+
+    base = to_display(images, mean, std)
+    size = _display_size(*base.shape[1:3])
+    base = _resize_rgb(base, size)
+    columns: list[tuple[str, np.ndarray]] = [("input", base)]
+    if "attention" in methods:
+        maps = attention_maps_of(fwd.output)
+        if maps is not None and is_part_output(fwd.output):
+            columns.append(("BR-NPA parts", parts_overlay(maps, fwd.output.features, base)))
+        elif maps is not None:
+            # The ABN/MANet map is a sigmoid output: shown on its own [0, 1] scale.
+            att = maps.detach().float()[:, 0].clamp(0, 1)
+            columns.append(("attention", heatmap_overlay(base, att)))
+    if want_cam:
+        raw = cam_from_features(fwd.features, fc_of(model), preds)
+        columns.append(("CAM", heatmap_overlay(base, normalize_maps(raw.float()))))
+    if want_grad:
+        raw = grad_cam_from_forward(fwd, preds).detach()
+        columns.append(("Grad-CAM", heatmap_overlay(base, normalize_maps(raw.float()))))
+
+    captions = []
+    for i, pr in enumerate(preds.tolist()):
+        text = f"pred {_class_text(pr, class_names)}"
+        if labels is not None:
+            text = f"true {_class_text(int(labels[i]), class_names)} / " + text
+        captions.append(text)
+    grid = compose_grid(columns, captions)
+    return [save_png(grid, Path(out_dir) / f"{prefix}attention_maps.png")]
