@@ -131,7 +131,9 @@ def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, b
     x = x.contiguous(memory_format=activation_format(x))
     w1, b1, w2, b2 = (_cast(t, acc) for t in (w1, b1, w2, b2))
     avg, mx, im = kern.mixed_attention_channel_pool(x)
-    mc = torch.sigmoid(_mlp_fwd(avg, w1, b1, w2, b2)[0] + _mlp_fwd(mx, w1, b1, w2, b2)[0])
+    o = _mlp_fwd(torch.cat([avg, mx]), w1, b1, w2, b2)[0]  # the shared MLP, both rows at once
+    n = avg.shape[0]
+    mc = torch.sigmoid(o[:n] + o[n:])
     sa, sm, ic = kern.mixed_attention_spatial_pool(x, mc)
     ms, z, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
                                 _norm_cast(norm, acc), backend)
