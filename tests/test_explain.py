@@ -15,7 +15,7 @@ from PIL import Image
 from manet_kernels import explain
 from manet_kernels.checkpoint import save_checkpoint
 from manet_kernels.cli.explain import main as explain_main
-from manet_kernels.explain import overlay, stability
+from manet_kernels.explain import overlay
 from manet_kernels.models import create, logits_of
 
 K = 5  # classes
@@ -322,12 +322,17 @@ def test_cli_errors(tmp_path, capsys):
     plain = _ckpt(tmp_path / "plain.pt", "resnet20")
     brnpa = _ckpt(tmp_path / "brnpa.pt", "resnet20_brnpa")
     torch.save({"model": {}, "epoch": 3}, tmp_path / "bad.pt")
+    wrong = torch.load(plain, weights_only=True)
+    wrong["arch"] = "resnet32"  # resnet20 weights
+    torch.save(wrong, tmp_path / "wrong.pt")
     cases = [
         (["maps", tmp_path / "missing.pt"], "checkpoint not found"),
         (["maps", tmp_path / "bad.pt"], r"lacks the key\(s\) \['arch', 'num_classes'\]"),
         (["maps", plain, "--methods", "attention"], r"resnet20 has no maps for method\(s\) "
                                                       r"\['attention'\]"),
         (["maps", brnpa, "--methods", "cam"], r"no maps for method\(s\) \['cam'\]"),
+        (["maps", tmp_path / "wrong.pt"], "wrong.pt: the model could not be rebuilt"),
+        (["stability", plain, tmp_path / "wrong.pt"], "could not be rebuilt"),
         (["sparsity", plain, "--n", "2"], "not a BR-NPA-head model"),
         (["stability", plain, brnpa, "--n", "2"], "share one architecture"),
         (["maps", plain, "--n", "0"], "--n must be at least 1"),

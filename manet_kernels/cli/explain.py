@@ -200,13 +200,9 @@ def cmd_stability(args) -> dict:
                          ": pass --data")
     images, labels, _ = dataset_images(metas[0], args)
     del metas
-    try:
-        result = evaluate_stability(args.checkpoints, images, labels, method=args.method,
-                                    kernels=args.kernels, backend=args.backend,
-                                    device=args.device, threshold=args.threshold,
-                                    batch_size=args.batch_size)
-    except (RuntimeError, KeyError) as e:
-        raise UsageError(f"a checkpoint's model could not be rebuilt: {e}") from e
+    result = evaluate_stability(args.checkpoints, images, labels, method=args.method,
+                                device=args.device, threshold=args.threshold,
+                                batch_size=args.batch_size, loader=lambda p: load(p, args))
     out = _out_dir(args, args.checkpoints[0])
     out.mkdir(parents=True, exist_ok=True)
     summary = result.to_dict()

@@ -38,6 +38,12 @@ def is_part_output(output: Any) -> bool:
     return isinstance(output, BRNPAOutput)
 
 
+def describe(x: Any) -> str:
+    """Shape of a tensor or array, else the type's name (for error messages)."""
+    shape = getattr(x, "shape", None)
+    return str(tuple(shape)) if shape is not None else type(x).__name__
+
+
 def cam_layer_of(model: nn.Module) -> nn.Module:
     layer = getattr(model, "cam_layer", None)
     if not isinstance(layer, nn.Module):
@@ -78,7 +84,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def check_images(images: Any, model: nn.Module | None = None) -> Tensor:
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError("images must be a (N, C, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+                         f"{describe(images)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
     if model is not None:
@@ -110,7 +116,7 @@ def explain_forward(model: nn.Module, images: Tensor, *, need_grad: bool = False
     def hook(_module: nn.Module, _inputs: Any, out: Any) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() != 4:
             raise ValueError("model.cam_layer must output a (N, C, h, w) feature map, got "
-                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+                             f"{describe(out)}")
         if need_grad:
             out = out.detach().requires_grad_(True)
         captured.append(out)
@@ -227,7 +233,7 @@ def upsample(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Bilinear resize of ``(N, h, w)`` maps to ``size`` (float32)."""
     if not isinstance(maps, Tensor) or maps.dim() != 3:
         raise ValueError("maps must be (N, h, w), got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+                         f"{describe(maps)}")
     size = (size, size) if isinstance(size, int) else tuple(size)
     m = maps.detach().float()
     if tuple(m.shape[1:]) == size or m.shape[0] == 0:

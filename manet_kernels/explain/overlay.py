@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from manet_kernels.explain.cam import (attention_maps_of, cam_from_features, check_images,
-                                       explain_forward, fc_of, grad_cam_from_forward,
+                                       describe, explain_forward, fc_of, grad_cam_from_forward,
                                        has_cam, has_grad_cam, is_part_output, logits_of,
                                        normalize_maps, upsample)
 from manet_kernels.explain.brnpa import brnpa_rgb
@@ -80,7 +80,7 @@ def heatmap_overlay(images: np.ndarray, maps: Tensor, *, alpha: float = 0.5) -> 
     images = _check_display(images)
     if not isinstance(maps, Tensor) or maps.dim() != 3 or maps.shape[0] != images.shape[0]:
         raise ValueError(f"maps must be ({images.shape[0]}, h, w) to match images, got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+                         f"{describe(maps)}")
     heat = jet(upsample(maps, images.shape[1:3]).numpy())
     return _blend(images, heat, alpha)
 
@@ -92,7 +92,7 @@ def parts_overlay(part_maps: Tensor, features: Tensor, images: np.ndarray, *,
     images = _check_display(images)
     if not isinstance(features, Tensor) or features.dim() != 4:
         raise ValueError("features must be the (N, C, h, w) feature map, got "
-                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+                         f"{describe(features)}")
     rgb = brnpa_rgb(part_maps, features.detach().float().norm(dim=1))
     if rgb.shape[0] != images.shape[0]:
         raise ValueError(f"part_maps hold {rgb.shape[0]} images but images hold {images.shape[0]}")

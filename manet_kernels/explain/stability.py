@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -262,12 +262,19 @@ def evaluate_stability(checkpoints: Sequence[str | os.PathLike], images: Tensor,
                        labels: Sequence[int] | Tensor | None = None, *,
                        method: str = "auto", kernels: str = "fused", backend: str = "auto",
                        device: str | torch.device = "cpu", threshold: int = 127,
-                       batch_size: int = 64, upsample: bool = True) -> StabilityResult:
+                       batch_size: int = 64, upsample: bool = True,
+                       loader: Callable[[str], tuple[nn.Module, dict]] | None = None
+                       ) -> StabilityResult:
     """:func:`stability_of_models` on checkpoints written by ``manet-train``, loaded one
-    at a time with ``manet_kernels.checkpoint.load_model``. They must share one
-    architecture (``arch`` and ``model_options``); their ``test_acc`` picks the
-    reference unless one is missing (then ``labels`` must be given)."""
-    from manet_kernels.checkpoint import load_model
+    at a time with ``manet_kernels.checkpoint.load_model`` (or ``loader(path) -> (model,
+    checkpoint_dict)``). They must share one architecture (``arch`` and
+    ``model_options``); their ``test_acc`` picks the reference unless one is missing
+    (then ``labels`` must be given)."""
+    if loader is None:
+        from manet_kernels.checkpoint import load_model
+
+        def loader(path: str) -> tuple[nn.Module, dict]:
+            return load_model(path, kernels=kernels, backend=backend, map_location="cpu")
 
     paths = [str(p) for p in checkpoints]
     if not paths:
@@ -276,8 +283,7 @@ def evaluate_stability(checkpoints: Sequence[str | os.PathLike], images: Tensor,
 
     def entries():
         for path in paths:
-            model, ckpt = load_model(path, kernels=kernels, backend=backend,
-                                     map_location="cpu")
+            model, ckpt = loader(path)
             arch = (str(ckpt["arch"]), repr(sorted((ckpt.get("model_options") or {}).items())))
             if archs and arch != archs[0]:
                 raise ValueError(f"checkpoints must share one architecture: {paths[0]} is "
@@ -315,8 +321,8 @@ def plot_stability(result: StabilityResult, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(1, m + 1), labels, fontsize=7)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel(f"IoU with the reference (>= {result.threshold}/255)")
-    ax.set_title(f"attention stability ({result.method}): mean IoU "
-                 f"{result.mean_iou_others:.3f} over non-reference models", fontsize=9)
+    ax.set_title(f"stability of {result.method} maps: mean IoU {result.mean_iou_others:.3f}\n"
+                 "(models other than the reference)", fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
