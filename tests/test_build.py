@@ -26,3 +26,9 @@ def test_cuda_kernels_registered_when_required():
             f"manet_kernels::mixed_attention_{stage}", "CUDA"), stage
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
             f"manet_kernels::mixed_attention_{stage}", "CPU"), stage
+    for op in ("aw_conv2d_fwd", "aw_conv2d_bwd", "per_sample_conv2d_fwd",
+               "per_sample_conv2d_bwd"):
+        for key in ("CUDA", "CPU"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"manet_kernels::{op}", key), \
+                (op, key)
+        assert _ext.has_kernel(op, "cuda"), op
