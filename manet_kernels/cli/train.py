@@ -1,0 +1,690 @@
+"""manet-train: train the ResNet family with attention on digits, CIFAR or image folders.
+
+Single process (``manet-train ...`` / ``python -m manet_kernels.train ...``) or
+distributed under ``torchrun`` (detected from ``RANK``/``WORLD_SIZE``). Every epoch
+writes ``<out>/last.pt`` (and ``best.pt``), a row of ``<out>/log.csv`` and TensorBoard
+scalars; the end writes ``<out>/summary.json`` and attention-map figures in
+``<out>/maps/``. ``--resume`` continues bit for bit: the data order and the
+augmentation of every epoch are functions of (seed, epoch), and the checkpoint holds
+every random-number state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Recipe defaults per kind of data; the command line overrides each one.
+RECIPES = {
+    "digits": dict(epochs=12, batch_size=32, image_size=16, schedule="cosine", workers=0),
+    "cifar": dict(epochs=160, batch_size=128, image_size=32, schedule="step", workers=4),
+    "folder": dict(epochs=90, batch_size=256, image_size=224, schedule="step", workers=8),
+}
+
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+              "images_per_s", "seconds"]
+
+_EPILOG = """\
+recipe defaults (each overridable):
+  digits (the default --data; sklearn's bundled 8x8 digits, offline):
+      --epochs {d[epochs]} --batch-size {d[batch_size]} --image-size {d[image_size]} --schedule {d[schedule]}
+  cifar10:PATH / cifar100:PATH (python-pickle release):
+      --epochs {c[epochs]} --batch-size {c[batch_size]} --image-size {c[image_size]} --schedule {c[schedule]}
+      (random crop with 4-pixel padding + horizontal flip)
+  image folder PATH (train/ and val/ or test/ of class folders):
+      --epochs {f[epochs]} --batch-size {f[batch_size]} --image-size {f[image_size]} --schedule {f[schedule]}
+      (random resized crop + flip; test: resize + centre crop)
+  always: SGD momentum 0.9, --lr 0.1, --wd 1e-4; step = x0.1 at 50%% and 75%% of
+  the epochs; ABN/MANet loss = CE(attention branch) + CE(perception branch).
+
+distributed: torchrun --nproc_per_node N -m manet_kernels.train ...
+  (NCCL on GPU, gloo on CPU; --batch-size is per process)
+""".format(d=RECIPES["digits"], c=RECIPES["cifar"], f=RECIPES["folder"])
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as 'manet-train: error: ...', exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="manet-train", description=__doc__.split("\n\n")[0],
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--arch", default="manet_resnet20",
+      help="model name for manet_kernels.models.create (default: manet_resnet20)")
+    a("--data", default=None,
+      help="'digits' (default), 'cifar10:PATH', 'cifar100:PATH', a folder holding "
+           "cifar-10-batches-py/cifar-100-python, or an image-folder tree")
+    a("--image-size", type=int, default=None, help="input side (default: per data, below)")
+    a("--epochs", type=int, default=None)
+    a("--batch-size", type=int, default=None, help="per process")
+    a("--lr", type=float, default=0.1)
+    a("--wd", type=float, default=1e-4, help="weight decay")
+    a("--momentum", type=float, default=0.9)
+    a("--schedule", choices=["step", "cosine"], default=None)
+    a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
+    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=None, help="data-loading processes per process")
+    a("--out", default=None, help="output folder (default: runs/<arch>)")
+    a("--kernels", choices=["fused", "reference"], default="fused",
+      help="attention modules: the fused kernels or the pure-PyTorch reference")
+    a("--backend", default="auto", help="kernel backend for the fused modules")
+    a("--amp", choices=["none", "bf16", "fp16"], default="none",
+      help="autocast dtype (fp16 needs a GPU; bf16 also runs on CPU)")
+    a("--channels-last", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--resume", default=None, metavar="CKPT|auto",
+      help="continue from a checkpoint; 'auto' = <out>/last.pt if it exists")
+    a("--teacher", default=None, metavar="CKPT",
+      help="distil from this checkpoint: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student)")
+    a("--alpha", type=float, default=0.5, help="weight of the label loss with --teacher")
+    a("--temperature", type=float, default=1.0, help="softmax temperature with --teacher")
+    a("--sync-bn", action="store_true", help="SyncBatchNorm when distributed")
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--explain-images", type=int, default=8,
+      help="test images to render attention maps for at the end (0: none)")
+    a("--n-parts", type=int, default=None, help="model option: BR-NPA parts")
+    a("--reduced-strides", action="store_true", default=None,
+      help="model option: last stage stride 1 (BR-NPA models)")
+    # For tests: train/evaluate on the first N images; sleep after each step.
+    a("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
+    a("--limit-test", type=int, default=None, help=argparse.SUPPRESS)
+    a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+# ------------------------------------------------------------------------ small parts
+
+def _data_kind(data: str | None) -> str:
+    from manet_kernels.data import _parse
+
+    kind, _ = _parse(data)
+    return {"cifar10": "cifar", "cifar100": "cifar"}.get(kind, kind)
+
+
+def _check_args(args) -> None:
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size,
+                "--image-size": args.image_size, "--threads": args.threads,
+                "--n-parts": args.n_parts, "--limit-train": args.limit_train,
+                "--limit-test": args.limit_test}
+    for name, v in positive.items():
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.explain_images < 0:
+        raise UsageError(f"--explain-images must be >= 0, got {args.explain_images}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not (args.wd >= 0 and math.isfinite(args.wd)):
+        raise UsageError(f"--wd must be >= 0, got {args.wd}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.warmup_epochs < 0:
+        raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+
+
+def _resolve_defaults(args) -> None:
+    try:
+        kind = _data_kind(args.data)
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from e
+    for key, value in RECIPES[kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = str(Path("runs") / args.arch)
+
+
+def _model_options(args) -> dict:
+    opts = {}
+    if args.n_parts is not None:
+        opts["n_parts"] = args.n_parts
+    if args.reduced_strides:
+        opts["reduced_strides"] = True
+    return opts
+
+
+class _Dist:
+    """The process-group facts the loop needs (world size 1 without torchrun)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1 and "RANK" in os.environ
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def _pick_device(args, dist: _Dist) -> torch.device:
+    if args.device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank if dist.enabled else
+                                torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device!r}: {e}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+        if dist.enabled and dev.index is None:
+            dev = torch.device("cuda", dist.local_rank)
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+    return dev
+
+
+def _lr_factor(args, steps_per_epoch: int):
+    total = args.epochs * steps_per_epoch
+    warm = int(round(args.warmup_epochs * steps_per_epoch))
+    milestones = (args.epochs // 2, (3 * args.epochs) // 4)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if args.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        epoch = step // steps_per_epoch
+        return 0.1 ** sum(epoch >= m for m in milestones if m > 0)
+
+    return factor
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": list(py_state[1]),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _plain(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _read_log(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["epoch"]) <= upto_epoch]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v))
+
+
+def _tensorboard(out: Path):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(out / "tb"))
+    except Exception as e:  # tensorboard missing or broken: logging it is optional
+        warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+
+
+def _loader(dataset, sampler, batch_size, workers, device, drop_last):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=drop_last,
+        persistent_workers=False)  # workers are re-made each epoch: they see set_epoch
+
+
+class _Strided(torch.utils.data.Sampler):
+    """Indices rank, rank + world, ...: each test image exactly once across processes."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+# ---------------------------------------------------------------------------- training
+
+def _loss(output, target, teacher_logits, args):
+    from manet_kernels.models import classification_loss, logits_of
+
+    loss = classification_loss(output, target)
+    if teacher_logits is None:
+        return loss
+    t = args.temperature
+    student = F.log_softmax(logits_of(output).float() / t, dim=1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
+    return args.alpha * loss + (1.0 - args.alpha) * kl
+
+
+def _autocast(args, device):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _prepare(x, device, channels_last):
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _train_epoch(model, teacher, loader, optimizer, scheduler, scaler, args, device, dist,
+                 epoch, progress):
+    from manet_kernels.models import logits_of
+
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   leave=False, dynamic_ncols=True, file=sys.stderr)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        x = _prepare(x, device, args.channels_last)
+        y = y.to(device, non_blocking=True)
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad(), _autocast(args, device):
+                t_logits = logits_of(teacher(x))
+        with _autocast(args, device):
+            output = model(x)
+            loss = _loss(output, y, t_logits, args)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():
+            n = y.shape[0]
+            correct = (logits_of(output).argmax(1) == y).sum()
+            sums += torch.stack([loss.detach().double() * n, correct.double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0 or step == len(loader) - 1:
+                s = sums.tolist()
+                rate = s[2] * dist.world / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{100 * s[1] / s[2]:.2f}%",
+                                img_s=f"{rate:.0f}")
+        if args.debug_step_sleep:
+            time.sleep(args.debug_step_sleep)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    dist.all_reduce(sums)
+    loss_sum, correct, n = sums.tolist()
+    return loss_sum / max(n, 1), correct / max(n, 1), n / max(seconds, 1e-9), seconds
+
+
+@torch.no_grad()
+def _evaluate(model, loader, args, device, dist):
+    from manet_kernels.models import classification_loss, logits_of
+
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x = _prepare(x, device, args.channels_last)
+        y = y.to(device, non_blocking=True)
+        with _autocast(args, device):
+            output = model(x)
+            loss = classification_loss(output, y)
+        n = y.shape[0]
+        sums += torch.stack([loss.double() * n,
+                             (logits_of(output).argmax(1) == y).sum().double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+    dist.all_reduce(sums)
+    loss_sum, correct, n = sums.tolist()
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _needs_find_unused(model, x, device) -> bool:
+    """Whether some parameter gets no gradient (DDP must then look for unused ones)."""
+    from manet_kernels.models import classification_loss
+
+    was_training = model.training
+    model.eval()  # eval: a probe must not move the BatchNorm running statistics
+    try:
+        y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        classification_loss(model(x.to(device)), y).backward()
+        unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return unused
+
+
+def _explain(raw_model, info, test_set, args, device, out: Path) -> list:
+    n = min(args.explain_images, len(test_set))
+    if n == 0:
+        return []
+    try:
+        from manet_kernels.explain import save_attention_maps
+    except ImportError as e:
+        warnings.warn(f"attention maps skipped: {e}", stacklevel=2)
+        return []
+    items = [test_set[i] for i in range(n)]
+    images = torch.stack([x for x, _ in items]).to(device)
+    labels = [int(y) for _, y in items]
+    raw_model.eval()
+    paths = save_attention_maps(raw_model, images, out / "maps", mean=info.mean, std=info.std,
+                                labels=labels, class_names=info.classes)
+    return [str(p) for p in paths]
+
+
+# -------------------------------------------------------------------------------- main
+
+def run(args) -> dict:
+    """Train as ``args`` say; returns the summary dict (on every rank)."""
+    from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from manet_kernels.data import load_dataset
+    from manet_kernels.models import create
+
+    wall_start = time.perf_counter()
+    _check_args(args)
+    _resolve_defaults(args)
+    dist = _Dist()
+    device = _pick_device(args, dist)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+
+    resume_path = None
+    if args.resume == "auto":
+        if (out / "last.pt").is_file():
+            resume_path = out / "last.pt"
+    elif args.resume is not None:
+        resume_path = Path(args.resume)
+        if not resume_path.is_file():
+            raise UsageError(f"--resume: checkpoint {resume_path} does not exist")
+
+    if dist.enabled:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+
+    try:
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        try:
+            info = load_dataset(args.data, image_size=args.image_size, seed=args.seed)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--data: {e}") from e
+        train_set, test_set = info.train, info.test
+        augmented = train_set
+        if args.limit_train is not None:
+            train_set = torch.utils.data.Subset(train_set, range(min(args.limit_train,
+                                                                     len(train_set))))
+        if args.limit_test is not None:
+            test_set = torch.utils.data.Subset(test_set, range(min(args.limit_test,
+                                                                   len(test_set))))
+
+        options = _model_options(args)
+        try:
+            raw_model = create(args.arch, num_classes=info.num_classes,
+                               in_channels=info.in_channels, kernels=args.kernels,
+                               backend=args.backend, **options)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--arch {args.arch}: {e}") from e
+        raw_model.to(device)
+        if args.channels_last:
+            raw_model.to(memory_format=torch.channels_last)
+
+        teacher = None
+        if args.teacher is not None:
+            try:
+                teacher, tckpt = load_model(args.teacher, kernels=args.kernels,
+                                            backend=args.backend, map_location=device)
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(f"--teacher: {e}") from e
+            if int(tckpt["num_classes"]) != info.num_classes:
+                raise UsageError(f"--teacher {args.teacher}: {tckpt['num_classes']} classes, "
+                                 f"the data has {info.num_classes}")
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+        sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
+        per_rank = len(sampler)
+        # A last batch of one sample would break training-mode BatchNorm.
+        drop_last = per_rank % args.batch_size == 1 and per_rank > 1
+        train_loader = _loader(train_set, sampler, args.batch_size, args.workers, device,
+                               drop_last)
+        test_loader = _loader(test_set, _Strided(len(test_set), dist.rank, dist.world),
+                              args.batch_size, args.workers, device, False)
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise UsageError(f"--batch-size {args.batch_size}: no full batch in "
+                             f"{per_rank} training images")
+
+        model = raw_model
+        if dist.enabled:
+            if args.sync_bn:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                raw_model = model
+            probe = torch.stack([train_set[i][0] for i in range(min(2, len(train_set)))])
+            find_unused = _needs_find_unused(model, probe, device)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused)
+        elif args.sync_bn:
+            warnings.warn("--sync-bn has no effect without torchrun", stacklevel=2)
+        if args.compile:
+            model = torch.compile(model)
+
+        optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr,
+                                    momentum=args.momentum, weight_decay=args.wd)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      _lr_factor(args, steps_per_epoch))
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+        start_epoch, best_acc, rows = 0, None, []
+        if resume_path is not None:
+            ckpt = load_checkpoint(resume_path, map_location="cpu")
+            if ckpt["arch"] != args.arch:
+                raise UsageError(f"--resume {resume_path}: trained as {ckpt['arch']}, "
+                                 f"not --arch {args.arch}")
+            from manet_kernels.checkpoint import strip_prefix
+
+            raw_model.load_state_dict(strip_prefix(ckpt["model"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch = int(ckpt["epoch"])
+            best_acc = ckpt.get("best_acc")
+            rows = _read_log(out / "log.csv", start_epoch)
+            if dist.main:
+                print(f"resumed from {resume_path} at epoch {start_epoch}", flush=True)
+
+        progress = dist.main and not args.no_progress and sys.stderr.isatty()
+        writer = None
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            writer = _tensorboard(out)
+            print(f"manet-train: {args.arch} ({args.kernels} kernels) on {info.name} "
+                  f"{info.image_size}x{info.image_size}, {len(train_set)} train / "
+                  f"{len(test_set)} test images, {args.epochs} epochs, batch "
+                  f"{args.batch_size} x {dist.world}, device {device}", flush=True)
+
+        throughput, test_acc, test_loss = [], None, None
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            augmented.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            epoch_start = time.perf_counter()
+            train_loss, train_acc, img_s, _ = _train_epoch(
+                model, teacher, train_loader, optimizer, scheduler, scaler, args, device,
+                dist, epoch, progress)
+            test_loss, test_acc = _evaluate(model, test_loader, args, device, dist)
+            seconds = time.perf_counter() - epoch_start
+            throughput.append(img_s)
+            improved = best_acc is None or test_acc > best_acc
+            best_acc = test_acc if improved else best_acc
+            if dist.main:
+                row = {"epoch": epoch + 1, "lr": _fmt(lr), "train_loss": _fmt(train_loss),
+                       "train_acc": _fmt(train_acc), "test_loss": _fmt(test_loss),
+                       "test_acc": _fmt(test_acc), "images_per_s": f"{img_s:.1f}",
+                       "seconds": f"{seconds:.2f}"}
+                rows.append(row)
+                _write_log(out / "log.csv", rows)
+                if writer is not None:
+                    for k in ("lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                              "images_per_s"):
+                        writer.add_scalar(k, float(row[k]), epoch + 1)
+                    writer.flush()
+                print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss "
+                      f"{train_loss:.4f} acc {100 * train_acc:.2f}%  test loss "
+                      f"{test_loss:.4f} acc {100 * test_acc:.2f}%  {img_s:.0f} img/s  "
+                      f"{seconds:.1f} s", flush=True)
+                ckpt = {
+                    "model": raw_model.state_dict(), "arch": args.arch,
+                    "num_classes": info.num_classes, "in_channels": info.in_channels,
+                    "model_options": options, "data": args.data,
+                    "image_size": info.image_size, "epoch": epoch + 1,
+                    "test_acc": float(test_acc), "best_acc": float(best_acc),
+                    "mean": list(info.mean), "std": list(info.std),
+                    "classes": list(info.classes),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": _rng_state(),
+                    "data_order": {"seed": args.seed, "next_epoch": epoch + 1},
+                    "args": _plain(vars(args)),
+                }
+                save_checkpoint(ckpt, out / "last.pt")
+                if improved:
+                    save_checkpoint(ckpt, out / "best.pt")
+            dist.barrier()
+
+        if writer is not None:
+            writer.close()
+        if test_acc is None and rows:  # resumed after the last epoch: nothing to train
+            test_acc = float(rows[-1]["test_acc"])
+
+        summary = {
+            "arch": args.arch, "kernels": args.kernels, "backend": args.backend,
+            "data": info.name, "image_size": info.image_size,
+            "train_images": len(train_set), "test_images": len(test_set),
+            "epochs": args.epochs, "batch_size": args.batch_size, "world_size": dist.world,
+            "amp": args.amp, "best_test_acc": best_acc, "final_test_acc": test_acc,
+            "images_per_s": float(np.mean(throughput)) if throughput else None,
+            "peak_memory_bytes": _peak_memory(device),
+            "wall_time_s": None, "torch": torch.__version__, "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu"),
+            "threads": torch.get_num_threads(), "maps": [],
+        }
+        if dist.main:
+            summary["maps"] = _explain(raw_model, info, test_set, args, device, out)
+            summary["wall_time_s"] = time.perf_counter() - wall_start
+            tmp = out / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, out / "summary.json")
+            print(json.dumps(summary, indent=2), flush=True)
+        return summary
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        parser.error(str(e))  # prints 'manet-train: error: ...' and exits with status 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
