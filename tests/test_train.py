@@ -1,0 +1,320 @@
+"""manet-train: outputs, exact resume, atomic checkpoints, DDP (gloo), distillation, errors.
+
+Runs are tiny (a few dozen digits at 16x16) and single-threaded (``--threads 1``), so
+in-process and subprocess runs compute the same bits.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
+from manet_kernels.cli.train import RECIPES, _loss, _lr_factor, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "16", "--limit-train", "48", "--limit-test", "24", "--batch-size",
+        "16", "--threads", "1", "--no-progress", "--seed", "3"]
+# Columns that must match between runs (the others are timings).
+EXACT = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _trained(tmp_path_factory, arch: str, epochs: int = 1) -> Path:
+    out = tmp_path_factory.mktemp(arch)
+    assert main(["--arch", arch, "--epochs", str(epochs), "--out", str(out),
+                 "--explain-images", "0", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def resnet20_run(tmp_path_factory):
+    return _trained(tmp_path_factory, "resnet20")
+
+
+def test_cli_writes_log_summary_checkpoints_and_maps(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--arch", "manet_resnet20", "--epochs", "2", "--out", str(out),
+                 "--explain-images", "3", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2/2" in printed and '"best_test_acc"' in printed
+
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss",
+                            "test_acc", "images_per_s", "seconds"}
+    assert all(0 <= float(r["test_acc"]) <= 1 and float(r["images_per_s"]) > 0 for r in rows)
+    assert float(rows[0]["lr"]) == pytest.approx(0.1)  # cosine: full rate in epoch 1
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == "manet_resnet20" and summary["kernels"] == "fused"
+    assert summary["epochs"] == 2 and summary["train_images"] == 48
+    assert summary["test_images"] == 24 and summary["world_size"] == 1
+    assert summary["final_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert summary["best_test_acc"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
+    assert summary["images_per_s"] > 0 and summary["peak_memory_bytes"] > 2 ** 20
+    assert summary["wall_time_s"] > 0 and summary["torch"] == torch.__version__
+    assert summary["device"] == "cpu"
+    assert any((out / "tb").iterdir())
+
+    # The maps: PNG files written by manet_kernels.explain.save_attention_maps.
+    maps = [Path(p) for p in summary["maps"]]
+    assert maps and all(p.is_file() and p.parent == out / "maps" for p in maps)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in maps)
+
+    # Checkpoints: plain dicts loadable with weights_only=True, with the agreed keys.
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "arch", "num_classes", "in_channels", "model_options", "data",
+                "image_size", "epoch", "test_acc", "optimizer", "scheduler", "scaler",
+                "rng", "args"):
+        assert key in last, key
+    assert last["epoch"] == 2 and last["arch"] == "manet_resnet20"
+    assert (last["num_classes"], last["in_channels"], last["image_size"]) == (10, 1, 16)
+    assert last["data"] is None and last["args"]["batch_size"] == 16
+    assert not any(k.startswith("module.") for k in last["model"])
+    best = load_checkpoint(out / "best.pt")
+    assert best["test_acc"] == pytest.approx(summary["best_test_acc"])
+    # load_model rebuilds the network with either kernel flavour.
+    for kernels in ("fused", "reference"):
+        model, ckpt = load_model(out / "last.pt", kernels=kernels)
+        assert not model.training and ckpt["epoch"] == 2
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, last["model"][k]), k
+
+
+def _wait_for(predicate, timeout, proc):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    args = ["--arch", "manet_resnet20", "--epochs", "2", "--explain-images", "0", *TINY]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*args, "--out", str(a)]) == 0
+
+    # Run B: killed with SIGKILL during epoch 2. Each step sleeps 0.5 s (3 steps per
+    # epoch), so epoch 2 lasts >= 1.5 s after epoch 1's checkpoint appears.
+    cmd = [sys.executable, "-m", "manet_kernels.train", *args, "--out", str(b),
+           "--debug-step-sleep", "0.5"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        assert _wait_for(lambda: (b / "last.pt").exists(), 300, proc), \
+            proc.communicate()[0].decode()
+        time.sleep(0.4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(b / "last.pt")["epoch"] == 1  # killed before epoch 2 ended
+    assert [r["epoch"] for r in _rows(b)] == ["1"]
+    assert not (b / "summary.json").exists()
+
+    assert main([*args, "--out", str(b), "--resume", "auto"]) == 0
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["epoch"] == cb["epoch"] == 2
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["optimizer"], cb["optimizer"]
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        for k in sa["state"][i]:
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k]), (i, k)
+    assert ca["scheduler"] == cb["scheduler"]
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    ra, rb = _rows(a), _rows(b)
+    assert [[r[c] for c in EXACT] for r in ra] == [[r[c] for c in EXACT] for r in rb]
+
+
+def test_resume_explicit_path_and_finished_run(tmp_path, resnet20_run):
+    # Continuing a finished 1-epoch run to 2 epochs from an explicit checkpoint path.
+    out = tmp_path / "more"
+    assert main(["--arch", "resnet20", "--epochs", "2", "--out", str(out), "--resume",
+                 str(resnet20_run / "last.pt"), "--explain-images", "0", *TINY]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    # Resuming a run that is already complete trains nothing and still summarises.
+    assert main(["--arch", "resnet20", "--epochs", "2", "--out", str(out), "--resume",
+                 "auto", "--explain-images", "0", *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] is not None and summary["images_per_s"] is None
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "arch": "resnet20", "epoch": 1}, path)
+
+    real_save = torch.save
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "arch": "resnet20", "epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+    save_checkpoint({"model": {"w": torch.zeros(3)}, "arch": "resnet20", "epoch": 2}, path)
+    assert load_checkpoint(path)["epoch"] == 2
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt.*'model'"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", "-m", "manet_kernels.train", "--arch", "resnet20",
+           "--epochs", "1", "--out", str(out), "--explain-images", "0", "--device", "cpu",
+           *TINY]
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["test_images"] == 24
+    assert res.stdout.count('"world_size": 2') == 1  # only rank 0 reports
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert len(_rows(out)) == 1
+
+
+def test_distillation_loss_and_run(tmp_path, resnet20_run):
+    from manet_kernels.models import ABNOutput, classification_loss
+
+    torch.manual_seed(0)
+    s, t_logits = torch.randn(5, 10), torch.randn(5, 10)
+    y = torch.randint(0, 10, (5,))
+
+    class A:
+        alpha, temperature = 1.0, 2.0
+
+    assert torch.allclose(_loss(s, y, t_logits, A), classification_loss(s, y))
+    A.alpha = 0.0
+    p_t = torch.softmax(t_logits / 2, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / 2, 1))).sum(1).mean() * 4
+    assert torch.allclose(_loss(s, y, t_logits, A), kl, atol=1e-6)
+    A.alpha = 0.25
+    out = ABNOutput(s, torch.randn(5, 10), torch.rand(5, 1, 2, 2))
+    assert torch.allclose(_loss(out, y, t_logits, A),
+                          0.25 * classification_loss(out, y) + 0.75 * kl, atol=1e-6)
+
+    run = tmp_path / "student"
+    assert main(["--arch", "manet_resnet20", "--epochs", "1", "--out", str(run),
+                 "--teacher", str(resnet20_run / "last.pt"), "--alpha", "0.3",
+                 "--temperature", "2", "--explain-images", "0", *TINY]) == 0
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["args"]["teacher"] == str(resnet20_run / "last.pt")
+    assert math.isfinite(float(_rows(run)[0]["train_loss"]))
+
+
+def test_lr_schedules():
+    class A:
+        epochs, warmup_epochs, schedule = 8, 0.0, "step"
+
+    f = _lr_factor(A, 10)
+    assert [f(e * 10) for e in range(8)] == pytest.approx([1, 1, 1, 1, .1, .1, .01, .01])
+    assert f(39) == 1 and f(40) == pytest.approx(0.1)
+    A.schedule = "cosine"
+    f = _lr_factor(A, 10)
+    assert f(0) == 1 and f(40) == pytest.approx(0.5) and f(80) == pytest.approx(0)
+    A.warmup_epochs = 1.0
+    f = _lr_factor(A, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert RECIPES["cifar"]["epochs"] == 160 and RECIPES["folder"]["epochs"] == 90
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
+    common = ["--epochs", "1", "--out", str(tmp_path / "o"), *TINY]
+    err = _error(capsys, [*common, "--arch", "manet_resnet21"])
+    assert "--arch manet_resnet21" in err and "manet_resnet20" in err
+    err = _error(capsys, [*common, "--data", str(tmp_path / "no_such_data")])
+    assert "--data" in err and "no_such_data" in err
+    bad = tmp_path / "cifar" / "cifar-10-batches-py"
+    bad.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (bad / name).write_bytes(b"garbage")
+    err = _error(capsys, [*common, "--data", f"cifar10:{bad.parent}"])
+    assert "data_batch_1" in err and "pickle" in err
+    err = _error(capsys, [*common, "--amp", "fp8"])
+    assert "--amp" in err and "fp8" in err
+    err = _error(capsys, [*common, "--amp", "fp16", "--device", "cpu"])
+    assert "--amp fp16" in err
+    err = _error(capsys, [*common, "--resume", str(tmp_path / "nothing.pt")])
+    assert "nothing.pt" in err
+    err = _error(capsys, [*common, "--teacher", str(tmp_path / "teacher.pt")])
+    assert "--teacher" in err and "teacher.pt" in err
+    err = _error(capsys, [*common, "--batch-size", "0"])
+    assert "--batch-size" in err
+    err = _error(capsys, [*common, "--device", "tpu"])
+    assert "--device" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_another_arch(tmp_path, capsys, resnet20_run):
+    err = _error(capsys, ["--arch", "manet_resnet20", "--epochs", "2", "--out",
+                          str(tmp_path / "x"), "--resume", str(resnet20_run / "last.pt"),
+                          *TINY])
+    assert "resnet20" in err and "--arch manet_resnet20" in err
+
+
+def test_help_documents_the_recipes(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--explain-images" in text and "--epochs 160" in text and "--epochs 90" in text
+    assert "--limit-train" not in text
