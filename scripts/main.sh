@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the main job. Until the training scripts land
-# this is the mixed-attention benchmark on this machine's device.
+# Sets up (scripts/setup.sh) and runs the main job: with no arguments, trains
+# MANet-ResNet20 on the fused kernels on scikit-learn's bundled digits (16x16, 10
+# epochs, cosine schedule; ~99% test accuracy in about 2 minutes on 2 CPU cores),
+# then writes attention-map figures. Output: runs/manet_resnet20/ (log.csv,
+# summary.json, last.pt, best.pt, tb/, maps/). Arguments go to manet-train
+# (see `python -m manet_kernels.train --help`), e.g. --data cifar10:PATH.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  dev=cuda
-else
-  dev=cpu
-fi
-"$PY" benchmarks/bench_mixed_attention.py --device "$dev" "$@"
+"$PY" -m manet_kernels.train "$@"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 # Recipe defaults per kind of data; the command line overrides each one.
 RECIPES = {
-    "digits": dict(epochs=12, batch_size=32, image_size=16, schedule="cosine", workers=0),
+    "digits": dict(epochs=10, batch_size=32, image_size=16, schedule="cosine", workers=0),
     "cifar": dict(epochs=160, batch_size=128, image_size=32, schedule="step", workers=4),
     "folder": dict(epochs=90, batch_size=256, image_size=224, schedule="step", workers=8),
 }
