@@ -56,7 +56,7 @@ step pytest 150 "$PY" -m pytest $PYTEST_ARGS
 # leaves unused goes to the later ones; ~40 s stay for copying and plotting. A
 # benchmark stops starting new providers 30 s before its own limit so it exits
 # with its JSON written.
-BENCHES=${BENCHES:-mixed_attention brnpa aw_conv2d}
+BENCHES=${BENCHES:-mixed_attention brnpa aw_conv2d train_step}
 read -r -a benches <<< "$BENCHES"
 todo=${#benches[@]}
 for op in "${benches[@]}"; do

@@ -1,0 +1,180 @@
+"""Benchmark one training step of the attention ResNets: fused kernels against the
+reference modules, and every variant against the plain ResNet of the same depth.
+
+    python benchmarks/bench_train_step.py --device cpu --quick
+    python benchmarks/bench_train_step.py --device cuda --out /tmp/bench
+
+One step = forward, the model's loss (``manet_kernels.models.classification_loss``:
+CE, or CE(attention) + CE(perception) for ABN/MANet), backward and an SGD step with
+momentum and weight decay, in train mode. GPU: batch 64 at 224x224, bf16 autocast,
+channels_last (issue 5's configuration). CPU: a small configuration that fits a
+2-core machine. Images/s and peak memory per row; ``vs_plain`` is the plain
+ResNet's step time over this row's (fused plain row = the same model either way),
+``vs_reference`` the reference flavour's over the fused one, both measured in this
+run. Rows are appended to benchmarks/results/train_step.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import utils as bu  # noqa: E402
+
+try:
+    import manet_kernels  # noqa: E402,F401
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(1, bu.ROOT)
+from manet_kernels import models  # noqa: E402
+
+OP = "train_step"
+KERNELS = ("fused", "reference")
+GPU_CONFIG = dict(depth=50, batch=64, size=224, dtype="bfloat16", channels_last=True)
+CPU_CONFIG = dict(depth=20, batch=64, size=32, dtype="float32", channels_last=False)
+QUICK = {"cpu": dict(depth=20, batch=8, size=16, dtype="float32", channels_last=False),
+         "cuda": dict(depth=18, batch=16, size=64, dtype="bfloat16", channels_last=True)}
+VARIANTS = ("", "se_", "cbam_", "abn_", "manet_", "aw_", "aw_se_", "aw_cbam_")
+NUM_CLASSES = 1000
+
+COLUMNS = ("op", "arch", "kernels", "batch", "image_size", "amp", "channels_last", "ms",
+           "images_per_s", "peak_mem_mb", "vs_plain", "vs_reference") + bu.META_COLUMNS
+TABLE = (("arch", "arch", ""), ("kernels", "kernels", ""), ("ms", "ms/step", ".2f"),
+         ("images_per_s", "img/s", ".1f"), ("peak_mem_mb", "peak MB", ".0f"),
+         ("vs_plain", "plain/this", ".3f"), ("vs_reference", "ref/fused", ".2f"))
+
+
+def make_step(arch: str, kernels: str, cfg: dict, device: torch.device, num_classes: int):
+    """A closure running one training step, and the model (for cleanup)."""
+    torch.manual_seed(0)
+    model = models.create(arch, num_classes, kernels=kernels).to(device)
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], device=device)
+    x = x.contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (cfg["batch"],), device=device)
+    dtype = bu.parse_dtype(cfg["dtype"])
+    amp = dtype != torch.float32
+
+    def step():
+        ctx = torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
+        with ctx:
+            loss = models.classification_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step, model
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    cfg = dict(QUICK[device.type] if args.quick else
+               GPU_CONFIG if device.type == "cuda" else CPU_CONFIG)
+    for key in ("depth", "batch", "size"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    if args.dtype:
+        cfg["dtype"] = args.dtype
+    if args.channels_last is not None:
+        cfg["channels_last"] = args.channels_last == "on"
+    archs = [f"{v}resnet{cfg['depth']}" for v in args.variants]
+    known = set(models.list_models())
+    bad = [a for a in archs if a not in known]
+    if bad:
+        print(f"error: no model named {bad} (see manet_kernels.models.list_models())",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = bu.environment(device)
+    print(f"{OP} on {env['device_name']} | torch {env['torch']} | commit {env['commit']} | "
+          f"{env['date_utc']} | batch {cfg['batch']} at {cfg['size']}x{cfg['size']}, "
+          f"{cfg['dtype']}, channels_last={cfg['channels_last']}")
+    sink = bu.Sink(OP, COLUMNS, args.out, args.no_save,
+                   {"op": OP, "env": env, "config": cfg, "args": vars(args)})
+    busy = bu.busy_note(device)
+    if busy:
+        sink.note(busy)
+    times: dict[tuple[str, str], float] = {}
+    plain = f"resnet{cfg['depth']}"
+    started = time.monotonic()
+    for arch in archs:
+        for kernels in args.kernels:
+            if kernels == "reference" and arch == plain and "fused" in args.kernels:
+                continue  # no attention module: the same model either way
+            if args.time_budget and time.monotonic() - started > args.time_budget:
+                sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
+                          f"{arch} {kernels}")
+                break
+            try:
+                step, model = make_step(arch, kernels, cfg, device, args.num_classes)
+                step()  # warm-up (and the check that it runs at all)
+                ms = bu.time_ms(step, device, quick=args.quick)
+                mem = bu.peak_memory_mb(step, device)
+            except Exception as e:  # noqa: BLE001 (reported, not fatal)
+                sink.note(f"skip {arch} {kernels}: {bu.short_error(e)}")
+                continue
+            finally:
+                step = model = None
+                bu.free_memory(device)
+            times[(arch, kernels)] = ms
+            base = times.get((plain, "fused"), times.get((plain, kernels)))
+            ref = times.get((arch, "reference"))
+            row = {
+                "op": OP, "arch": arch, "kernels": kernels, "batch": cfg["batch"],
+                "image_size": cfg["size"], "amp": cfg["dtype"],
+                "channels_last": cfg["channels_last"], "ms": ms,
+                "images_per_s": cfg["batch"] / (ms * 1e-3), "peak_mem_mb": mem,
+                "vs_plain": base / ms if base else math.nan,
+                "vs_reference": ref / ms if ref and kernels == "fused" else math.nan,
+                **env,
+            }
+            sink.emit(row, f"  {arch:>18} {kernels:>9}  {ms:9.2f} ms  "
+                           f"{row['images_per_s']:8.1f} img/s")
+    # Reference rows come after their fused rows: fill the fused rows' ratio now.
+    for row in sink.rows:
+        ref = times.get((row["arch"], "reference"))
+        if row["kernels"] == "fused" and ref:
+            row["vs_reference"] = ref / row["ms"]
+    sink.finish(OP, sink.rows, TABLE)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"),
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="model prefixes ('' = plain ResNet), default: all")
+    ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    ap.add_argument("--depth", type=int, help="ResNet depth (GPU default 50, CPU 20)")
+    ap.add_argument("--batch", type=int, help="batch size (default 64)")
+    ap.add_argument("--size", type=int, help="image size (GPU default 224, CPU 32)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="autocast dtype (float32: no autocast; GPU default bfloat16)")
+    ap.add_argument("--channels-last", choices=("on", "off"), default=None)
+    ap.add_argument("--num-classes", type=int, default=NUM_CLASSES)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
+    ap.add_argument("--no-save", action="store_true",
+                    help=f"do not append to benchmarks/results/{OP}.csv")
+    ap.add_argument("--time-budget", type=float, default=0, metavar="S",
+                    help="stop starting new rows after S seconds (0: no limit)")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
