@@ -211,8 +211,8 @@ def test_checkpoint_load_errors(tmp_path):
 def test_ddp_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", "-m", "manet_kernels.train", "--arch", "resnet20",
-           "--epochs", "1", "--out", str(out), "--explain-images", "0", "--device", "cpu",
+           "--standalone", "-m", "manet_kernels.train", "--arch", "manet_resnet20",
+           "--epochs", "1", "--out", str(out), "--explain-images", "2", "--device", "cpu",
            *TINY]
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=300)
@@ -223,6 +223,29 @@ def test_ddp_two_processes_gloo(tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and not any(k.startswith("module.") for k in ckpt["model"])
     assert len(_rows(out)) == 1
+    assert [Path(p).name for p in summary["maps"]] == ["attention_maps.png"]
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "folder"])
+def test_trains_on_cifar_and_image_folders(tmp_path, kind):
+    from test_data import _write_cifar10, _write_tree
+
+    if kind == "cifar10":
+        _write_cifar10(tmp_path / "data", n_per_batch=4)
+        data = f"cifar10:{tmp_path / 'data'}"
+    else:
+        _write_tree(tmp_path / "data", classes=("a", "b", "c"), n=4)
+        data = str(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["--arch", "resnet20", "--data", data, "--image-size", "8", "--epochs", "1",
+                 "--batch-size", "8", "--threads", "1", "--no-progress", "--workers", "1",
+                 "--explain-images", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_size"] == 8 and summary["train_images"] == (20 if kind == "cifar10" else 12)
+    model, ckpt = load_model(out / "last.pt")
+    assert ckpt["in_channels"] == 3 and ckpt["num_classes"] == (10 if kind == "cifar10" else 3)
+    assert ckpt["data"] == data and model(torch.zeros(1, 3, 8, 8)).shape == (1, ckpt["num_classes"])
+    assert summary["maps"]
 
 
 def test_distillation_loss_and_run(tmp_path, resnet20_run):

@@ -470,6 +470,8 @@ def run(args) -> dict:
     _resolve_defaults(args)
     dist = _Dist()
     device = _pick_device(args, dist)
+    if args.sync_bn and dist.enabled and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
     if args.threads is not None:
