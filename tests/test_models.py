@@ -1,0 +1,353 @@
+"""manet_kernels.models: every variant built on the fused kernels against the same
+weights on the reference modules (outputs, every gradient, running statistics), output
+types and wiring, training, state_dict, convert, layouts, autocast, parameter counts
+and bad input. Small on purpose: CIFAR nets at 16x16, ImageNet nets at 64x64."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import manet_kernels
+from manet_kernels import models as M
+from manet_kernels.models import ABNOutput, BRNPAOutput
+
+requires_ext = pytest.mark.skipif(not manet_kernels._ext.HAS_EXT,
+                                  reason="the fused CPU kernels need the C++ extension")
+
+PREFIXES = ("", "se_", "cbam_", "abn_", "manet_", "aw_", "aw_se_", "aw_cbam_")
+# Every variant (prefix x head) on the smallest depth.
+CIFAR_VARIANTS = [n for n in M.list_models() if n.endswith(("resnet20", "resnet20_brnpa"))]
+# The Bottleneck / ImageNet-stem code paths of every kind of block, head and branch.
+IMAGENET_VARIANTS = ["aw_cbam_resnet50", "manet_resnet50", "se_resnet50_brnpa", "aw_se_resnet18_brnpa"]
+K = 5
+ATTENTION = ("MixedAttention", "AWConv2d", "BRNPA", "BRNPAHead")
+
+
+def _tensors(out):
+    return tuple(out) if isinstance(out, tuple) else (out,)
+
+
+def _pair(name, dtype=torch.float32, **options):
+    """A fused model and a reference model with the fused one's weights."""
+    fused = M.create(name, K, **options).to(dtype)
+    ref = M.create(name, K, kernels="reference", **options).to(dtype)
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+def _input(name, n=2, dtype=torch.float32):
+    size = 64 if any(f"resnet{d}" in name for d in (18, 34, 50, 101, 152)) else 16
+    return torch.randn(n, 3, size, size, dtype=dtype)
+
+
+def _run_and_backward(model, x, target):
+    out = model(x)
+    M.classification_loss(out, target).backward()
+    return out
+
+
+def _compare(fused, ref, x, *, rtol, atol):
+    """Outputs, every parameter's gradient and every buffer after one forward+backward.
+
+    Gradients are compared with an absolute floor scaled by the model's largest
+    gradient: some gradients are zero in exact arithmetic (a BN bias feeding a conv
+    then a training-mode BN) and are pure rounding noise on both sides."""
+    target = torch.arange(x.shape[0]) % K
+    out_f = _run_and_backward(fused, x, target)
+    out_r = _run_and_backward(ref, x, target)
+    assert type(out_f) is type(out_r)
+    for a, b in zip(_tensors(out_f), _tensors(out_r)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+    gscale = max(p.grad.abs().max().item() for p in ref.parameters())
+    ref_params = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        q = ref_params[name]
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol * gscale,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in fused.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"buffer {name}: {m}")
+    return out_f
+
+
+def _check_structure(model, name, x):
+    """Output types and shapes, and that cam_layer / fc are what the head reads."""
+    seen = {}
+    hooks = [model.cam_layer.register_forward_hook(lambda m, i, o: seen.update(cam=o, cam_in=i[0]))]
+    if name.startswith(("abn_", "manet_")):
+        hooks.append(model.stages[-2].register_forward_hook(lambda m, i, o: seen.update(f=o)))
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    n, cam = x.shape[0], seen["cam"]
+    assert cam.dim() == 4 and cam.shape[:2] == (n, model.num_features)
+    if name.endswith("_brnpa"):
+        assert isinstance(out, BRNPAOutput) and not hasattr(model, "fc")
+        assert out.logits.shape == (n, K)
+        assert out.part_maps.shape == (n, 3) + cam.shape[2:]
+        assert out.features is cam
+        # BR-NPA's maps are similarity weights normalised to sum 1 over positions.
+        torch.testing.assert_close(out.part_maps.sum((2, 3)), torch.ones(n, 3), rtol=0, atol=1e-5)
+        assert M.attention_maps(out) is out.part_maps
+        return out
+    expected = model.fc(cam.mean((2, 3)))
+    if name.startswith(("abn_", "manet_")):
+        assert isinstance(out, ABNOutput)
+        m = out.attention_map
+        assert m.shape == (n, 1) + seen["f"].shape[2:]
+        assert bool(((m >= 0) & (m <= 1)).all())
+        assert out.attention_logits.shape == (n, K)
+        # The perception branch reads (1 + M) * F.
+        torch.testing.assert_close(seen["cam_in"], seen["f"] * (1 + m), rtol=0, atol=0)
+        assert M.attention_maps(out) is m
+        logits = out.logits
+    else:
+        assert isinstance(out, torch.Tensor)
+        assert M.attention_maps(out) is None
+        logits = out
+    assert logits.shape == (n, K)
+    # CAM's premise: the logits are fc(GAP(cam_layer output)).
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    assert M.logits_of(out) is logits
+    return out
+
+
+def test_list_models():
+    names = M.list_models()
+    assert names == sorted(names) and len(names) == len(set(names))
+    depths = (20, 32, 44, 56, 110, 18, 34, 50, 101, 152)
+    expected = {f"{p}resnet{d}" for p in PREFIXES for d in depths}
+    expected |= {f"{p}resnet{d}_brnpa" for p in PREFIXES if p not in ("abn_", "manet_")
+                 for d in depths}
+    assert set(names) == expected
+    assert len(CIFAR_VARIANTS) == 14 and all("resnet20" in n for n in CIFAR_VARIANTS)
+
+
+# fp32: fused and reference compute the same math with different reduction orders
+# (fp32 accumulation in both). Measured over every comparison in this file: outputs
+# within 9e-7 relative, gradients within 4e-6 of the model's largest gradient; 1e-4
+# leaves room for other thread counts and CPUs, while a wrong or missing term shows
+# up at O(1).
+@requires_ext
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", CIFAR_VARIANTS)
+def test_cifar_fused_matches_reference(name, train):
+    fused, ref = _pair(name)
+    fused.train(train), ref.train(train)
+    x = _input(name)
+    _compare(fused, ref, x, rtol=1e-4, atol=1e-4)
+    fused.eval()
+    _check_structure(fused, name, x)
+
+
+# ImageNet nets at 64x64 end on 2x2 maps, where a training-mode BatchNorm normalises
+# 8 values and amplifies rounding differences by orders of magnitude: compare the
+# training mode in float64 (measured within 3e-14; tolerance 1e-10) and the eval mode
+# in fp32.
+@requires_ext
+@pytest.mark.parametrize("name", IMAGENET_VARIANTS)
+def test_imagenet_fused_matches_reference(name):
+    fused, ref = _pair(name, torch.float64)
+    _compare(fused, ref, _input(name, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    fused, ref = fused.float().eval(), ref.float().eval()
+    for model in (fused, ref):
+        model.zero_grad()
+    x = _input(name)
+    _compare(fused, ref, x, rtol=1e-4, atol=1e-4)
+    _check_structure(fused, name, x)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", CIFAR_VARIANTS)
+def test_sgd_reduces_loss(name):
+    model = M.create(name, K)
+    x, target = _input(name, n=4), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = M.classification_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses)), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@requires_ext
+@pytest.mark.parametrize("name", CIFAR_VARIANTS)
+def test_state_dict_round_trip(name):
+    model = M.create(name, K)
+    x = _input(name)
+    model(x)  # moves the running statistics off their initial values
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    torch.manual_seed(1)
+    other = M.create(name, K)
+    other.load_state_dict(state)
+    other.eval()
+    with torch.no_grad():
+        for a, b in zip(_tensors(model(x)), _tensors(other(x))):
+            assert torch.equal(a, b)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", ["cbam_resnet20", "manet_resnet20", "aw_resnet20",
+                                  "aw_cbam_resnet20_brnpa"])
+def test_convert(name):
+    model = M.create(name, K).eval()
+    x = _input(name)
+    params = {n: p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = _tensors(model(x))
+        assert M.convert(model, kernels="reference") is model
+        swapped = [type(m).__module__ for m in model.modules() if type(m).__name__ in ATTENTION]
+        assert swapped and all(c.startswith("manet_kernels.reference.") for c in swapped)
+        assert model.kernels == "reference"
+        # the same tensors: an optimizer holding them keeps working
+        assert all(p is params[n] for n, p in model.named_parameters())
+        as_reference = _tensors(model(x))
+        M.convert(model, kernels="fused", backend="cpu")
+        swapped = [type(m).__module__ for m in model.modules() if type(m).__name__ in ATTENTION]
+        assert swapped and all(c.startswith("manet_kernels.nn.") for c in swapped)
+        assert all(m.backend == "cpu" for m in model.modules() if hasattr(m, "backend"))
+        after = _tensors(model(x))
+    for a, b, c in zip(before, as_reference, after):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, a.abs().max().item()))
+        assert torch.equal(a, c)  # the fused kernels are deterministic
+
+
+@requires_ext
+@pytest.mark.parametrize("name", ["cbam_resnet20", "manet_resnet20", "aw_se_resnet20",
+                                  "aw_cbam_resnet20_brnpa", "cbam_resnet18"])
+def test_channels_last(name):
+    fused, ref = _pair(name)
+    x = _input(name)
+    fused_cl = fused.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    _compare(fused_cl, ref, x_cl, rtol=1e-4, atol=1e-4)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", CIFAR_VARIANTS)
+def test_autocast_bf16(name):
+    """CPU autocast: the fused model's error against the fp32 reference is within twice
+    the reference's own bf16 error (plus one bf16 ulp of the largest logit)."""
+    fused, ref = _pair(name)
+    fused.eval(), ref.eval()
+    x = _input(name)
+    with torch.no_grad():
+        exact = M.logits_of(ref(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_f = M.logits_of(fused(x))
+            out_r = M.logits_of(ref(x))
+    assert out_f.dtype == torch.bfloat16
+    base = (out_r.float() - exact).abs().max().item()
+    err = (out_f.float() - exact).abs().max().item()
+    floor = torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert err <= 2 * base + floor, (err, base)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", ["aw_cbam_resnet20_brnpa", "manet_resnet20"])
+def test_autocast_bf16_training_step(name):
+    model = M.create(name, K).to(memory_format=torch.channels_last)
+    x = _input(name).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = M.classification_loss(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and \
+            bool(torch.isfinite(p.grad).all()), n
+
+
+def test_parameter_counts():
+    torchvision_counts = {"resnet18": 11_689_512, "resnet34": 21_797_672,
+                          "resnet50": 25_557_032, "resnet101": 44_549_160,
+                          "resnet152": 60_192_808}
+    with torch.device("meta"):  # counts without allocating or initialising
+        for name, count in torchvision_counts.items():
+            assert sum(p.numel() for p in M.create(name).parameters()) == count, name
+        # SE-ResNet-50 and ResNet-50 + CBAM: 28.09M in the SE and CBAM papers.
+        assert round(sum(p.numel() for p in M.create("se_resnet50").parameters()), -4) == 28_090_000
+        assert round(sum(p.numel() for p in M.create("cbam_resnet50").parameters()), -4) == 28_090_000
+        for depth in (20, 32, 44, 56, 110):
+            assert sum(p.numel() for p in M.create(f"resnet{depth}", 10).parameters()) == \
+                _cifar_count(depth, 10), depth
+
+
+def _cifar_count(depth: int, classes: int) -> int:
+    """By hand: 3x3 stem + BN, BasicBlocks (two 3x3 convs + BNs), 1x1 conv + BN
+    projections where the width changes, fc."""
+    n = (depth - 2) // 6
+    total = 3 * 16 * 9 + 2 * 16
+    c_in = 16
+    for w in (16, 32, 64):
+        for _ in range(n):
+            total += 9 * c_in * w + 9 * w * w + 4 * w
+            if c_in != w:
+                total += c_in * w + 2 * w
+            c_in = w
+    return total + 64 * classes + classes
+
+
+def test_options():
+    m = M.create("resnet20_brnpa", K, reduced_strides=True, n_parts=2, brnpa_variant="paper")
+    out = m(_input("resnet20"))
+    assert out.part_maps.shape == (2, 2, 8, 8)  # stride 1 in the last stage: 8x8, not 4x4
+    assert m.head.brnpa.variant == "paper"
+    m = M.create("cbam_resnet50", K, zero_init_residual=True, in_channels=1)
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for s in m.stages for b in s)
+    assert m.conv1.weight.shape[1] == 1
+    assert M.create("resnet18", K, kernels="reference").kernels == "reference"
+
+
+def test_loss_helpers():
+    logits, att = torch.randn(3, K), torch.randn(3, K)
+    target = torch.tensor([0, 4, 2])
+    out = ABNOutput(logits, att, torch.rand(3, 1, 4, 4))
+    torch.testing.assert_close(M.classification_loss(out, target),
+                               F.cross_entropy(att, target) + F.cross_entropy(logits, target))
+    out = BRNPAOutput(logits, torch.rand(3, 3, 4, 4), torch.randn(3, 8, 4, 4))
+    torch.testing.assert_close(M.classification_loss(out, target), F.cross_entropy(logits, target))
+    torch.testing.assert_close(M.classification_loss(logits, target), F.cross_entropy(logits, target))
+    with pytest.raises(TypeError, match="output"):
+        M.logits_of([logits])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="cbam_resnet50"):
+        M.create("cbam_resnet5")
+    with pytest.raises(ValueError, match="unknown model name"):
+        M.create("vgg16")
+    with pytest.raises(ValueError, match="kernels"):
+        M.create("resnet20", kernels="triton")
+    with pytest.raises(ValueError, match="backend"):
+        M.create("resnet20", backend="gpu")
+    with pytest.raises(TypeError, match="n_parts"):
+        M.create("cbam_resnet20", n_parts=3)
+    with pytest.raises(TypeError, match="reduced_strides"):
+        M.create("abn_resnet20", reduced_strides=True)
+    with pytest.raises(ValueError, match="num_classes"):
+        M.create("resnet20", 0)
+    with pytest.raises(ValueError, match="in_channels"):
+        M.create("resnet20", in_channels=0)
+    with pytest.raises(ValueError, match="n_parts"):
+        M.create("resnet20_brnpa", n_parts=0)
+    with pytest.raises(ValueError, match="brnpa_variant"):
+        M.create("resnet20_brnpa", brnpa_variant="fast")
+    with pytest.raises(ValueError, match="kernels"):
+        M.convert(M.create("resnet20"), kernels="cuda")
+    with pytest.raises(TypeError, match="model"):
+        M.convert("resnet20")
