@@ -59,8 +59,7 @@ def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if not _ext.has_kernel(kernel, "cuda"):
             raise RuntimeError(f"backend='cuda': this build has no CUDA kernel for {kernel} "
-                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1; "
-                               "aw_conv2d has no CUDA kernel yet: use 'triton')")
+                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1)")
     elif backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package")
