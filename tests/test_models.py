@@ -22,7 +22,8 @@ PREFIXES = ("", "se_", "cbam_", "abn_", "manet_", "aw_", "aw_se_", "aw_cbam_")
 # Every variant (prefix x head) on the smallest depth.
 CIFAR_VARIANTS = [n for n in M.list_models() if n.endswith(("resnet20", "resnet20_brnpa"))]
 # The Bottleneck / ImageNet-stem code paths of every kind of block, head and branch.
-IMAGENET_VARIANTS = ["aw_cbam_resnet50", "manet_resnet50", "se_resnet50_brnpa", "aw_se_resnet18_brnpa"]
+IMAGENET_VARIANTS = ["aw_cbam_resnet50", "manet_resnet50", "se_resnet50_brnpa",
+                     "aw_se_resnet18_brnpa"]
 K = 5
 ATTENTION = ("MixedAttention", "AWConv2d", "BRNPA", "BRNPAHead")
 
@@ -279,9 +280,10 @@ def test_parameter_counts():
     with torch.device("meta"):  # counts without allocating or initialising
         for name, count in torchvision_counts.items():
             assert sum(p.numel() for p in M.create(name).parameters()) == count, name
-        # SE-ResNet-50 and ResNet-50 + CBAM: 28.09M in the SE and CBAM papers.
-        assert round(sum(p.numel() for p in M.create("se_resnet50").parameters()), -4) == 28_090_000
-        assert round(sum(p.numel() for p in M.create("cbam_resnet50").parameters()), -4) == 28_090_000
+        # SE-ResNet-50: 28.1M in the SE paper; ResNet-50 + CBAM: 28.09M in the CBAM paper.
+        for name in ("se_resnet50", "cbam_resnet50"):
+            count = sum(p.numel() for p in M.create(name).parameters())
+            assert round(count, -4) == 28_090_000, (name, count)
         for depth in (20, 32, 44, 56, 110):
             assert sum(p.numel() for p in M.create(f"resnet{depth}", 10).parameters()) == \
                 _cifar_count(depth, 10), depth
@@ -321,7 +323,8 @@ def test_loss_helpers():
                                F.cross_entropy(att, target) + F.cross_entropy(logits, target))
     out = BRNPAOutput(logits, torch.rand(3, 3, 4, 4), torch.randn(3, 8, 4, 4))
     torch.testing.assert_close(M.classification_loss(out, target), F.cross_entropy(logits, target))
-    torch.testing.assert_close(M.classification_loss(logits, target), F.cross_entropy(logits, target))
+    torch.testing.assert_close(M.classification_loss(logits, target),
+                               F.cross_entropy(logits, target))
     with pytest.raises(TypeError, match="output"):
         M.logits_of([logits])
 
@@ -351,3 +354,23 @@ def test_bad_input():
         M.convert(M.create("resnet20"), kernels="cuda")
     with pytest.raises(TypeError, match="model"):
         M.convert("resnet20")
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", ["aw_cbam_resnet20_brnpa", "manet_resnet20", "aw_se_resnet18"])
+def test_gpu_fused_matches_reference(name, monkeypatch):
+    # The reference convs must not use TF32 where the fused kernels compute in fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fused, ref = _pair(name)
+    fused, ref = fused.cuda().eval(), ref.cuda().eval()
+    x = _input(name).cuda()
+    _compare(fused, ref, x, rtol=1e-4, atol=1e-4)
+    fused.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = M.classification_loss(fused(x), torch.tensor([0, 1], device="cuda"))
+    loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in fused.parameters())

@@ -42,7 +42,8 @@ def logits_of(output) -> Tensor:
         return output.logits
     if isinstance(output, Tensor):
         return output
-    raise TypeError(f"output must be a Tensor, ABNOutput or BRNPAOutput, got {type(output).__name__}")
+    raise TypeError("output must be a Tensor, ABNOutput or BRNPAOutput, got "
+                    f"{type(output).__name__}")
 
 
 def classification_loss(output, target: Tensor, **cross_entropy_kwargs) -> Tensor:
