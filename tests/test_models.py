@@ -28,6 +28,16 @@ K = 5
 ATTENTION = ("MixedAttention", "AWConv2d", "BRNPA", "BRNPAHead")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tensors are tiny: a second thread only adds parallel-region overhead, and on
+    # a shared 2-core machine its spin-waits made this file 2-3x slower (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tensors(out):
     return tuple(out) if isinstance(out, tuple) else (out,)
 
