@@ -283,3 +283,18 @@ def test_reference_matches_plain_conv_when_attn_is_zero():
     w = torch.randn(5, 4, 3, 3)
     y = ref_ops.aw_conv2d(x, w, torch.zeros(2, 5, 1, 3, 3), None, 1, 1)
     torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1))
+
+
+@requires_ext
+def test_cpu_autocast_bf16_computes_in_float32():
+    """CPU AMP hands the layer a bfloat16 x: the C++ kernels compute it in float32 and
+    return bfloat16, as close to the float64 result as bf16 rounding of the output."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 9, 7).bfloat16()
+    w = torch.randn(6, 8, 3, 3)
+    attn = torch.rand(3, 6, 1, 3, 3)
+    exact = ref_ops.aw_conv2d(x.double(), w.double(), attn.double(), None, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mk.aw_conv2d(x, w, attn, padding=1, backend="cpu")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-6)

@@ -366,3 +366,23 @@ def test_state_dict_keys_identical():
         assert list(ref.state_dict()) == list(fused.state_dict())
         fused.load_state_dict(ref.state_dict())
         ref.load_state_dict(fused.state_dict())
+
+
+@requires_ext
+@pytest.mark.parametrize("flavour", [{}, dict(pool_order="max_avg", spatial_norm=True)])
+def test_cpu_autocast_bf16(flavour):
+    """Under AMP the tiny parts between the passes stay in float32 (the kernels check
+    it) while x is bfloat16: the result is within twice the reference's own bf16 error."""
+    torch.manual_seed(0)
+    ref = reference.MixedAttention(24, reduction=4, **flavour)
+    fused = mknn.MixedAttention(24, reduction=4, backend="cpu", **flavour)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 24, 9, 7)
+    exact = ref.double()(x.double()).float()
+    ref.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x.bfloat16())
+        y_ref = ref(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    own = (y_ref.float() - exact).abs().max().item()
+    assert (y.float() - exact).abs().max().item() <= 2 * own + 1e-6

@@ -12,12 +12,11 @@ plain: the AW paper re-weights the 3x3 kernels, whose taps the attention indexes
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from manet_kernels import nn as fused_nn
 from manet_kernels import reference as reference_nn
-from manet_kernels.ops._common import BACKENDS, resolve_backend
+from manet_kernels.ops._common import BACKENDS
 
 KERNELS = ("fused", "reference")
 ATTENTIONS = (None, "se", "cbam")
@@ -39,26 +38,9 @@ def modules_for(kernels: str):
 
 
 def run(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``, keeping the fused attention modules working under autocast.
-
-    Under autocast, the fused MixedAttention's tiny MLP between its passes would run in
-    low precision and hand the kernels a half-precision channel gate where they expect
-    the float32 accumulation dtype; run it with autocast off instead (the kernels take a
-    half ``x`` with float32 parameters: AMP's layout). The C++ CPU AW kernel takes only
-    float32/float64: under CPU autocast it gets a float32 copy of ``x`` and its result
-    is cast back. Reference modules and every other backend run as they are.
-    """
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return module(x)
-    if type(module) is fused_nn.MixedAttention:
-        if resolve_backend(module.backend, x.device, "mixed_attention_apply") != "reference":
-            with torch.autocast(device, enabled=False):
-                return module(x)
-    elif type(module) is fused_nn.AWConv2d and x.dtype not in (torch.float32, torch.float64):
-        if resolve_backend(module.backend, x.device, "aw_conv2d_fwd") == "cpu":
-            with torch.autocast(device, enabled=False):
-                return module(x.float()).to(x.dtype)
+    """``module(x)``. (Autocast needs nothing here: the fused ops handle it themselves,
+    mixed attention keeping its tiny parts in float32 and the C++ CPU AW kernel
+    computing a half ``x`` in float32.)"""
     return module(x)
 
 

@@ -221,6 +221,17 @@ def _backend_for(x, backend, *others):
     return backend
 
 
+def _cpu_autocast_to_float32(x) -> bool:
+    """CPU autocast (AMP) hands the layer bfloat16/float16 activations, which the C++ CPU
+    kernels do not take: they compute in float32 and the result returns in x's dtype."""
+    return (isinstance(x, Tensor) and x.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu"))
+
+
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
 def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = None, stride=1,
               padding=0, dilation=1, groups: int = 1, *, backend: str = "auto") -> Tensor:
     """AW-convolution: ``y[n] = conv2d(x[n], weight * (1 + attn[n]), bias, ...)``.
@@ -245,6 +256,11 @@ def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = Non
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c2,)):
         raise ValueError(f"bias must be None or ({c2},), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
+    if _cpu_autocast_to_float32(x) and resolve_backend(backend, x.device,
+                                                        "aw_conv2d_fwd") == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return aw_conv2d(x.float(), _float(weight), _float(attn), _float(bias), stride,
+                             padding, dilation, groups, backend="cpu").to(x.dtype)
     backend = _backend_for(x, backend, ("weight", weight), ("attn", attn), ("bias", bias))
     if backend == "reference":
         return _reference.aw_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
@@ -278,6 +294,11 @@ def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, st
                              or tuple(bias.shape) not in ((c2,), (n, c2))):
         raise ValueError(f"bias must be None, ({c2},) or ({n}, {c2}), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
+    if _cpu_autocast_to_float32(x) and resolve_backend(backend, x.device,
+                                                        "per_sample_conv2d_fwd") == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return per_sample_conv2d(x.float(), _float(weights), _float(bias), stride, padding,
+                                     dilation, groups, backend="cpu").to(x.dtype)
     backend = _backend_for(x, backend, ("weights", weights), ("bias", bias))
     if backend == "reference":
         return _reference.per_sample_conv2d(x, weights, bias, stride, padding, dilation, groups)

@@ -125,6 +125,20 @@ def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None, backend: str)
     return torch.sigmoid(a), z, stats
 
 
+def _no_autocast(fn):
+    """The tiny parts between the passes compute in the accumulation dtype, which the
+    pass kernels check: autocast (AMP) must not lower them to half precision. ``x``
+    itself may be half: the kernels take a half ``x`` with float32 parameters."""
+    def wrapper(*args):
+        x = args[0]
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(*args)
+        return fn(*args)
+    return wrapper
+
+
+@_no_autocast
 def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     kern = _passes(backend)
     acc = acc_dtype(x.dtype)
@@ -147,6 +161,7 @@ def _norm_cast(norm: SpatialNorm | None, acc) -> SpatialNorm | None:
     return SpatialNorm(*(_cast(t, acc) for t in norm[:4]), norm.training, norm.eps)
 
 
+@_no_autocast
 def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
                    w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     kern = _passes(backend)
@@ -154,7 +169,6 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     g = gy.to(x.dtype).contiguous(memory_format=fmt)
-    c = x.shape[1]
     w1a, b1a, w2a, b2a = (_cast(t, acc) for t in (w1, b1, w2, b2))
     cwa = conv_w.to(acc)
     norm_a = _norm_cast(norm, acc)
