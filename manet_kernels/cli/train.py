@@ -29,10 +29,16 @@ import torch
 import torch.nn.functional as F
 
 # Recipe defaults per kind of data; the command line overrides each one.
+# digits, threads=1: its 16x16 convolutions gain little from a second thread, and on
+# 2 shared cores a second OpenMP thread made steps 3-10x slower (83-137 ms/step with
+# one thread, 270-1018 ms with two; MANet-ResNet20, batch 32, load average 2-3).
 RECIPES = {
-    "digits": dict(epochs=10, batch_size=32, image_size=16, schedule="cosine", workers=0),
-    "cifar": dict(epochs=160, batch_size=128, image_size=32, schedule="step", workers=4),
-    "folder": dict(epochs=90, batch_size=256, image_size=224, schedule="step", workers=8),
+    "digits": dict(epochs=10, batch_size=32, image_size=16, schedule="cosine", workers=0,
+                   threads=1),
+    "cifar": dict(epochs=160, batch_size=128, image_size=32, schedule="step", workers=4,
+                  threads=None),
+    "folder": dict(epochs=90, batch_size=256, image_size=224, schedule="step", workers=8,
+                   threads=None),
 }
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -41,14 +47,15 @@ LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
 _EPILOG = """\
 recipe defaults (each overridable):
   digits (the default --data; sklearn's bundled 8x8 digits, offline):
-      --epochs {d[epochs]} --batch-size {d[batch_size]} --image-size {d[image_size]} --schedule {d[schedule]}
+      --epochs {d[epochs]} --batch-size {d[batch_size]} --image-size {d[image_size]} --schedule {d[schedule]} --threads {d[threads]}
+      (random shifts of up to 1/8 of the side)
   cifar10:PATH / cifar100:PATH (python-pickle release):
       --epochs {c[epochs]} --batch-size {c[batch_size]} --image-size {c[image_size]} --schedule {c[schedule]}
       (random crop with 4-pixel padding + horizontal flip)
   image folder PATH (train/ and val/ or test/ of class folders):
       --epochs {f[epochs]} --batch-size {f[batch_size]} --image-size {f[image_size]} --schedule {f[schedule]}
       (random resized crop + flip; test: resize + centre crop)
-  always: SGD momentum 0.9, --lr 0.1, --wd 1e-4; step = x0.1 at 50%% and 75%% of
+  always: SGD momentum 0.9, --lr 0.1, --wd 1e-4; step = x0.1 at 50% and 75% of
   the epochs; ABN/MANet loss = CE(attention branch) + CE(perception branch).
 
 distributed: torchrun --nproc_per_node N -m manet_kernels.train ...
@@ -96,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, default=1.0, help="softmax temperature with --teacher")
     a("--sync-bn", action="store_true", help="SyncBatchNorm when distributed")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (default: 1 for digits, else torch's default)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--explain-images", type=int, default=8,
       help="test images to render attention maps for at the end (0: none)")
