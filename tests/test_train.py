@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,37 +107,32 @@ def test_cli_writes_log_summary_checkpoints_and_maps(tmp_path, capsys):
             assert torch.equal(v, last["model"][k]), k
 
 
-def _wait_for(predicate, timeout, proc):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
-
-
 def test_resume_after_sigkill_is_exact(tmp_path):
     args = ["--arch", "manet_resnet20", "--epochs", "2", "--explain-images", "0", *TINY]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main([*args, "--out", str(a)]) == 0
 
-    # Run B: killed with SIGKILL during epoch 2. Each step sleeps 0.5 s (3 steps per
-    # epoch), so epoch 2 lasts >= 1.5 s after epoch 1's checkpoint appears.
+    # Run B: killed with SIGKILL in epoch 2, once its first step is done (the
+    # optimizer has moved past the epoch-1 checkpoint). --debug-step-sleep makes the
+    # run print a line after each step and pause, so the kill lands mid-epoch.
     cmd = [sys.executable, "-m", "manet_kernels.train", *args, "--out", str(b),
            "--debug-step-sleep", "0.5"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
     try:
-        assert _wait_for(lambda: (b / "last.pt").exists(), 300, proc), \
-            proc.communicate()[0].decode()
-        time.sleep(0.4)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("debug: epoch 2 step 1 done"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert any(s.startswith("debug: epoch 2 step 1") for s in seen), "".join(seen)
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(b / "last.pt")["epoch"] == 1  # killed before epoch 2 ended
     assert [r["epoch"] for r in _rows(b)] == ["1"]

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-parts", type=int, default=None, help="model option: BR-NPA parts")
     a("--reduced-strides", action="store_true", default=None,
       help="model option: last stage stride 1 (BR-NPA models)")
-    # For tests: train/evaluate on the first N images; sleep after each step.
+    # For tests: train/evaluate on the first N images; report and sleep after each step.
     a("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
     a("--limit-test", type=int, default=None, help=argparse.SUPPRESS)
     a("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -399,6 +399,8 @@ def _train_epoch(model, teacher, loader, optimizer, scheduler, scaler, args, dev
                 bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{100 * s[1] / s[2]:.2f}%",
                                 img_s=f"{rate:.0f}")
         if args.debug_step_sleep:
+            # Tests kill the run at a known point: they wait for this line.
+            print(f"debug: epoch {epoch + 1} step {step + 1} done", flush=True)
             time.sleep(args.debug_step_sleep)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
