@@ -140,6 +140,47 @@ def _pad_crop_flip(x: Tensor, g: torch.Generator, pad: int, flip: bool) -> Tenso
     return x
 
 
+class _TensorTransform:
+    """Tensor images (float in [0, 1], or uint8 arrays when ``uint8``): optional resize,
+    then with ``pad`` a random shift (and flip), then normalisation. A class rather than
+    a closure so that data-loading workers can pickle it."""
+
+    def __init__(self, mean, std, pad: int = 0, flip: bool = False, size: int | None = None,
+                 uint8: bool = False):
+        self.mean, self.std, self.pad, self.flip = tuple(mean), tuple(std), pad, flip
+        self.size, self.uint8 = size, uint8
+
+    def _tensor(self, x) -> Tensor:
+        if self.uint8:
+            x = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+        if self.size is not None and x.shape[-1] != self.size:
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)[0]
+        return x
+
+    def __call__(self, x, g: torch.Generator | None = None) -> Tensor:
+        x = self._tensor(x)
+        if g is not None:
+            x = _pad_crop_flip(x, g, self.pad, self.flip)
+        return _normalise(x, self.mean, self.std)
+
+
+class _PILTransform:
+    """PIL images: random resized crop + flip (train) or resize + centre crop (test)."""
+
+    def __init__(self, mean, std, size: int, train: bool):
+        self.mean, self.std, self.size, self.train = tuple(mean), tuple(std), size, train
+
+    def __call__(self, im, g: torch.Generator | None = None) -> Tensor:
+        if self.train:
+            x = _pil_to_tensor(_random_resized_crop(im, self.size, g))
+            if _randint(g, 0, 1):
+                x = x.flip(-1)
+        else:
+            x = _pil_to_tensor(_resize_center_crop(im, self.size))
+        return _normalise(x, self.mean, self.std)
+
+
 # ----------------------------------------------------------------------------- digits
 
 def _digits(image_size: int, seed: int) -> DatasetInfo:
@@ -164,15 +205,10 @@ def _digits(image_size: int, seed: int) -> DatasetInfo:
     # Shifts of ~1/8 of the side: a digit moves by up to one original pixel.
     pad = max(1, image_size // 8)
 
-    def augment(x: Tensor, g: torch.Generator) -> Tensor:
-        return _normalise(_pad_crop_flip(x, g, pad, flip=False), mean, std)
-
-    def plain(x: Tensor) -> Tensor:
-        return _normalise(x, mean, std)
-
-    train = AugmentedDataset(_ArrayDataset(train_raw, labels[idx_train]), augment, seed)
+    train = AugmentedDataset(_ArrayDataset(train_raw, labels[idx_train]),
+                             _TensorTransform(mean, std, pad, flip=False), seed)
     test = _MappedDataset(_ArrayDataset(images[torch.from_numpy(idx_test)], labels[idx_test]),
-                          plain)
+                          _TensorTransform(mean, std))
     return DatasetInfo(train, test, 10, 1, image_size, mean, std, "digits",
                        [str(i) for i in range(10)])
 
@@ -235,23 +271,12 @@ def _cifar(kind: str, root: Path, image_size: int, seed: int) -> DatasetInfo:
         if isinstance(meta, dict) and len(meta.get(names_key, ())) == num_classes:
             classes = [str(c) for c in meta[names_key]]
 
-    def to_float(x: np.ndarray) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
-        if image_size != 32:
-            t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear",
-                              align_corners=False)[0]
-        return t
-
     pad = max(1, round(4 * image_size / 32))
-
-    def augment(x: np.ndarray, g: torch.Generator) -> Tensor:
-        return _normalise(_pad_crop_flip(to_float(x), g, pad, flip=True), mean, std)
-
-    def plain(x: np.ndarray) -> Tensor:
-        return _normalise(to_float(x), mean, std)
-
-    train = AugmentedDataset(_ArrayDataset(x_train, y_train), augment, seed)
-    test = _MappedDataset(_ArrayDataset(x_test, y_test), plain)
+    train = AugmentedDataset(_ArrayDataset(x_train, y_train),
+                             _TensorTransform(mean, std, pad, flip=True, size=image_size,
+                                              uint8=True), seed)
+    test = _MappedDataset(_ArrayDataset(x_test, y_test),
+                          _TensorTransform(mean, std, size=image_size, uint8=True))
     return DatasetInfo(train, test, num_classes, 3, image_size, mean, std, kind, classes)
 
 
@@ -364,17 +389,10 @@ def _image_folder(root: Path, image_size: int, seed: int) -> DatasetInfo:
     mode, channels = ("L", 1) if grey else ("RGB", 3)
     mean, std = ((0.5,), (0.25,)) if grey else (_IMAGENET_MEAN, _IMAGENET_STD)
 
-    def augment(im, g: torch.Generator) -> Tensor:
-        x = _pil_to_tensor(_random_resized_crop(im, image_size, g))
-        if _randint(g, 0, 1):
-            x = x.flip(-1)
-        return _normalise(x, mean, std)
-
-    def plain(im) -> Tensor:
-        return _normalise(_pil_to_tensor(_resize_center_crop(im, image_size)), mean, std)
-
-    train = AugmentedDataset(_ImageFiles(train_samples, mode), augment, seed)
-    test = _MappedDataset(_ImageFiles(test_samples, mode), plain)
+    train = AugmentedDataset(_ImageFiles(train_samples, mode),
+                             _PILTransform(mean, std, image_size, train=True), seed)
+    test = _MappedDataset(_ImageFiles(test_samples, mode),
+                          _PILTransform(mean, std, image_size, train=False))
     return DatasetInfo(train, test, len(classes), channels, image_size, mean, std,
                        root.name or str(root), classes)
 

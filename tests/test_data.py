@@ -251,6 +251,16 @@ def test_image_folder_errors(tmp_path):
         load_dataset(str(tmp_path / "t4"))
 
 
+def test_datasets_pickle_for_spawned_workers(tmp_path, digits16):
+    _write_cifar10(tmp_path / "c")
+    _write_tree(tmp_path / "f")
+    for info in (digits16, load_dataset(str(tmp_path / "c")), load_dataset(str(tmp_path / "f"))):
+        info.train.set_epoch(2)
+        for ds in (info.train, info.test):
+            clone = pickle.loads(pickle.dumps(ds))
+            assert torch.equal(clone[1][0], ds[1][0])
+
+
 def test_bad_image_size():
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits", image_size=0)
