@@ -312,6 +312,9 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
     assert "--amp fp16" in err
     err = _error(capsys, [*common, "--resume", str(tmp_path / "nothing.pt")])
     assert "nothing.pt" in err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    err = _error(capsys, [*common, "--resume", str(tmp_path / "junk.pt")])
+    assert "--resume" in err and "junk.pt" in err
     err = _error(capsys, [*common, "--teacher", str(tmp_path / "teacher.pt")])
     assert "--teacher" in err and "teacher.pt" in err
     err = _error(capsys, [*common, "--batch-size", "0"])

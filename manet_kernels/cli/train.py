@@ -581,7 +581,14 @@ def run(args) -> dict:
 
         start_epoch, best_acc, rows = 0, None, []
         if resume_path is not None:
-            ckpt = load_checkpoint(resume_path, map_location="cpu")
+            try:
+                ckpt = load_checkpoint(resume_path, map_location="cpu")
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(f"--resume: {e}") from e
+            missing = [k for k in ("optimizer", "scheduler", "rng", "epoch") if k not in ckpt]
+            if missing:
+                raise UsageError(f"--resume {resume_path}: not a training checkpoint "
+                                 f"(lacks {', '.join(missing)})")
             if ckpt["arch"] != args.arch:
                 raise UsageError(f"--resume {resume_path}: trained as {ckpt['arch']}, "
                                  f"not --arch {args.arch}")
