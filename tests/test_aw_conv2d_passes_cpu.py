@@ -248,3 +248,66 @@ def test_bad_arguments(case):
     _, call, message = case
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+# Winograd F(2x2, 3x3) / F(4x4, 3x3) path (3x3, stride 1, dilation 1, groups 1), forced
+# through MANET_KERNELS_AW_CPU_ALGO: odd maps (1, 2, 3 rows or columns, partial last
+# tiles), padding 0 / 1 / 2, N = 1 and odd N, C1 != C2, channel counts off the vector
+# width. It runs only on AVX2 + FMA CPUs and silently falls back to ATen elsewhere, so
+# these cases check the contract either way.
+WINO_CONFIGS = [
+    (1, 3, 5, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 1 x 1 map
+    (3, 4, 6, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (2, 5, 3, (2, 3), (3, 3), (1, 1), (2, 2), (1, 1), 1),     # padding 2
+    (1, 2, 3, (3, 9), (3, 3), (1, 1), (0, 0), (1, 1), 1),     # padding 0, 1-row output
+    (3, 17, 9, (11, 6), (3, 3), (1, 1), (1, 0), (1, 1), 1),   # mixed padding
+    (2, 24, 40, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # Enough work per sample that the batch runs in chunks (4 + 1 samples).
+    (5, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("layout", list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("cfg", WINO_CONFIGS, ids=[_cfg_id(c) for c in WINO_CONFIGS])
+def test_winograd_matches_reference(cfg, algo, dtype, layout, monkeypatch):
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
+    test_matches_reference(cfg, dtype, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+def test_winograd_low_precision(algo, dtype, monkeypatch):
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
+    cfg = (3, 16, 8, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x, weight, weights, scale, bias, gy, conv = _inputs(cfg, dtype, "channels_last")
+    eps = torch.finfo(dtype).eps
+    for o, r in [(ops.aw_conv2d_fwd(x, weight, scale, bias, *conv),
+                  ref.aw_conv2d_fwd(x, weight, scale, bias, *conv)),
+                 *zip(ops.aw_conv2d_bwd(gy, x, weight, scale, *conv),
+                      ref.aw_conv2d_bwd(gy, x, weight, scale, *conv))]:
+        assert o.dtype == r.dtype and o.shape == r.shape
+        tol = (eps if o.dtype == dtype else 2e-5) * max(1.0, r.abs().max().item())
+        torch.testing.assert_close(o.double(), r.double(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_winograd_deterministic_and_thread_count(algo, threads, monkeypatch):
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
+    test_deterministic_and_thread_count(threads)
+
+
+def test_winograd_auto_and_bad_setting(monkeypatch):
+    # The default choice at the benchmark's shape must agree with the reference too.
+    cfg = (2, 64, 64, (28, 28), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x, weight, _, scale, _, gy, conv = _inputs(cfg, torch.float32, "nchw")
+    monkeypatch.delenv("MANET_KERNELS_AW_CPU_ALGO", raising=False)
+    for name, o, r in zip(("dx", "dweight", "dscale"),
+                          ops.aw_conv2d_bwd(gy, x, weight, scale, *conv),
+                          ref.aw_conv2d_bwd(gy, x, weight, scale, *conv)):
+        _close(o, r, name)
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", "fast")
+    with pytest.raises(RuntimeError, match="MANET_KERNELS_AW_CPU_ALGO: expected auto"):
+        ops.aw_conv2d_fwd(x, weight, scale, None, *conv)
