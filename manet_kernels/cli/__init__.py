@@ -1,1 +1,2 @@
-"""Command-line entry points: ``manet-train`` (``manet_kernels.cli.train``)."""
+"""Command-line entry points: ``manet-train`` (``manet_kernels.cli.train``) and
+``manet-explain`` (``manet_kernels.cli.explain``)."""
