@@ -25,6 +25,14 @@ fi
 # (the GPU machine ships most) are kept as they are.
 "$PY" -m pip install -q setuptools wheel numpy ninja pytest hypothesis expecttest \
   pytest-benchmark scikit-learn matplotlib pillow tqdm tensorboard
+# CUDA kernels that nothing here can run would only cost build minutes: without a
+# visible GPU build the CPU kernels alone, unless MANET_KERNELS_CUDA says otherwise
+# (CI sets it to 1 so that every CUDA source is compiled).
+if [ -z "${MANET_KERNELS_CUDA:-}" ] &&
+   ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "setup: no GPU visible, building the CPU kernels only (MANET_KERNELS_CUDA=1 adds CUDA)"
+  export MANET_KERNELS_CUDA=0
+fi
 # --no-build-isolation: build against the torch installed here; --no-deps: never touch it.
 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" - <<'PY'
