@@ -9,7 +9,8 @@
 //                   K = (tap, input channel), taps outer. The aw weight tile is scaled
 //                   by scale[n, o, tap] as it is loaded.
 //   dx[n]:          M = input positions, N = input channels of a group,
-//                   K = (tap, output channel); g is scaled by scale[n, o, tap] on load.
+//                   K = (tap, output channel); the weight tile is scaled by
+//                   scale[n, o, tap] on load, as in the forward.
 //   weight grad:    M = output channels, N = input channels, one tap per block,
 //                   K = output positions, samples in an outer loop. After each sample
 //                   the tile holds G_n; the aw op folds dscale[n,o,t] = sum_c w*G_n and
@@ -23,7 +24,9 @@
 //
 // Precision: products and sums in the accumulation dtype, as the contract. Tensor-core
 // tiles round their operands to the activation dtype, which is exact for x, g and
-// weights, and one rounding for a weight or g scaled on load (as the Triton kernels).
+// weights, and one rounding for a weight scaled on load (as the Triton kernels). dx
+// scales the weight, not g, so its operands are round(w * scale) exactly as eager
+// PyTorch's conv on the low-precision scaled weight (the tests' yardstick).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -368,7 +371,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dx[n, c, p] = sum_{t, o} g'[n, o, q(p, t)] * w[o, c, t] over the taps t that land p
-// on an output position q: the transposed GEMM. g' = g * scale[n, o, t] for the aw op.
+// on an output position q: the transposed GEMM. For the aw op w' = w * scale[n, o, t].
 template <typename scalar_t, class Core, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
     _aw_conv2d_dx_kernel(const ConvArgs<scalar_t, typename Core::acc_t> a) {
@@ -404,19 +407,19 @@ __global__ void __launch_bounds__(kThreads)
     if (th < 0 || tw < 0 || th % g.sh != 0 || tw % g.sw != 0) return acc_t(0);
     const int oh = th / g.sh, ow = tw / g.sw;
     if (oh >= g.ho || ow >= g.wo) return acc_t(0);
-    const acc_t v = static_cast<acc_t>(gp[j * a.in_s.c + oh * a.in_s.h + ow * a.in_s.w]);
-    if constexpr (kScaled) {
-      return v * a.scale[(static_cast<int64_t>(n) * g.c2 + obase + j) * g.taps + t];
-    } else {
-      return v;
-    }
+    return static_cast<acc_t>(gp[j * a.in_s.c + oh * a.in_s.h + ow * a.in_s.w]);
   };
   auto load_b = [&](int k, int cc) -> acc_t {
     const int c = c0 + cc;
     if (c >= g.c1g) return acc_t(0);
     const int t = k / g.c2g, j = k - t * g.c2g;
-    return static_cast<acc_t>(
+    const acc_t v = static_cast<acc_t>(
         w[(static_cast<int64_t>(obase + j) * g.c1g + c) * g.taps + t]);
+    if constexpr (kScaled) {
+      return v * a.scale[(static_cast<int64_t>(n) * g.c2 + obase + j) * g.taps + t];
+    } else {
+      return v;
+    }
   };
 
   Core core;
