@@ -1001,29 +1001,39 @@ inline void tap_range(int64_t d, int64_t len, int64_t& lo, int64_t& hi) {
   hi = std::min<int64_t>(len, len - d);
 }
 
-template <typename T>
-void spatial_conv_sample(const T* sa, const T* sm, const T* w, T b, T* z, int64_t H, int64_t W,
-                         int64_t k) {
+// Calls fn(c, weight index, di, dj, i0, i1, j0, j1) for every tap (c, ki, kj): output
+// rows [i0, i1) and columns [j0, j1) read input (i + di, j + dj).
+template <typename F>
+void for_each_tap(int64_t k, int64_t H, int64_t W, const F& fn) {
   const int64_t r = k / 2;
-  std::fill(z, z + H * W, b);
   for (int c = 0; c < 2; ++c) {
-    const T* f = c == 0 ? sa : sm;
     for (int64_t ki = 0; ki < k; ++ki) {
       int64_t i0, i1;
       tap_range(ki - r, H, i0, i1);
       for (int64_t kj = 0; kj < k; ++kj) {
         int64_t j0, j1;
         tap_range(kj - r, W, j0, j1);
-        const T wv = w[(c * k + ki) * k + kj];
-        for (int64_t i = i0; i < i1; ++i) {
-          T* __restrict__ zr = z + i * W;
-          const T* __restrict__ fr = f + (i + ki - r) * W + (kj - r);
-#pragma omp simd
-          for (int64_t j = j0; j < j1; ++j) zr[j] += wv * fr[j];
-        }
+        fn(c, (c * k + ki) * k + kj, ki - r, kj - r, i0, i1, j0, j1);
       }
     }
   }
+}
+
+template <typename T>
+void spatial_conv_sample(const T* sa, const T* sm, const T* w, T b, T* z, int64_t H, int64_t W,
+                         int64_t k) {
+  std::fill(z, z + H * W, b);
+  for_each_tap(k, H, W, [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1,
+                            int64_t j0, int64_t j1) {
+    const T* f = c == 0 ? sa : sm;
+    const T wv = w[t];
+    for (int64_t i = i0; i < i1; ++i) {
+      T* __restrict__ zr = z + i * W;
+      const T* __restrict__ fr = f + (i + di) * W + dj;
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) zr[j] += wv * fr[j];
+    }
+  });
 }
 
 // d(sa), d(sm) of one sample (scatter of dz through every tap), and its partial
@@ -1031,40 +1041,32 @@ void spatial_conv_sample(const T* sa, const T* sm, const T* w, T b, T* z, int64_
 template <typename T>
 void spatial_conv_bwd_sample(const T* dz, const T* sa, const T* sm, const T* w, T* dsa, T* dsm,
                              T* dw, T* db, int64_t H, int64_t W, int64_t k) {
-  const int64_t r = k / 2;
   std::fill(dsa, dsa + H * W, T(0));
   std::fill(dsm, dsm + H * W, T(0));
   T sb = 0;
   for (int64_t p = 0; p < H * W; ++p) sb += dz[p];
   *db = sb;
-  for (int c = 0; c < 2; ++c) {
+  for_each_tap(k, H, W, [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1,
+                            int64_t j0, int64_t j1) {
     const T* f = c == 0 ? sa : sm;
     T* df = c == 0 ? dsa : dsm;
-    for (int64_t ki = 0; ki < k; ++ki) {
-      int64_t i0, i1;
-      tap_range(ki - r, H, i0, i1);
-      for (int64_t kj = 0; kj < k; ++kj) {
-        int64_t j0, j1;
-        tap_range(kj - r, W, j0, j1);
-        const T wv = w[(c * k + ki) * k + kj];
-        T acc = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const T* __restrict__ dzr = dz + i * W;
-          const int64_t off = (i + ki - r) * W + (kj - r);
-          const T* __restrict__ fr = f + off;
-          T* __restrict__ dfr = df + off;
-          T row = 0;
+    const T wv = w[t];
+    T acc = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* __restrict__ dzr = dz + i * W;
+      const int64_t off = (i + di) * W + dj;
+      const T* __restrict__ fr = f + off;
+      T* __restrict__ dfr = df + off;
+      T row = 0;
 #pragma omp simd reduction(+ : row)
-          for (int64_t j = j0; j < j1; ++j) {
-            dfr[j] += wv * dzr[j];
-            row += dzr[j] * fr[j];
-          }
-          acc += row;
-        }
-        dw[(c * k + ki) * k + kj] = acc;
+      for (int64_t j = j0; j < j1; ++j) {
+        dfr[j] += wv * dzr[j];
+        row += dzr[j] * fr[j];
       }
+      acc += row;
     }
-  }
+    dw[t] = acc;
+  });
 }
 
 void check_map(const Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType st) {
