@@ -44,14 +44,17 @@ On CPU tensors the kernels run only under the Triton interpreter
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from manet_kernels.triton._common import INTERPRET as _INTERPRET
+from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import device_ctx, interpreting, needs_i64
+from manet_kernels.triton._common import small as _small
 
 __all__ = [
     "per_sample_conv2d_fwd",
@@ -62,16 +65,6 @@ __all__ = [
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-
-def _interpret_env() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads the env through knobs
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Decided once, as triton.jit decides at decoration time whether to interpret.
-_INTERPRET = _interpret_env()
 
 # Interpreter tiles: channel and K tiles of 16, the least tl.dot takes on a GPU,
 # so padded rows and columns are exercised; position tiles of 32, because the
@@ -465,28 +458,11 @@ def _launch(kernel, grid, dtype: torch.dtype, *args, **kwargs) -> None:
 
 
 def _interpreting() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return _INTERPRET
-    return isinstance(_aw_conv2d_fwd_kernel.fn, InterpretedFunction)
+    return interpreting(_aw_conv2d_fwd_kernel)
 
 
 def _device_ctx(x: Tensor):
-    if x.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(
-                "manet_kernels.triton.aw_conv2d: got CPU tensors, but Triton runs on CPU only under its "
-                "interpreter; set TRITON_INTERPRET=1 before triton is first imported, or use the "
-                "reference / C++ CPU backend")
-        return contextlib.nullcontext()
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)  # triton launches on the current device and stream
-    raise ValueError(f"x: expected a CUDA or CPU tensor, got one on {x.device}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return device_ctx(x, _interpreting, "aw_conv2d")
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -516,18 +492,6 @@ def _activation(name: str, t) -> bool:
         return True
     raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
                      f"got strides {t.stride()} for shape {tuple(t.shape)}")
-
-
-def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (x's device), got one on {t.device}")
-    return t.contiguous()
 
 
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:
@@ -630,8 +594,7 @@ _INTERP_I64 = _INTERPRET
 
 
 def _i64(*ts: Tensor) -> bool:
-    # int32 offsets are exact while every element offset fits in int32.
-    return _INTERP_I64 or any(t.numel() >= 2**31 for t in ts)
+    return _INTERP_I64 or needs_i64(*ts)
 
 
 def _fmt(channels_last: bool):

@@ -18,40 +18,27 @@ On CPU tensors the kernels run only under the Triton interpreter
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from manet_kernels.triton._common import INTERPRET as _INTERPRET
+from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import configs as _configs
+from manet_kernels.triton._common import device_ctx, interpreting
+from manet_kernels.triton._common import needs_i64 as _i64
+from manet_kernels.triton._common import small as _check_small
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx"]
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _interpret_env() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads the env through knobs
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Decided once, as triton.jit decides at decoration time whether to interpret.
-_INTERPRET = _interpret_env()
-
 # Interpreter tile: 16 along both axes, so the odd test shapes (C=33, P=35) span
 # several blocks with a partial last one, and the K-chunks of bwd_reduce reach
 # the tl.dot path (every dot operand dimension must be >= 16).
 _INTERP_BLOCK = 16
-
-
-def _configs(gpu: list[tuple[dict, int]], interp: dict) -> list[triton.Config]:
-    # The interpreter cannot time configs, and autotune over several fails under it.
-    if _INTERPRET:
-        return [triton.Config(interp, num_warps=1)]
-    return [triton.Config(kw, num_warps=w) for kw, w in gpu]
 
 
 # Every list runs from P-long to C-long tiles; with deterministic algorithms on,
@@ -339,28 +326,11 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 
 
 def _interpreting() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return _INTERPRET
-    return isinstance(_brnpa_norms_kernel.fn, InterpretedFunction)
+    return interpreting(_brnpa_norms_kernel)
 
 
 def _device_ctx(x: Tensor):
-    if x.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(
-                "manet_kernels.triton.brnpa: got CPU tensors, but Triton runs on CPU only under its "
-                "interpreter; set TRITON_INTERPRET=1 before triton is first imported, or use the "
-                "reference / C++ CPU backend")
-        return contextlib.nullcontext()
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)  # triton launches on the current device and stream
-    raise ValueError(f"x: expected a CUDA or CPU tensor, got one on {x.device}")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return device_ctx(x, _interpreting, "brnpa")
 
 
 def _check_x(name: str, t) -> tuple[int, int, int, bool]:
@@ -385,29 +355,12 @@ def _check_x(name: str, t) -> tuple[int, int, int, bool]:
                      f"got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
-def _check_small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (x's device), got one on {t.device}")
-    return t.contiguous()
-
-
 def _check_rank(name: str, t, dim: int) -> None:
     # Before shapes are read off t (K, J); the full check comes from _check_small.
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
-
-
-def _i64(*ts: Tensor) -> bool:
-    # int32 offsets are exact while every element offset fits in int32.
-    return any(t.numel() >= 2**31 for t in ts)
 
 
 def brnpa_norms(x: Tensor) -> Tensor:

@@ -16,13 +16,16 @@ On CPU tensors the kernels run only under the Triton interpreter
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from manet_kernels.triton._common import INTERPRET as _INTERPRET_AT_IMPORT
+from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import configs as _configs
+from manet_kernels.triton._common import device_ctx, interpreting, small
+from manet_kernels.triton._common import needs_i64 as _needs_i64
 
 __all__ = [
     "mixed_attention_channel_pool",
@@ -34,24 +37,6 @@ __all__ = [
 ]
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _interpret_requested() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; env var before that
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# The interpreter cannot benchmark, so it gets one config; multi-config autotune
-# fails under it (measured).
-_INTERPRET_AT_IMPORT = _interpret_requested()
-
-
-def _configs(gpu: list[tuple[dict, int]], interp: dict) -> list[triton.Config]:
-    if _INTERPRET_AT_IMPORT:
-        return [triton.Config(interp, num_warps=1)]
-    return [triton.Config(kw, num_warps=w) for kw, w in gpu]
 
 
 # Block shapes: NCHW wants long P rows (P is contiguous), channels_last long C
@@ -414,28 +399,11 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 
 
 def _interpreting() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return _INTERPRET_AT_IMPORT
-    return isinstance(_mixed_attention_apply_kernel.fn, InterpretedFunction)
+    return interpreting(_mixed_attention_apply_kernel)
 
 
-def _device_ctx(t: Tensor):
-    if t.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(
-                "manet_kernels.triton.mixed_attention: got CPU tensors, but Triton runs on CPU only "
-                "under its interpreter; set TRITON_INTERPRET=1 before triton is first imported, "
-                "or use the reference / C++ CPU backend")
-        return contextlib.nullcontext()
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)  # triton launches on the current device
-    return contextlib.nullcontext()
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _device_ctx(t: Tensor, name: str = "x"):
+    return device_ctx(t, _interpreting, "mixed_attention", name)
 
 
 def _activation(name: str, t) -> tuple[int, int, int, bool]:
@@ -459,15 +427,7 @@ def _activation(name: str, t) -> tuple[int, int, int, bool]:
 
 
 def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    return t.contiguous()
+    return small(name, t, shape, dtype, device, device_of=None)
 
 
 def _same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -475,11 +435,6 @@ def _same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
         raise ValueError(f"{name}: expected the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got one on {t.device}")
-
-
-def _needs_i64(*ts: Tensor) -> bool:
-    # int32 offsets are exact while every element offset fits in int32.
-    return any(t.numel() >= 2**31 for t in ts)
 
 
 def mixed_attention_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -613,7 +568,7 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     if dx.numel() == 0:
         return dx
     dsn, dsc, dsp, _ = _activation("dx", dx)
-    with _device_ctx(g):
+    with _device_ctx(g, "g"):
         _launch(_mixed_attention_bwd_dx_kernel,
                 lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),),
                 g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx, c, p, sn, sc, sp, dsn, dsc, dsp,
