@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from manet_kernels.models.blocks import CBAM_OPTIONS, modules_for, run
+from manet_kernels.models.blocks import CBAM_OPTIONS, modules_for
 from manet_kernels.models.outputs import ABNOutput
 from manet_kernels.models.resnet import ResNet, init_weights
 
@@ -44,7 +44,7 @@ class AttentionBranch(nn.Module):
     def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
         a = self.layer(f)
         if self.mixed_attention is not None:
-            a = run(self.mixed_attention, a)
+            a = self.mixed_attention(a)
         a = self.relu(self.bn2(self.conv(self.bn(a))))
         m = self.sigmoid(self.map_bn(self.map_conv(a)))
         logits = self.logit_conv(a).mean((2, 3))

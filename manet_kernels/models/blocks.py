@@ -37,13 +37,6 @@ def modules_for(kernels: str):
     return fused_nn if kernels == "fused" else reference_nn
 
 
-def run(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``. (Autocast needs nothing here: the fused ops handle it themselves,
-    mixed attention keeping its tiny parts in float32 and the C++ CPU AW kernel
-    computing a half ``x`` in float32.)"""
-    return module(x)
-
-
 class SqueezeExcitation(nn.Module):
     """SE gate: ``x * sigmoid(fc2(relu(fc1(avgpool(x)))))``, 1x1 convs as the FCs."""
 
@@ -102,10 +95,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(run(self.conv1, x)))
-        out = self.bn2(run(self.conv2, out))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         if self.attention is not None:
-            out = run(self.attention, out)
+            out = self.attention(out)
         return self.relu(out + identity)
 
 
@@ -133,10 +126,10 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(run(self.conv2, out)))
+        out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.attention is not None:
-            out = run(self.attention, out)
+            out = self.attention(out)
         return self.relu(out + identity)
 
 

@@ -10,7 +10,6 @@ node each way and ``torch.library.opcheck`` can check both.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -69,22 +68,6 @@ def _mlp_bwd(do, v, h, w1, w2):
     return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
 
 
-@contextlib.contextmanager
-def _tiny_conv(device: torch.device):
-    """oneDNN's per-call setup dominates a 2-channel k x k conv on CPU; ATen's own
-    kernel is 2.3-2.7x faster there ((8,2,28,28) and (4,2,14,14), 7x7, 2 cores).
-    (torch.backends.mkldnn.flags would also touch TF32 settings, with a warning.)"""
-    if device.type != "cpu":
-        yield
-        return
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(was)
-
-
 def _normalize(z, norm: SpatialNorm, stats):
     """The BatchNorm's normalised input and inverse std, from the batch statistics
     ``stats = [mean, biased var]`` in training mode or the running ones otherwise."""
@@ -107,8 +90,7 @@ def _conv_passes(device: torch.device, backend: str):
 def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the conv output ``z`` and the batch
     statistics (mean, biased var) the backward and the running-stat update need."""
-    with _tiny_conv(sa.device):
-        z = _conv_passes(sa.device, backend).mixed_attention_spatial_conv(sa, sm, conv_w, conv_b)
+    z = _conv_passes(sa.device, backend).mixed_attention_spatial_conv(sa, sm, conv_w, conv_b)
     stats = z.new_empty(0)
     a = z
     if norm is not None:
@@ -194,10 +176,8 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
             dz = rstd * (dzh - dzh.mean() - zh * (dzh * zh).mean())
         else:
             dz = dzh * rstd
-    with _tiny_conv(x.device):
-        da_s, dm_s, dconv_w, dconv_b = _conv_passes(
-            x.device, backend).mixed_attention_spatial_conv_bwd(dz, sa, sm, cwa,
-                                                                conv_b is not None)
+    da_s, dm_s, dconv_w, dconv_b = _conv_passes(
+        x.device, backend).mixed_attention_spatial_conv_bwd(dz, sa, sm, cwa, conv_b is not None)
     if conv_b is None:
         dconv_b = None
 
