@@ -11,7 +11,9 @@
 # and summary.txt (the benchmark tables) are also copied to $OUT as plain files.
 #
 # Knobs (environment):
-#   STEPS        which steps to run, default "build pytest bench"
+#   STEPS        which steps to run, default "build pytest bench"; also "profile"
+#                (benchmarks/profile_device.py: wall vs GPU kernel time, top kernels)
+#                and "extra" (runs $EXTRA_CMD with bash, e.g. a debugger session)
 #   PYTEST_ARGS  pytest arguments (default: the files with GPU tests, 8 xdist workers)
 #   BENCHES      benchmarks to run, in order (default: all four)
 #   BENCH_ARGS   extra arguments to every benchmark; BENCH_ARGS_<op> to one
@@ -103,6 +105,13 @@ fi
 if want pytest; then
     # shellcheck disable=SC2086  # PYTEST_ARGS is a word list on purpose
     TAIL_LINES=60 step pytest "${PYTEST_CAP:-200}" "$PY" -m pytest $PYTEST_ARGS
+fi
+
+if want profile; then
+    TAIL_LINES=20 step profile "${PROFILE_CAP:-150}" "$PY" benchmarks/profile_device.py --out "$RAW"
+fi
+if want extra && [[ -n "${EXTRA_CMD:-}" ]]; then
+    TAIL_LINES=40 step extra "${EXTRA_CAP:-60}" bash -c "$EXTRA_CMD"
 fi
 
 # BENCHES picks and orders the benchmarks (BENCHES=aw_conv2d gives one a whole call).
