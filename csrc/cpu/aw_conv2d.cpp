@@ -28,6 +28,8 @@
 #include <omp.h>
 #endif
 
+#include "../check.h"
+
 namespace {
 
 using at::Tensor;
@@ -40,24 +42,24 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 }
 
 void check_cpu_dense(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
               t.layout());
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
 // Returns the memory format the outputs derived from `t` take: NCHW when `t` is
 // NCHW-contiguous (also when it is both, e.g. C == 1 or H == W == 1), else channels_last.
 at::MemoryFormat check_activation(const Tensor& t, const char* name) {
   check_cpu_dense(t, name);
-  TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
+  MK_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
               " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
   if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(false, name,
+  MK_CHECK(false, name,
               ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
               t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
   return at::MemoryFormat::Contiguous;  // unreachable
@@ -67,17 +69,17 @@ at::MemoryFormat check_activation(const Tensor& t, const char* name) {
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType dtype, const char* why) {
   check_cpu_dense(t, name);
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, " (", why, "), got ",
+  MK_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, " (", why, "), got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
               t.strides());
 }
 
 std::array<int64_t, 2> check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
-  TORCH_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
-  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
+  MK_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
+  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
               ", got ", v);
   return {v[0], v[1]};
 }
@@ -113,23 +115,23 @@ Geometry check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
   geo.stride = check_pair(stride, "stride", 1);
   geo.padding = check_pair(padding, "padding", 0);
   geo.dilation = check_pair(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1, "groups: expected a positive value, got ", groups);
+  MK_CHECK(groups >= 1, "groups: expected a positive value, got ", groups);
   const size_t r = wsizes.size();
   geo.c2 = wsizes[r - 4];
   geo.kh = wsizes[r - 2];
   geo.kw = wsizes[r - 1];
-  TORCH_CHECK(geo.c1 % groups == 0, "groups: must divide x's channel count C1 = ", geo.c1,
+  MK_CHECK(geo.c1 % groups == 0, "groups: must divide x's channel count C1 = ", geo.c1,
               ", got groups = ", groups);
-  TORCH_CHECK(geo.c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
+  MK_CHECK(geo.c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
               geo.c2, ", got groups = ", groups);
-  TORCH_CHECK(wsizes[r - 3] * groups == geo.c1, wname, ": expected C1/groups = ", geo.c1, "/",
+  MK_CHECK(wsizes[r - 3] * groups == geo.c1, wname, ": expected C1/groups = ", geo.c1, "/",
               groups, " = ", geo.c1 / groups, " input channels (dim ", r - 3, "), got shape ",
               wsizes);
-  TORCH_CHECK(geo.kh >= 1 && geo.kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
+  MK_CHECK(geo.kh >= 1 && geo.kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
               wsizes);
   const int64_t span_h = geo.h + 2 * geo.padding[0] - geo.dilation[0] * (geo.kh - 1) - 1;
   const int64_t span_w = geo.w + 2 * geo.padding[1] - geo.dilation[1] * (geo.kw - 1) - 1;
-  TORCH_CHECK(geo.h >= 1 && geo.w >= 1 && span_h >= 0 && span_w >= 0,
+  MK_CHECK(geo.h >= 1 && geo.w >= 1 && span_h >= 0 && span_w >= 0,
               "x: spatial size (", geo.h, ", ", geo.w, ") with padding (", geo.padding[0], ", ",
               geo.padding[1], ") is smaller than the dilated kernel (",
               geo.dilation[0] * (geo.kh - 1) + 1, ", ", geo.dilation[1] * (geo.kw - 1) + 1, ")");
@@ -141,27 +143,27 @@ Geometry check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
 
 void check_per_sample_weights(const Tensor& weights, const Geometry& geo) {
   check_cpu_dense(weights, "weights");
-  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
               "got rank ", weights.dim(), " with shape ", weights.sizes());
-  TORCH_CHECK(weights.size(0) == geo.n, "weights: expected one kernel per sample of x (N = ",
+  MK_CHECK(weights.size(0) == geo.n, "weights: expected one kernel per sample of x (N = ",
               geo.n, "), got shape ", weights.sizes());
-  TORCH_CHECK(weights.scalar_type() == geo.dtype, "weights: expected x's dtype ", geo.dtype,
+  MK_CHECK(weights.scalar_type() == geo.dtype, "weights: expected x's dtype ", geo.dtype,
               ", got ", weights.scalar_type());
-  TORCH_CHECK(weights.is_contiguous(), "weights: expected a contiguous tensor, got strides ",
+  MK_CHECK(weights.is_contiguous(), "weights: expected a contiguous tensor, got strides ",
               weights.strides());
 }
 
 void check_shared_weight(const Tensor& weight, const Geometry& geo) {
-  TORCH_CHECK(weight.scalar_type() == geo.dtype, "weight: expected x's dtype ", geo.dtype,
+  MK_CHECK(weight.scalar_type() == geo.dtype, "weight: expected x's dtype ", geo.dtype,
               ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous(), "weight: expected a contiguous tensor, got strides ",
+  MK_CHECK(weight.is_contiguous(), "weight: expected a contiguous tensor, got strides ",
               weight.strides());
 }
 
 // Rank and device of a weight before its sizes are used for the geometry.
 void check_weight_rank(const Tensor& weight) {
   check_cpu_dense(weight, "weight");
-  TORCH_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
+  MK_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
               "rank ", weight.dim(), " with shape ", weight.sizes());
 }
 
@@ -178,10 +180,10 @@ void check_bias(const c10::optional<Tensor>& bias, const Geometry& geo) {
 
 void check_grad(const Tensor& g, const Geometry& geo) {
   check_activation(g, "g");
-  TORCH_CHECK(g.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}),
+  MK_CHECK(g.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}),
               "g: expected the output's shape (N, C2, Ho, Wo) = ",
               at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}), ", got ", g.sizes());
-  TORCH_CHECK(g.scalar_type() == geo.dtype, "g: expected x's dtype ", geo.dtype, ", got ",
+  MK_CHECK(g.scalar_type() == geo.dtype, "g: expected x's dtype ", geo.dtype, ", got ",
               g.scalar_type());
 }
 
@@ -858,7 +860,7 @@ bool wino_eligible(const Geometry& geo) {
 ConvAlgo choose_algo(const Geometry& geo) {
   const char* env = std::getenv("MANET_KERNELS_AW_CPU_ALGO");
   const std::string mode = env ? env : "";
-  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "aten" || mode == "winograd2" ||
+  MK_CHECK(mode.empty() || mode == "auto" || mode == "aten" || mode == "winograd2" ||
                   mode == "winograd4",
               "MANET_KERNELS_AW_CPU_ALGO: expected auto, aten, winograd2 or winograd4, got '",
               mode, "'");
@@ -1038,7 +1040,7 @@ Tensor per_sample_conv2d_fwd(const Tensor& x, const Tensor& weights,
                              const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_cpu_dense(weights, "weights");
-  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
               "got rank ", weights.dim(), " with shape ", weights.sizes());
   const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
   check_per_sample_weights(weights, geo);
@@ -1071,7 +1073,7 @@ std::tuple<Tensor, Tensor> per_sample_conv2d_bwd(const Tensor& g, const Tensor& 
                                                  at::IntArrayRef padding,
                                                  at::IntArrayRef dilation, int64_t groups) {
   check_cpu_dense(weights, "weights");
-  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
               "got rank ", weights.dim(), " with shape ", weights.sizes());
   const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
   check_per_sample_weights(weights, geo);

@@ -28,6 +28,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../check.h"
+
 namespace {
 
 using at::Tensor;
@@ -38,19 +40,19 @@ enum class Layout { kNCHW, kNHWC };
 // Argument checks. Each message starts with the argument's name.
 
 Layout check_x(const Tensor& x) {
-  TORCH_CHECK(x.defined(), "x: expected a tensor, got an undefined one");
-  TORCH_CHECK(x.layout() == at::kStrided, "x: expected a strided tensor, got layout ",
+  MK_CHECK(x.defined(), "x: expected a tensor, got an undefined one");
+  MK_CHECK(x.layout() == at::kStrided, "x: expected a strided tensor, got layout ",
               x.layout());
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 4, "x: expected a 4-D (B, C, H, W) tensor, got shape ", x.sizes());
+  MK_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got device ", x.device());
+  MK_CHECK(x.dim() == 4, "x: expected a 4-D (B, C, H, W) tensor, got shape ", x.sizes());
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               "x: expected dtype float32, float64, bfloat16 or float16, got ", st);
   // Plain-contiguous wins when both hold (C == 1 or H*W == 1): the output then
   // comes back contiguous, as the reference's _like_x does.
   if (x.is_contiguous()) return Layout::kNCHW;
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kNHWC;
-  TORCH_CHECK(false, "x: expected an NCHW-contiguous or channels_last-contiguous tensor, got "
+  MK_CHECK(false, "x: expected an NCHW-contiguous or channels_last-contiguous tensor, got "
               "shape ", x.sizes(), " with strides ", x.strides());
   return Layout::kNCHW;
 }
@@ -60,10 +62,10 @@ at::ScalarType acc_type_of(at::ScalarType st) {
 }
 
 void check_cpu_dense(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided tensor, got layout ",
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided tensor, got layout ",
               t.layout());
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
 // A small operand: contiguous, in the accumulation dtype, of shape `sizes`
@@ -71,18 +73,18 @@ void check_cpu_dense(const Tensor& t, const char* name) {
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType acc, at::ScalarType x_dtype) {
   check_cpu_dense(t, name);
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc, name, ": expected dtype ", acc,
+  MK_CHECK(t.scalar_type() == acc, name, ": expected dtype ", acc,
               " (the accumulation dtype for x of dtype ", x_dtype, "), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
               t.strides());
 }
 
 // The leading size of a (B, K, ...) operand whose K is free.
 int64_t check_rank_get_dim1(const Tensor& t, const char* name, const char* dims, int64_t rank) {
   check_cpu_dense(t, name);
-  TORCH_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor of shape ", dims,
+  MK_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor of shape ", dims,
               ", got shape ", t.sizes());
   return t.size(1);
 }
@@ -90,14 +92,14 @@ int64_t check_rank_get_dim1(const Tensor& t, const char* name, const char* dims,
 // idx as a contiguous int64 copy (it has B elements), every value checked.
 Tensor check_idx(const Tensor& idx, int64_t B, int64_t P) {
   check_cpu_dense(idx, "idx");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ",
+  MK_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ",
               idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == B, "idx: expected shape (B,) = (", B,
+  MK_CHECK(idx.dim() == 1 && idx.size(0) == B, "idx: expected shape (B,) = (", B,
               "), got ", idx.sizes());
   Tensor c = idx.contiguous();
   const int64_t* ip = c.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(ip[b] >= 0 && ip[b] < P, "idx: expected values in [0, H*W) = [0, ", P,
+    MK_CHECK(ip[b] >= 0 && ip[b] < P, "idx: expected values in [0, H*W) = [0, ", P,
                 "), got idx[", b, "] = ", ip[b]);
   return c;
 }

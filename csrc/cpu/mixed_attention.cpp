@@ -37,6 +37,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../check.h"
+
 namespace {
 
 using at::Tensor;
@@ -62,23 +64,23 @@ const char* dtype_name(at::ScalarType st) {
 }
 
 Layout check_activation(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name,
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK_VALUE(t.layout() == at::kStrided, name,
                     ": expected a strided (dense) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ",
+  MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  MK_CHECK_VALUE(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ",
                     t.dim(), " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
                    name, ": expected dtype float32, float64, bfloat16 or float16, got ",
                    dtype_name(st));
   // Index tensors are int32.
-  TORCH_CHECK_VALUE(t.size(1) <= std::numeric_limits<int32_t>::max() &&
+  MK_CHECK_VALUE(t.size(1) <= std::numeric_limits<int32_t>::max() &&
                     t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
                     name, ": C and H*W must fit in int32, got shape ", t.sizes());
   if (t.is_contiguous()) return Layout::kNCHW;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kNHWC;
-  TORCH_CHECK_VALUE(false, name,
+  MK_CHECK_VALUE(false, name,
                     ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
                     t.sizes(), " with strides ", t.strides(),
                     " (make it contiguous before calling)");
@@ -90,32 +92,32 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 }
 
 void check_dense_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name,
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK_VALUE(t.layout() == at::kStrided, name,
                     ": expected a strided (dense) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
 // `dims` names the expected shape, e.g. "(N, C)".
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType acc, const char* act_name, at::ScalarType act_dtype) {
   check_dense_cpu(t, name);
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+  MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", dtype_name(acc),
+  MK_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", dtype_name(acc),
                    " (the accumulation dtype for ", act_name, " of dtype ", dtype_name(act_dtype),
                    "), got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
                     t.strides());
 }
 
 void check_index(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes) {
   check_dense_cpu(t, name);
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+  MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
+  MK_CHECK_TYPE(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
                    dtype_name(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
                     t.strides());
 }
 
@@ -713,7 +715,7 @@ void bwd_channel_impl(const Tensor& x, Layout layout, const Tensor& da_s, const 
       lo = std::min(lo, icp[i]);
       hi = std::max(hi, icp[i]);
     }
-    TORCH_CHECK_VALUE(lo >= 0 && hi < C, "ic: expected channel indices in [0, C=", C,
+    MK_CHECK_VALUE(lo >= 0 && hi < C, "ic: expected channel indices in [0, C=", C,
                       "), got values in [", lo, ", ", hi, "]");
   }
 
@@ -886,7 +888,7 @@ void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor&
 std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  TORCH_CHECK_VALUE(P >= 1, "x: expected H*W >= 1 to take a max over positions, got shape ",
+  MK_CHECK_VALUE(P >= 1, "x: expected H*W >= 1 to take a max over positions, got shape ",
                     x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   Tensor avg = at::empty({N, C}, x.options().dtype(acc));
@@ -901,7 +903,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
 std::tuple<Tensor, Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& mc) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK_VALUE(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ",
+  MK_CHECK_VALUE(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ",
                     x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
@@ -932,11 +934,11 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& g, const Tensor& x, const Te
   const Layout layout = check_activation(x, "x");
   const Layout g_layout = check_activation(g, "g");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK_VALUE(g.sizes() == x.sizes(), "g: expected the shape of x ", x.sizes(), ", got ",
+  MK_CHECK_VALUE(g.sizes() == x.sizes(), "g: expected the shape of x ", x.sizes(), ", got ",
                     g.sizes());
-  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "g: expected the dtype of x (",
+  MK_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "g: expected the dtype of x (",
                    dtype_name(x.scalar_type()), "), got ", dtype_name(g.scalar_type()));
-  TORCH_CHECK_VALUE(g_layout == layout, "g: expected the memory format of x (",
+  MK_CHECK_VALUE(g_layout == layout, "g: expected the memory format of x (",
                     layout_name(layout), "), got ", layout_name(g_layout));
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
@@ -1071,26 +1073,26 @@ void spatial_conv_bwd_sample(const T* dz, const T* sa, const T* sm, const T* w, 
 
 void check_map(const Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType st) {
   check_dense_cpu(t, name);
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape (N, H, W) = ", sizes, ", got ",
+  MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape (N, H, W) = ", sizes, ", got ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", dtype_name(st),
+  MK_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", dtype_name(st),
                    " (the dtype of sa), got ", dtype_name(t.scalar_type()));
 }
 
 int64_t check_spatial_conv(const Tensor& sa, const Tensor& sm, const Tensor& weight) {
   check_dense_cpu(sa, "sa");
-  TORCH_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
+  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
                     sa.sizes());
   const auto st = sa.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
+  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
                    "sa: expected dtype float32 or float64 (an accumulation dtype), got ",
                    dtype_name(st));
   check_map(sm, "sm", sa.sizes(), st);
   check_dense_cpu(weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
+  MK_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
                     weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
                     "weight: expected shape (1, 2, k, k) with k odd, got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
+  MK_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
                    " (the dtype of sa), got ", dtype_name(weight.scalar_type()));
   return weight.size(2);
 }
@@ -1100,9 +1102,9 @@ Tensor spatial_conv(const Tensor& sa_in, const Tensor& sm_in, const Tensor& weig
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
   if (bias.has_value()) {
     check_dense_cpu(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == 1, "bias: expected shape (1,), got ",
+    MK_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == 1, "bias: expected shape (1,), got ",
                       bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
+    MK_CHECK_TYPE(bias->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
                      dtype_name(sa_in.scalar_type()), " (the dtype of sa), got ",
                      dtype_name(bias->scalar_type()));
   }

@@ -47,6 +47,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "../check.h"
+
 namespace manet_kernels {
 namespace {
 
@@ -579,31 +581,31 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 }
 
 void check_cuda_dense(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
               t.layout());
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  MK_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
 }
 
 void check_on_device(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on x's device ", x.device(),
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK(t.device() == x.device(), name, ": expected a tensor on x's device ", x.device(),
               ", got device ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
+  MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
               t.layout());
 }
 
 // The memory format of the outputs derived from `t`: NCHW when `t` is NCHW-contiguous
 // (also when it is both, e.g. C == 1 or H == W == 1), else channels_last.
 at::MemoryFormat check_activation_layout(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
+  MK_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
               " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
               name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
   if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(false, name,
+  MK_CHECK(false, name,
               ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
               t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
   return at::MemoryFormat::Contiguous;  // unreachable
@@ -612,17 +614,17 @@ at::MemoryFormat check_activation_layout(const Tensor& t, const char* name) {
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType dtype, const Tensor& x) {
   check_on_device(t, name, x);
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype,
+  MK_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype,
               " (the accumulation dtype for x's dtype), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
               t.strides());
 }
 
 std::array<int64_t, 2> check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
-  TORCH_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
-  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
+  MK_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
+  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
               ", got ", v);
   return {v[0], v[1]};
 }
@@ -647,27 +649,27 @@ Checked check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
   const auto st = check_pair(stride, "stride", 1);
   const auto pd = check_pair(padding, "padding", 0);
   const auto dl = check_pair(dilation, "dilation", 1);
-  TORCH_CHECK(groups >= 1, "groups: expected a positive value, got ", groups);
+  MK_CHECK(groups >= 1, "groups: expected a positive value, got ", groups);
   const int64_t n = x.size(0), c1 = x.size(1), h = x.size(2), w = x.size(3);
   const size_t rk = wsizes.size();
   const int64_t c2 = wsizes[rk - 4], kh = wsizes[rk - 2], kw = wsizes[rk - 1];
-  TORCH_CHECK(c1 % groups == 0, "groups: must divide x's channel count C1 = ", c1,
+  MK_CHECK(c1 % groups == 0, "groups: must divide x's channel count C1 = ", c1,
               ", got groups = ", groups);
-  TORCH_CHECK(c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
+  MK_CHECK(c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
               c2, ", got groups = ", groups);
-  TORCH_CHECK(wsizes[rk - 3] * groups == c1, wname, ": expected C1/groups = ", c1, "/", groups,
+  MK_CHECK(wsizes[rk - 3] * groups == c1, wname, ": expected C1/groups = ", c1, "/", groups,
               " = ", c1 / groups, " input channels (dim ", rk - 3, "), got shape ", wsizes);
-  TORCH_CHECK(kh >= 1 && kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
+  MK_CHECK(kh >= 1 && kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
               wsizes);
   const int64_t span_h = h + 2 * pd[0] - dl[0] * (kh - 1) - 1;
   const int64_t span_w = w + 2 * pd[1] - dl[1] * (kw - 1) - 1;
-  TORCH_CHECK(h >= 1 && w >= 1 && span_h >= 0 && span_w >= 0, "x: spatial size (", h, ", ", w,
+  MK_CHECK(h >= 1 && w >= 1 && span_h >= 0 && span_w >= 0, "x: spatial size (", h, ", ", w,
               ") with padding (", pd[0], ", ", pd[1], ") is smaller than the dilated kernel (",
               dl[0] * (kh - 1) + 1, ", ", dl[1] * (kw - 1) + 1, ")");
   const int64_t ho = span_h / st[0] + 1, wo = span_w / st[1] + 1;
   // The kernels index within one sample in int32.
   const int64_t c1g = c1 / groups, c2g = c2 / groups;
-  TORCH_CHECK(n <= kIntMax && c1 <= kIntMax && c2 <= kIntMax && h * w <= kIntMax &&
+  MK_CHECK(n <= kIntMax && c1 <= kIntMax && c2 <= kIntMax && h * w <= kIntMax &&
                   ho * wo <= kIntMax && kh * kw * std::max(c1g, c2g) <= kIntMax &&
                   c2 * c1g * kh * kw <= kIntMax && st[0] <= kIntMax && st[1] <= kIntMax &&
                   pd[0] <= kIntMax / 4 && pd[1] <= kIntMax / 4 && dl[0] * kh <= kIntMax / 4 &&
@@ -699,25 +701,25 @@ Checked check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
 
 void check_weight_rank(const Tensor& weight, const Tensor& x) {
   check_on_device(weight, "weight", x);
-  TORCH_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
+  MK_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
               "rank ", weight.dim(), " with shape ", weight.sizes());
 }
 
 void check_weights_rank(const Tensor& weights, const Tensor& x) {
   check_on_device(weights, "weights", x);
-  TORCH_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) "
+  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) "
               "tensor, got rank ", weights.dim(), " with shape ", weights.sizes());
 }
 
 void check_weight_dtype(const Tensor& w, const char* name, const Checked& ck) {
-  TORCH_CHECK(w.scalar_type() == ck.dtype, name, ": expected x's dtype ", ck.dtype, ", got ",
+  MK_CHECK(w.scalar_type() == ck.dtype, name, ": expected x's dtype ", ck.dtype, ", got ",
               w.scalar_type());
-  TORCH_CHECK(w.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+  MK_CHECK(w.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
               w.strides());
 }
 
 void check_per_sample_weights(const Tensor& weights, const Checked& ck) {
-  TORCH_CHECK(weights.size(0) == ck.geo.n, "weights: expected one kernel per sample of x (N = ",
+  MK_CHECK(weights.size(0) == ck.geo.n, "weights: expected one kernel per sample of x (N = ",
               ck.geo.n, "), got shape ", weights.sizes());
   check_weight_dtype(weights, "weights", ck);
 }
@@ -737,9 +739,9 @@ void check_grad(const Tensor& g, const Checked& ck, const Tensor& x) {
   check_activation_layout(g, "g");
   const Geo& geo = ck.geo;
   const std::array<int64_t, 4> want = {geo.n, geo.c2, geo.ho, geo.wo};
-  TORCH_CHECK(g.sizes() == at::IntArrayRef(want), "g: expected the output's shape (N, C2, Ho, Wo) = ",
+  MK_CHECK(g.sizes() == at::IntArrayRef(want), "g: expected the output's shape (N, C2, Ho, Wo) = ",
               at::IntArrayRef(want), ", got ", g.sizes());
-  TORCH_CHECK(g.scalar_type() == ck.dtype, "g: expected x's dtype ", ck.dtype, ", got ",
+  MK_CHECK(g.scalar_type() == ck.dtype, "g: expected x's dtype ", ck.dtype, ", got ",
               g.scalar_type());
 }
 
@@ -768,7 +770,7 @@ bool use_tensor_cores() {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t checked_blocks(int64_t blocks, const char* op) {
-  TORCH_CHECK(blocks <= kIntMax, op, ": problem too large for one launch (", blocks,
+  MK_CHECK(blocks <= kIntMax, op, ": problem too large for one launch (", blocks,
               " thread blocks)");
   return blocks;
 }

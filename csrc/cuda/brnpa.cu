@@ -33,6 +33,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../check.h"
+
 namespace manet_kernels {
 namespace {
 
@@ -751,7 +753,7 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
       // x's bytes at the target shapes (not measured yet).
       const int64_t capacity = std::max<int64_t>(1, per_sm) * sms;
       const int64_t nblk = std::clamp<int64_t>(capacity / B, 1, pl.ntiles);
-      TORCH_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(), op,
+      MK_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(), op,
                   ": expected x to have fewer than 2^31 samples, got ", B);
       a.nblk = static_cast<int>(nblk);
       if (MODE != kNorms && nblk > 1) {
@@ -771,7 +773,7 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
   });
   if (MODE != kNorms && a.nblk > 1 && a.nw > 0) {
     const int64_t rows = B * a.nw;
-    TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
+    MK_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
                 ": expected x to have fewer samples, got B = ", B);
     _brnpa_finalize_kernel<acc_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -784,10 +786,10 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_x(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected x to be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": expected x to have rank 4 (B, C, H, W), got rank ", x.dim());
+  MK_CHECK(x.is_cuda(), op, ": expected x to be a CUDA tensor, got device ", x.device());
+  MK_CHECK(x.dim() == 4, op, ": expected x to have rank 4 (B, C, H, W), got rank ", x.dim());
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
               op, ": expected x to be float32, float16, bfloat16 or float64, got ", st);
 }
 
@@ -795,7 +797,7 @@ void check_x(const char* op, const at::Tensor& x) {
 // as passes._like_x decides.
 bool is_channels_last(const char* op, const at::Tensor& x) {
   if (x.is_contiguous()) return false;
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+  MK_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
               ": expected x to be NCHW-contiguous or channels_last-contiguous, got sizes ",
               x.sizes(), " and strides ", x.strides());
   return true;
@@ -803,19 +805,19 @@ bool is_channels_last(const char* op, const at::Tensor& x) {
 
 void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                  at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(),
+  MK_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(),
               " (the device of x), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
+  MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
               dtype == at::kLong ? " (flat position indices)" : " (the accumulation dtype)",
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
+  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
               t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
+  MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
               t.strides());
 }
 
 void check_map(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op,
+  MK_CHECK(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op,
               ": expected x to have C >= 1 and H*W >= 1, got sizes ", x.sizes());
 }
 
@@ -850,7 +852,7 @@ at::Tensor brnpa_norms_cuda(const at::Tensor& x) {
     a.nw = 0;
     const int vec = pick_vec<scalar_t>(cl ? d.C : d.P, {x.const_data_ptr()});
     const ReducePlan pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t), 0, 1);
-    TORCH_CHECK(pl.smem <= smem_limit(), op, ": internal error, shared memory plan too large");
+    MK_CHECK(pl.smem <= smem_limit(), op, ": internal error, shared memory plan too large");
     run_reduce<scalar_t, kNorms>(op, x, cl, a, d.B, pl);
   });
   return nrm;
@@ -896,7 +898,7 @@ std::tuple<at::Tensor, at::Tensor> brnpa_step_cuda(const at::Tensor& x, const at
     a.nw = 1;
     const int vec = pick_vec<scalar_t>(cl ? d.C : d.P, {x.const_data_ptr()});
     const ReducePlan pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t), 1, 1);
-    TORCH_CHECK(pl.smem <= smem_limit(), op, ": expected x to have at most ",
+    MK_CHECK(pl.smem <= smem_limit(), op, ": expected x to have at most ",
                 smem_limit() / sizeof(acc_t) / std::max(1, pl.nsub),
                 " channels (one accumulator per channel in shared memory), got C = ", d.C);
     run_reduce<scalar_t, kStep>(op, x, cl, a, d.B, pl);
@@ -914,7 +916,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   check_small(op, "inv_nrm", inv_nrm, x, acc, {d.B, d.H, d.W});
-  TORCH_CHECK(dv.dim() == 3, op, ": expected dv of shape (B, K, C), got ", dv.sizes());
+  MK_CHECK(dv.dim() == 3, op, ": expected dv of shape (B, K, C), got ", dv.sizes());
   const int64_t K = dv.size(1);
   check_small(op, "dv", dv, x, acc, {d.B, K, d.C});
   check_small(op, "dmap", dmap, x, acc, {d.B, K, d.H, d.W});
@@ -925,7 +927,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
   at::Tensor t = at::empty({d.B, d.C}, opts);
   if (d.B == 0) return {dw, u, t};
   check_map(op, x);
-  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(), op,
+  MK_CHECK(K <= std::numeric_limits<int32_t>::max(), op,
               ": expected dv to have fewer than 2^31 parts, got K = ", K);
   // probe rows are read in 16-byte pieces in channels_last; a copy fixes an odd view
   const at::Tensor dvc =
@@ -946,7 +948,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
         pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t),
                          static_cast<int>(nk + with_t), kBwdGroup);
       }
-      TORCH_CHECK(pl.smem <= smem_limit(), op, ": expected x to have fewer channels (C = ", d.C,
+      MK_CHECK(pl.smem <= smem_limit(), op, ": expected x to have fewer channels (C = ", d.C,
                   "): two accumulators per channel must fit in shared memory (",
                   smem_limit(), " bytes)");
       ReduceArgs<acc_t> a;
@@ -976,7 +978,7 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
   const bool cl = is_channels_last(op, x);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x.scalar_type());
-  TORCH_CHECK(a.dim() == 4, op, ": expected a of shape (B, J, H, W), got ", a.sizes());
+  MK_CHECK(a.dim() == 4, op, ": expected a of shape (B, J, H, W), got ", a.sizes());
   const int64_t J = a.size(1);
   check_small(op, "a", a, x, acc, {d.B, J, d.H, d.W});
   check_small(op, "m", m, x, acc, {d.B, J, d.C});
@@ -1018,7 +1020,7 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
     const int64_t nrt = ceil_div(R, trow);
     const int64_t nlt = ceil_div(L, tcol);
     const int64_t blocks = d.B * nrt * nlt;
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
+    MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
                 ": expected x small enough for one launch (", blocks, " tiles)");
     args.nrt = static_cast<int>(nrt);
     args.nlt = static_cast<int>(nlt);

@@ -26,6 +26,8 @@
 #include <limits>
 #include <tuple>
 
+#include "../check.h"
+
 namespace manet_kernels {
 namespace {
 
@@ -593,7 +595,7 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
   a.inv_c = acc_t(1) / static_cast<acc_t>(C);
   a.inv_p = acc_t(1) / static_cast<acc_t>(P);
   const int64_t blocks = N * pl.nRT * pl.nLT;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+  MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "mixed_attention: activation too large for one launch (", blocks, " tiles)");
 
   const auto opts = act.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
@@ -669,14 +671,14 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 }
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, got device ",
+  MK_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, got device ",
               t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": expected ", name, " to have rank 4 (N, C, H, W), got rank ",
+  MK_CHECK(t.dim() == 4, op, ": expected ", name, " to have rank 4 (N, C, H, W), got rank ",
               t.dim());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
               op, ": expected ", name, " to be float32, float16, bfloat16 or float64, got ", st);
-  TORCH_CHECK(t.size(1) <= std::numeric_limits<int32_t>::max() &&
+  MK_CHECK(t.size(1) <= std::numeric_limits<int32_t>::max() &&
                   t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
               op, ": expected ", name, " to have C and H*W below 2^31 (int32 indices), got ",
               t.sizes());
@@ -685,7 +687,7 @@ void check_activation(const char* op, const char* name, const at::Tensor& t) {
 // true for channels_last; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
 bool is_channels_last(const char* op, const char* name, const at::Tensor& t) {
   if (t.is_contiguous()) return false;
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": expected ", name,
+  MK_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": expected ", name,
               " to be NCHW-contiguous or channels_last-contiguous, got sizes ", t.sizes(),
               " and strides ", t.strides());
   return true;
@@ -693,14 +695,14 @@ bool is_channels_last(const char* op, const char* name, const at::Tensor& t) {
 
 void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& act,
                  const char* act_name, at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == act.device(), op, ": expected ", name, " on ", act.device(),
+  MK_CHECK(t.device() == act.device(), op, ": expected ", name, " on ", act.device(),
               " (the device of ", act_name, "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
+  MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
               dtype == at::kInt ? " (an index tensor)" : " (the accumulation dtype)", ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
+  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
               t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
+  MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
 }
 
 struct Dims {
@@ -735,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(const at::Tenso
   at::Tensor mx = at::empty({d.N, d.C}, opts);
   at::Tensor im = at::empty({d.N, d.C}, opts.dtype(at::kInt));
   if (d.N == 0) return {avg, mx, im};
-  TORCH_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
+  MK_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
               "an empty set), got sizes ", x.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -762,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tenso
   at::Tensor sm = at::empty({d.N, d.H, d.W}, opts);
   at::Tensor ic = at::empty({d.N, d.H, d.W}, opts.dtype(at::kInt));
   if (d.N == 0) return {sa, sm, ic};
-  TORCH_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
+  MK_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
               "an empty set), got sizes ", x.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -807,13 +809,13 @@ std::tuple<at::Tensor, at::Tensor> bwd_reduce_cuda(const at::Tensor& g, const at
   constexpr const char* op = "mixed_attention_bwd_reduce";
   check_activation(op, "x", x);
   const bool cl = is_channels_last(op, "x", x);
-  TORCH_CHECK(g.device() == x.device(), op, ": expected g on ", x.device(),
+  MK_CHECK(g.device() == x.device(), op, ": expected g on ", x.device(),
               " (the device of x), got ", g.device());
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), op, ": expected g to have the dtype of x (",
+  MK_CHECK(g.scalar_type() == x.scalar_type(), op, ": expected g to have the dtype of x (",
               x.scalar_type(), "), got ", g.scalar_type());
-  TORCH_CHECK(g.sizes() == x.sizes(), op, ": expected g of shape ", x.sizes(),
+  MK_CHECK(g.sizes() == x.sizes(), op, ": expected g of shape ", x.sizes(),
               " (the shape of x), got ", g.sizes());
-  TORCH_CHECK(g.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+  MK_CHECK(g.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
               op, ": expected g in the memory format of x (",
               cl ? "channels_last" : "NCHW-contiguous", "), got strides ", g.strides());
   const Dims d = dims_of(x);
