@@ -119,7 +119,11 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    log(f"{torch.cuda.get_device_name(0)} torch {torch.__version__}")
+    import datetime
+    import triton
+    log(f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | triton "
+        f"{triton.__version__} | commit {os.environ.get('MANET_KERNELS_COMMIT', '?')} | "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
     cases = []
     if "mixed" in args.only:
         for shape in [(64, 256, 56, 56), (64, 2048, 7, 7)]:

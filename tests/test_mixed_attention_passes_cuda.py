@@ -475,3 +475,180 @@ def test_more_than_2_pow_31_elements():
     del y
     sa, sm, ic = ops.mixed_attention_spatial_pool(x, mc)
     assert ic[0, -1, -2].item() == 1 and sm[0, -1, -2].item() == 1.5
+
+
+# --------------------------------------------------------------------------- spatial conv
+# The k x k conv (padding k//2) on the [mean, max] map: sa, sm, dz (N, H, W) in the acc
+# dtype. The reference runs in float64 on the same inputs (cuDNN in float32 may use TF32);
+# every output is a sum, compared with assert_f64_close's bound on sum|terms|.
+
+CONV_SHAPES = [(1, 1, 1), (3, 5, 1), (2, 1, 7), (5, 13, 11), (4, 56, 56)]
+CONV_DTYPES = (torch.float32, torch.float64)
+CONV_KS = (1, 3, 5, 7)
+
+
+def conv_inputs(shape, k, bias, dtype):
+    sa, sm, dz = (torch.randn(shape, device=DEV, dtype=dtype) for _ in range(3))
+    w = torch.randn(1, 2, k, k, device=DEV, dtype=dtype)
+    b = torch.randn(1, device=DEV, dtype=dtype) if bias else None
+    return sa, sm, dz, w, b
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def f64_abs(t):
+    return None if t is None else t.double().abs()
+
+
+def assert_f64_close(out, expect64, abs_sum64, dtype, what):
+    """out in ``dtype`` vs the float64 reference: error <= SUM_ULPS * eps(dtype) * sum|terms|."""
+    assert out.dtype == dtype and out.shape == expect64.shape, what
+    assert out.device == expect64.device and out.is_contiguous(), what
+    fi = torch.finfo(dtype)
+    tol = SUM_ULPS * fi.eps * abs_sum64 + fi.tiny
+    err = (out.double() - expect64).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {out.numel()} beyond tolerance, "
+                           f"max error {err.max().item():.3e}, "
+                           f"first at {bad.nonzero()[0].tolist()}")
+
+
+def check_spatial_conv(sa, sm, dz, w, b):
+    dtype = sa.dtype
+    z = ops.mixed_attention_spatial_conv(sa, sm, w, b)
+    r_z = ref.mixed_attention_spatial_conv(f64(sa), f64(sm), f64(w), f64(b))
+    a_z = ref.mixed_attention_spatial_conv(f64_abs(sa), f64_abs(sm), f64_abs(w), f64_abs(b))
+    assert_f64_close(z, r_z, a_z, dtype, "z")
+    has_bias = b is not None
+    out = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, w, has_bias)
+    exp = ref.mixed_attention_spatial_conv_bwd(f64(dz), f64(sa), f64(sm), f64(w), has_bias)
+    bound = ref.mixed_attention_spatial_conv_bwd(f64_abs(dz), f64_abs(sa), f64_abs(sm),
+                                                 f64_abs(w), has_bias)
+    for name, o, e, a in zip(("dsa", "dsm", "dweight", "dbias"), out, exp, bound):
+        assert_f64_close(o, e, a, dtype, name)
+    if not has_bias:
+        assert out[3].shape == (0,)
+
+
+@pytest.mark.parametrize("bias", (False, True), ids=("no_bias", "bias"))
+@pytest.mark.parametrize("k", CONV_KS)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
+def test_spatial_conv(dtype, shape, k, bias):
+    check_spatial_conv(*conv_inputs(shape, k, bias, dtype))
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 301), (64, 56, 56), (3, 7, 9)], ids=shape_id)
+@pytest.mark.parametrize("k", (3, 7, 9))
+def test_spatial_conv_larger(shape, k):
+    """Maps over many blocks, dweight split into several chunks per tap, and k > H."""
+    check_spatial_conv(*conv_inputs(shape, k, True, torch.float32))
+
+
+@pytest.mark.parametrize("bias", (False, True), ids=("no_bias", "bias"))
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
+def test_spatial_conv_empty_batch(dtype, bias):
+    sa, sm, dz, w, b = conv_inputs((0, 5, 7), 3, bias, dtype)
+    z = ops.mixed_attention_spatial_conv(sa, sm, w, b)
+    assert z.shape == (0, 5, 7) and z.dtype == dtype and z.device == sa.device
+    dsa, dsm, dw, db = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, w, bias)
+    assert dsa.shape == dsm.shape == (0, 5, 7) and dsa.dtype == dsm.dtype == dtype
+    assert torch.equal(dw, torch.zeros(1, 2, 3, 3, device=DEV, dtype=dtype))
+    assert torch.equal(db, torch.zeros(1 if bias else 0, device=DEV, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
+def test_spatial_conv_noncontiguous(dtype):
+    sa, sm, dz, w, b = conv_inputs((3, 19, 23), 7, True, dtype)
+
+    def transposed(t):  # same values, (N, W, H)-contiguous storage
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    def strided(t):  # same values, every other element of a larger buffer
+        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], device=DEV, dtype=dtype)
+        buf[..., ::2] = t
+        return buf[..., ::2]
+
+    views = [transposed(sa), strided(sm), strided(dz), transposed(w)]
+    assert not any(v.is_contiguous() for v in views)
+    b_buf = torch.randn(3, device=DEV, dtype=dtype)
+    b_buf[1:2] = b
+    b_view = b_buf[1:2]  # a (1,) view at storage offset 1
+    z = ops.mixed_attention_spatial_conv(sa, sm, w, b)
+    assert torch.equal(ops.mixed_attention_spatial_conv(views[0], views[1], views[3], b_view), z)
+    got = ops.mixed_attention_spatial_conv_bwd(views[2], views[0], views[1], views[3], True)
+    want = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, w, True)
+    for name, u, v in zip(("dsa", "dsm", "dweight", "dbias"), got, want):
+        assert u.is_contiguous() and torch.equal(u, v), name
+
+
+@pytest.mark.parametrize("shape", [(4, 56, 56), (64, 56, 56), (2, 300, 301)], ids=shape_id)
+@pytest.mark.parametrize("dtype", CONV_DTYPES, ids=str)
+def test_spatial_conv_deterministic(shape, dtype):
+    sa, sm, dz, w, b = conv_inputs(shape, 7, True, dtype)
+    first_z = ops.mixed_attention_spatial_conv(sa, sm, w, b)
+    first = [t.clone() for t in ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, w, True)]
+    for _ in range(2):
+        assert torch.equal(ops.mixed_attention_spatial_conv(sa, sm, w, b), first_z)
+        again = ops.mixed_attention_spatial_conv_bwd(dz, sa, sm, w, True)
+        for name, u, v in zip(("dsa", "dsm", "dweight", "dbias"), first, again):
+            assert torch.equal(u, v), name
+
+
+def test_spatial_conv_bad_arguments_name_the_argument():
+    sa = torch.randn(2, 5, 5, device=DEV)
+    w = torch.randn(1, 2, 3, 3, device=DEV)
+    b = torch.randn(1, device=DEV)
+    fwd, bwd = ops.mixed_attention_spatial_conv, ops.mixed_attention_spatial_conv_bwd
+
+    def raises(exc, pattern, fn, *args):
+        with pytest.raises(exc, match=pattern):
+            fn(*args)
+
+    # dtypes: float32 / float64 only, every tensor in sa's
+    raises(TypeError, r"^sa: expected dtype float32 or float64", fwd, sa.half(), sa.half(),
+           w.half(), None)
+    raises(TypeError, r"^sm: expected dtype float32", fwd, sa, sa.double(), w, None)
+    raises(TypeError, r"^weight: expected dtype float32", fwd, sa, sa, w.double(), None)
+    raises(TypeError, r"^bias: expected dtype float32", fwd, sa, sa, w, b.double())
+    raises(TypeError, r"^dz: expected dtype float32", bwd, sa.double(), sa, sa, w, False)
+    # shapes
+    raises(ValueError, r"^sa: expected a rank-3", fwd, sa[0], sa[0], w, None)
+    raises(ValueError, r"^sm: expected shape", fwd, sa, sa[:, :4], w, None)
+    raises(ValueError, r"^weight: expected shape \(1, 2, k, k\) with k odd", fwd, sa, sa,
+           torch.randn(1, 2, 4, 4, device=DEV), None)
+    raises(ValueError, r"^weight: expected shape", fwd, sa, sa,
+           torch.randn(1, 1, 3, 3, device=DEV), None)
+    raises(ValueError, r"^weight: expected shape", bwd, sa, sa, sa,
+           torch.randn(1, 2, 3, 5, device=DEV), True)
+    raises(ValueError, r"^bias: expected shape \(1,\)", fwd, sa, sa, w,
+           torch.randn(2, device=DEV))
+    raises(ValueError, r"^bias: expected shape \(1,\)", fwd, sa, sa, w,
+           torch.randn((), device=DEV))
+    raises(ValueError, r"^dz: expected shape", bwd, sa[:1], sa, sa, w, False)
+    # a CPU tensor mixed with CUDA ones
+    raises(RuntimeError, r"^sa: expected a CUDA tensor", fwd, sa.cpu(), sa, w, None)
+    raises(RuntimeError, r"^sm: expected a CUDA tensor", fwd, sa, sa.cpu(), w, None)
+    raises(RuntimeError, r"^weight: expected a CUDA tensor", fwd, sa, sa, w.cpu(), b)
+    raises(RuntimeError, r"^bias: expected a CUDA tensor", fwd, sa, sa, w, b.cpu())
+    raises(RuntimeError, r"^dz: expected a CUDA tensor", bwd, sa.cpu(), sa, sa, w, True)
+    raises(RuntimeError, r"^weight: expected a CUDA tensor", bwd, sa, sa, sa, w.cpu(), True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_spatial_conv_device_mismatch_names_the_argument():
+    sa = torch.randn(2, 5, 5, device="cuda:0")
+    w = torch.randn(1, 2, 3, 3, device="cuda:0")
+    with pytest.raises(RuntimeError, match=r"^sm: expected a tensor on cuda:0"):
+        ops.mixed_attention_spatial_conv(sa, sa.to("cuda:1"), w, None)
+    with pytest.raises(RuntimeError, match=r"^bias: expected a tensor on cuda:0"):
+        ops.mixed_attention_spatial_conv(sa, sa, w, torch.randn(1, device="cuda:1"))
+    with pytest.raises(RuntimeError, match=r"^dz: expected a tensor on cuda:0"):
+        ops.mixed_attention_spatial_conv_bwd(sa.to("cuda:1"), sa, sa, w, False)
+    # on a second device the outputs stay there
+    s1, w1 = sa.to("cuda:1"), w.to("cuda:1")
+    z = ops.mixed_attention_spatial_conv(s1, s1, w1, None)
+    assert z.device == s1.device
+    torch.testing.assert_close(z.cpu(), ops.mixed_attention_spatial_conv(sa, sa, w, None).cpu())

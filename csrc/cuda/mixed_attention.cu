@@ -24,6 +24,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "../check.h"
@@ -909,6 +910,293 @@ at::Tensor bwd_dx_cuda(const at::Tensor& g, const at::Tensor& mc, const at::Tens
   return dx;
 }
 
+// ---------------------------------------------------------------------------------------
+// The k x k conv (padding k//2) on the 2-channel [mean, max] map: sa, sm, dz (N, H, W) in
+// the acc dtype, weight (1, 2, k, k), bias (1,). The maps are small (N*H*W ~ 1e5), so
+// the kernels are plain: one thread per output or input element, and for dweight/dbias
+// one block column per tap with fixed-order reductions (no atomics): deterministic.
+
+constexpr int kConvThreads = 256;
+
+// z[n,y,x] = bias + sum_{c,i,j} w[c,i,j] * in_c[n, y+i-r, x+j-r]: the bias first, then
+// taps in (c, i, j) order, as the CPU kernel adds them. Only taps inside the map.
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_fwd_kernel(
+    const T* __restrict__ sa, const T* __restrict__ sm, const T* __restrict__ w,
+    const T* __restrict__ bias, T* __restrict__ z, int64_t total, int64_t H, int64_t W,
+    int k) {
+  const int r = k / 2;
+  const int64_t HW = H * W;
+  const T b = bias != nullptr ? __ldg(bias) : T(0);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
+       o += stride) {
+    const int64_t n = o / HW;
+    const int64_t p = o - n * HW;
+    const int64_t y = p / W;
+    const int64_t x = p - y * W;
+    // rows i with 0 <= y + i - r < H, columns j with 0 <= x + j - r < W
+    const int i0 = static_cast<int>(y >= r ? 0 : r - y);
+    const int i1 = static_cast<int>(H - y + r < k ? H - y + r : k);
+    const int j0 = static_cast<int>(x >= r ? 0 : r - x);
+    const int j1 = static_cast<int>(W - x + r < k ? W - x + r : k);
+    T acc = b;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const T* __restrict__ f = (c == 0 ? sa : sm) + n * HW + x - r;
+      const T* __restrict__ wc = w + c * k * k;
+      for (int i = i0; i < i1; ++i) {
+        const T* __restrict__ fr = f + (y + i - r) * W;
+        for (int j = j0; j < j1; ++j) acc += __ldg(wc + i * k + j) * __ldg(fr + j);
+      }
+    }
+    z[o] = acc;
+  }
+}
+
+// d in_c[n,y,x] = sum_{i,j} w[c,i,j] * dz[n, y-i+r, x-j+r] over dz positions in the map,
+// both channels in one thread.
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dmap_kernel(
+    const T* __restrict__ dz, const T* __restrict__ w, T* __restrict__ dsa,
+    T* __restrict__ dsm, int64_t total, int64_t H, int64_t W, int k) {
+  const int r = k / 2;
+  const int64_t HW = H * W;
+  const T* __restrict__ wa = w;
+  const T* __restrict__ wm = w + k * k;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
+       o += stride) {
+    const int64_t n = o / HW;
+    const int64_t p = o - n * HW;
+    const int64_t y = p / W;
+    const int64_t x = p - y * W;
+    // rows i with 0 <= y - i + r < H, columns j with 0 <= x - j + r < W
+    const int i0 = static_cast<int>(y + r - H + 1 > 0 ? y + r - H + 1 : 0);
+    const int i1 = static_cast<int>(y + r + 1 < k ? y + r + 1 : k);
+    const int j0 = static_cast<int>(x + r - W + 1 > 0 ? x + r - W + 1 : 0);
+    const int j1 = static_cast<int>(x + r + 1 < k ? x + r + 1 : k);
+    const T* __restrict__ g = dz + n * HW + x + r;
+    T da = T(0);
+    T dm = T(0);
+    for (int i = i0; i < i1; ++i) {
+      const T* __restrict__ gr = g + (y - i + r) * W;
+      for (int j = j0; j < j1; ++j) {
+        const T gv = __ldg(gr - j);
+        da += __ldg(wa + i * k + j) * gv;
+        dm += __ldg(wm + i * k + j) * gv;
+      }
+    }
+    dsa[o] = da;
+    dsm[o] = dm;
+  }
+}
+
+// Block (t, s): the partial of tap t (t < 2*k*k: dweight[t]; t == 2*k*k: dbias) over
+// positions [s*chunk, (s+1)*chunk) of the N*H*W map: per-thread strided sums, then a
+// fixed tree in shared memory. part is (taps, S).
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw_kernel(
+    const T* __restrict__ dz, const T* __restrict__ sa, const T* __restrict__ sm,
+    T* __restrict__ part, int64_t P, int64_t H, int64_t W, int k, int64_t chunk) {
+  const int64_t t = blockIdx.x;
+  const int64_t s = blockIdx.y;
+  const int64_t S = gridDim.y;
+  const int64_t kk = 2 * static_cast<int64_t>(k) * k;
+  const int64_t p0 = s * chunk;
+  const int64_t p1 = p0 + chunk < P ? p0 + chunk : P;
+  T acc = T(0);
+  if (t == kk) {
+    for (int64_t p = p0 + threadIdx.x; p < p1; p += blockDim.x) acc += dz[p];
+  } else {
+    const int r = k / 2;
+    const int64_t HW = H * W;
+    const int64_t c = t / (static_cast<int64_t>(k) * k);
+    const int64_t q = t - c * k * k;
+    const int64_t di = q / k - r;
+    const int64_t dj = q % k - r;
+    const T* __restrict__ f = c == 0 ? sa : sm;
+    const int64_t shift = di * W + dj;
+    for (int64_t p = p0 + threadIdx.x; p < p1; p += blockDim.x) {
+      const int64_t n = p / HW;
+      const int64_t rem = p - n * HW;
+      const int64_t y = rem / W;
+      const int64_t x = rem - y * W;
+      const int64_t iy = y + di;
+      const int64_t ix = x + dj;
+      if (iy >= 0 && iy < H && ix >= 0 && ix < W) acc += dz[p] * f[p + shift];
+    }
+  }
+  __shared__ T sh[kConvThreads];
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int off = kConvThreads / 2; off > 0; off >>= 1) {
+    if (static_cast<int>(threadIdx.x) < off) sh[threadIdx.x] += sh[threadIdx.x + off];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) part[t * S + s] = sh[0];
+}
+
+// Sums each tap's S partials in order of s: dweight[t] for t < kk, dbias for t == kk.
+template <typename T>
+__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw_finalize_kernel(
+    const T* __restrict__ part, T* __restrict__ dw, T* __restrict__ db, int64_t kk,
+    int64_t taps, int64_t S) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= taps) return;
+  T acc = T(0);
+  for (int64_t s = 0; s < S; ++s) acc += part[t * S + s];
+  if (t < kk) {
+    dw[t] = acc;
+  } else {
+    *db = acc;
+  }
+}
+
+// Argument checks, as the CPU kernels word them (with "CUDA tensor").
+
+const char* dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(st);
+  }
+}
+
+void check_dense_cuda(const at::Tensor& t, const char* name) {
+  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
+  MK_CHECK_VALUE(t.layout() == at::kStrided, name,
+                 ": expected a strided (dense) tensor, got layout ", t.layout());
+  MK_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+}
+
+// A CUDA tensor on sa's device.
+void check_conv_arg(const at::Tensor& t, const char* name, const at::Tensor& sa) {
+  check_dense_cuda(t, name);
+  MK_CHECK(t.device() == sa.device(), name, ": expected a tensor on ", sa.device(),
+           " (the device of sa), got device ", t.device());
+}
+
+void check_map(const at::Tensor& t, const char* name, const at::Tensor& sa) {
+  check_conv_arg(t, name, sa);
+  MK_CHECK_VALUE(t.sizes() == sa.sizes(), name, ": expected shape (N, H, W) = ", sa.sizes(),
+                 ", got ", t.sizes());
+  MK_CHECK_TYPE(t.scalar_type() == sa.scalar_type(), name, ": expected dtype ",
+                dtype_name(sa.scalar_type()), " (the dtype of sa), got ",
+                dtype_name(t.scalar_type()));
+}
+
+int64_t check_spatial_conv(const at::Tensor& sa, const at::Tensor& sm, const at::Tensor& weight) {
+  check_dense_cuda(sa, "sa");
+  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
+                 sa.sizes());
+  const auto st = sa.scalar_type();
+  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
+                "sa: expected dtype float32 or float64 (an accumulation dtype), got ",
+                dtype_name(st));
+  check_map(sm, "sm", sa);
+  check_conv_arg(weight, "weight", sa);
+  MK_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
+                     weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+                 "weight: expected shape (1, 2, k, k) with k odd, got ", weight.sizes());
+  MK_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
+                " (the dtype of sa), got ", dtype_name(weight.scalar_type()));
+  // the kernels index taps (2*k*k + 1 blocks) and k*k with 32-bit ints
+  MK_CHECK_VALUE(weight.size(2) <= 32767, "weight: expected k <= 32767, got shape ",
+                 weight.sizes());
+  return weight.size(2);
+}
+
+int conv_blocks(int64_t total) {
+  return static_cast<int>(std::min<int64_t>(ceil_div(total, kConvThreads), int64_t{1} << 20));
+}
+
+at::Tensor spatial_conv_cuda(const at::Tensor& sa_in, const at::Tensor& sm_in,
+                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+  const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
+  if (bias_in.has_value()) {
+    check_conv_arg(*bias_in, "bias", sa_in);
+    MK_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == 1,
+                   "bias: expected shape (1,), got ", bias_in->sizes());
+    MK_CHECK_TYPE(bias_in->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
+                  dtype_name(sa_in.scalar_type()), " (the dtype of sa), got ",
+                  dtype_name(bias_in->scalar_type()));
+  }
+  const c10::cuda::CUDAGuard guard(sa_in.device());
+  const at::Tensor sa = sa_in.contiguous(), sm = sm_in.contiguous(),
+                   weight = weight_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
+  at::Tensor z = at::empty({N, H, W}, sa.options());
+  const int64_t total = z.numel();
+  if (total == 0) return z;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv", [&] {
+    _mixed_attention_spatial_conv_fwd_kernel<scalar_t>
+        <<<conv_blocks(total), kConvThreads, 0, stream>>>(
+            sa.data_ptr<scalar_t>(), sm.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>(),
+            total, H, W, static_cast<int>(k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda(
+    const at::Tensor& dz_in, const at::Tensor& sa_in, const at::Tensor& sm_in,
+    const at::Tensor& weight_in, bool has_bias) {
+  const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
+  check_map(dz_in, "dz", sa_in);
+  const c10::cuda::CUDAGuard guard(sa_in.device());
+  const at::Tensor dz = dz_in.contiguous(), sa = sa_in.contiguous(), sm = sm_in.contiguous(),
+                   weight = weight_in.contiguous();
+  const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
+  const auto opts = sa.options();
+  at::Tensor dsa = at::empty({N, H, W}, opts), dsm = at::empty({N, H, W}, opts);
+  const int64_t kk = 2 * k * k;
+  const int64_t P = N * H * W;
+  if (P == 0) {
+    return {dsa, dsm, at::zeros({1, 2, k, k}, opts),
+            has_bias ? at::zeros({1}, opts) : at::empty({0}, opts)};
+  }
+  at::Tensor dweight = at::empty({1, 2, k, k}, opts);
+  at::Tensor dbias = at::empty({has_bias ? 1 : 0}, opts);
+  // dweight/dbias: `taps` block columns, each split into S chunks of >= 2048 positions,
+  // about 4 blocks per SM in all; then one ordered sum of the S partials per tap.
+  const int64_t taps = kk + (has_bias ? 1 : 0);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t S = std::clamp<int64_t>(ceil_div(4 * static_cast<int64_t>(sms), taps), 1,
+                                        std::max<int64_t>(1, ceil_div(P, 2048)));
+  const int64_t chunk = ceil_div(P, S);
+  at::Tensor part = at::empty({taps, S}, opts);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv_bwd", [&] {
+    const scalar_t* g = dz.data_ptr<scalar_t>();
+    _mixed_attention_spatial_conv_dmap_kernel<scalar_t>
+        <<<conv_blocks(P), kConvThreads, 0, stream>>>(
+            g, weight.data_ptr<scalar_t>(), dsa.data_ptr<scalar_t>(), dsm.data_ptr<scalar_t>(),
+            P, H, W, static_cast<int>(k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    _mixed_attention_spatial_conv_dw_kernel<scalar_t>
+        <<<dim3(static_cast<unsigned>(taps), static_cast<unsigned>(S)), kConvThreads, 0,
+           stream>>>(g, sa.data_ptr<scalar_t>(), sm.data_ptr<scalar_t>(),
+                     part.data_ptr<scalar_t>(), P, H, W, static_cast<int>(k), chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    _mixed_attention_spatial_conv_dw_finalize_kernel<scalar_t>
+        <<<static_cast<unsigned>(ceil_div(taps, kConvThreads)), kConvThreads, 0, stream>>>(
+            part.data_ptr<scalar_t>(), dweight.data_ptr<scalar_t>(),
+            has_bias ? dbias.data_ptr<scalar_t>() : nullptr, kk, taps, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dsa, dsm, dweight, dbias};
+}
+
 }  // namespace
 }  // namespace manet_kernels
 
@@ -919,4 +1207,6 @@ TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
   m.impl("mixed_attention_bwd_reduce", &manet_kernels::bwd_reduce_cuda);
   m.impl("mixed_attention_bwd_channel", &manet_kernels::bwd_channel_cuda);
   m.impl("mixed_attention_bwd_dx", &manet_kernels::bwd_dx_cuda);
+  m.impl("mixed_attention_spatial_conv", &manet_kernels::spatial_conv_cuda);
+  m.impl("mixed_attention_spatial_conv_bwd", &manet_kernels::spatial_conv_bwd_cuda);
 }

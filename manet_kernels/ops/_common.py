@@ -25,13 +25,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
+def resolve_backend(backend: str, device: torch.device, kernel: str,
+                    cuda_auto: str = "cuda") -> str:
     """The concrete backend for tensors on ``device``; ``kernel`` names one of the op's
     compiled kernels (``manet_kernels::<kernel>``), to learn whether it was built.
 
     ``"auto"`` honours ``$MANET_KERNELS_BACKEND``, then picks the C++ kernels on CPU
     and the CUDA kernels (Triton if the extension has no CUDA kernel for the op) on GPU,
     falling back to the reference where nothing compiled is available.
+    ``cuda_auto="triton"``: an op whose Triton kernels measured faster on GPU than
+    its CUDA ones makes ``"auto"`` pick Triton there (CUDA if triton is missing).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -42,6 +45,8 @@ def resolve_backend(backend: str, device: torch.device, kernel: str) -> str:
         backend = env
     if backend == "auto":
         if device.type == "cuda":
+            if cuda_auto == "triton" and triton_available():
+                return "triton"
             if _ext.has_kernel(kernel, "cuda"):
                 return "cuda"
             return "triton" if triton_available() else "reference"
@@ -115,3 +120,23 @@ class CppPasses:
 
 
 CPP_PASSES = CppPasses()
+
+
+_INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())
+
+
+def eager_ok(*tensors: Tensor | None) -> bool:
+    """True when an op may call its registered forward/backward bodies directly (a plain
+    ``torch.autograd.Function``) instead of going through ``torch.ops.manet_kernels``:
+    no torch.compile tracing, no function or dispatch mode (fake tensors,
+    functionalization, ...), plain tensors only. The custom-op machinery (schema
+    handling, default filling, alias checks, its Python autograd wrapper) costs host
+    time per call that a GPU step of a few hundred microseconds of kernels cannot hide;
+    the results are the same either way."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or any(
+            torch._C._get_dispatch_mode(k) is not None for k in _INFRA_MODES):
+        return False
+    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter
+               for t in tensors)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
-                                       check_same_device, resolve_backend)
+                                       check_same_device, eager_ok, resolve_backend)
 from manet_kernels.reference import aw_conv2d as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
@@ -48,10 +48,7 @@ def _empty_out(x, shape):
 
 # ----------------------------------------------------------------------------- aw_conv2d op
 
-@torch.library.custom_op("manet_kernels::aw_conv2d", mutates_args=())
-def _aw_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride: list[int],
-           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
-    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias)``, ``scale (N, C2, kh, kw)``."""
+def _aw_forward_impl(x, weight, scale, bias, stride, padding, dilation, groups, backend):
     x = x.contiguous(memory_format=activation_format(x))
     acc = acc_dtype(x.dtype)
     if x.shape[0] == 0:
@@ -63,17 +60,21 @@ def _aw_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride
                                           dilation, groups)
 
 
+@torch.library.custom_op("manet_kernels::aw_conv2d", mutates_args=())
+def _aw_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride: list[int],
+           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
+    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias)``, ``scale (N, C2, kh, kw)``."""
+    return _aw_forward_impl(x, weight, scale, bias, stride, padding, dilation, groups, backend)
+
+
 @_aw_op.register_fake
 def _(x, weight, scale, bias, stride, padding, dilation, groups, backend):
     return _empty_out(x, _out_shape(x, *weight.shape[2:], weight.shape[0], stride, padding,
                                     dilation))
 
 
-@torch.library.custom_op("manet_kernels::aw_conv2d_backward", mutates_args=())
-def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int, backend: str,
-                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)`` (empty without a bias)."""
+def _aw_backward_impl(g, x, weight, scale, stride, padding, dilation, groups, backend,
+                      has_bias):
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     g = g.to(x.dtype).contiguous(memory_format=fmt)
@@ -86,6 +87,15 @@ def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride:
                                                dilation, groups)
     db = g.sum((0, 2, 3), dtype=acc) if has_bias else weight.new_empty(0)
     return dx, dw.to(weight.dtype), ds.to(scale.dtype), db.to(weight.dtype)
+
+
+@torch.library.custom_op("manet_kernels::aw_conv2d_backward", mutates_args=())
+def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int, backend: str,
+                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)`` (empty without a bias)."""
+    return _aw_backward_impl(g, x, weight, scale, stride, padding, dilation, groups, backend,
+                             has_bias)
 
 
 @_aw_backward_op.register_fake
@@ -111,6 +121,25 @@ def _aw_backward(ctx, g):
 
 
 torch.library.register_autograd("manet_kernels::aw_conv2d", _aw_backward, setup_context=_aw_setup)
+
+
+class _AWEager(torch.autograd.Function):
+    """The registered op's bodies called directly (see ``eager_ok``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups, backend):
+        inputs = (x, weight, scale, bias, stride, padding, dilation, groups, backend)
+        y = _aw_forward_impl(*inputs)
+        _aw_setup(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, scale = ctx.saved_tensors
+        dx, dw, ds, db = _aw_backward_impl(g, x, weight, scale, *ctx.conf, ctx.has_bias)
+        return dx, dw, ds, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None, \
+            None, None, None
 
 
 # --------------------------------------------------------------------- per_sample_conv2d op
@@ -210,7 +239,10 @@ def _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation, groups, wname):
 
 
 def _backend_for(x, backend, *others):
-    backend = resolve_backend(backend, x.device, "aw_conv2d_fwd")
+    # On GPU "auto" means Triton: on an H100 (2026-11-23, bf16, batch 64) the Triton
+    # kernels ran a 3x3 AW-conv forward+backward 5x faster than the CUDA ones
+    # (benchmarks/results/profile_device_h100.txt).
+    backend = resolve_backend(backend, x.device, "aw_conv2d_fwd", cuda_auto="triton")
     check_dtype("x", x, backend)
     if backend == "cpu" and x.dtype not in _CPU_DTYPES:
         raise TypeError(f"x must be float32 or float64 for backend='cpu', got {x.dtype}")
@@ -271,8 +303,10 @@ def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = Non
         return torch.ops.manet_kernels.per_sample_conv2d(x, weights, b, stride, padding,
                                                          dilation, groups, backend)
     scale = (1 + attn).squeeze(2)
-    return torch.ops.manet_kernels.aw_conv2d(x, weight, scale, bias, stride, padding, dilation,
-                                             groups, backend)
+    args = (x, weight, scale, bias, stride, padding, dilation, groups, backend)
+    if eager_ok(x, weight, scale, bias):
+        return _AWEager.apply(*args)
+    return torch.ops.manet_kernels.aw_conv2d(*args)
 
 
 def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, stride=1,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from manet_kernels.ops._common import CPP_PASSES, activation_format, check_dtype, resolve_backend
+from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype, eager_ok,
+                                       resolve_backend)
 from manet_kernels.reference import brnpa as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
@@ -91,10 +92,15 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
     safe = torch.where(nrm0 > 0, inv / nrm0.clamp_min(1e-300), torch.zeros_like(inv))
     cc = ((ds * s).sum(1) * safe).reshape(b, h, w)
     dx = kern.brnpa_bwd_dx(x, a.contiguous(), m.contiguous(), cc.contiguous())
-    # the representatives' own dependence: a K-column scatter, not a pass
-    dxv = dx.flatten(2).transpose(1, 2)  # (B, P, C), a view in either layout
-    rows = torch.arange(b, device=x.device)[:, None].expand(b, k)
-    dxv.index_put_((rows, idx), dr.to(dx.dtype), accumulate=True)
+    # The representatives' own dependence: K columns added in place, one part after the
+    # other (a position chosen twice gets both, in order: deterministic). index_put_
+    # with accumulate=True would do it in one call, but on CUDA it sorts on a contiguous
+    # copy of the (B, P, C) view, i.e. two full copies of dx in NCHW.
+    dxf = dx.flatten(2)  # (B, C, P), a view in either layout
+    drt = dr.to(dx.dtype)
+    for j in range(k):
+        at = idx[:, j].view(b, 1, 1).expand(b, c, 1)
+        dxf.scatter_(2, at, dxf.gather(2, at) + drt[:, j, :, None])
     return dx
 
 
@@ -148,6 +154,22 @@ def _backward(ctx, gv, gmap, *_unused):
 torch.library.register_autograd("manet_kernels::brnpa", _backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """The registered op's bodies called directly (see ``eager_ok``)."""
+
+    @staticmethod
+    def forward(ctx, x, n_parts, paper, backend):
+        out = _forward_impl(x, n_parts, paper, backend)
+        _setup_context(ctx, (x, n_parts, paper, backend), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gv, gmap, *_unused):
+        dx = _backward_impl(gv, gmap, *ctx.saved_tensors, ctx.backend)
+        return dx, None, None, None
+
+
 def _check_args(x, n_parts, variant, backend) -> str:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
@@ -181,7 +203,10 @@ def brnpa(x: Tensor, n_parts: int = 3, *, variant: str = "official",
     backend = _check_args(x, n_parts, variant, backend)
     if backend == "reference":
         return _reference.brnpa(x, n_parts, variant=variant)
-    out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
+    if eager_ok(x):
+        out = _Eager.apply(x, n_parts, variant == "paper", backend)
+    else:
+        out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
     return out[0], out[1]
 
 

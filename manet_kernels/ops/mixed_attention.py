@@ -18,7 +18,8 @@ from torch import Tensor
 
 from manet_kernels import _ext
 from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
-                                       check_same_device, check_shape, resolve_backend)
+                                       check_same_device, check_shape, eager_ok,
+                                       resolve_backend)
 from manet_kernels.reference import mixed_attention as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
@@ -63,8 +64,7 @@ def _mlp_fwd(v, w1, b1, w2, b2):
 def _mlp_bwd(do, v, h, w1, w2):
     """Grads of ``w2 @ relu(w1 @ v + b1) + b2`` for a batch of rows ``v``."""
     r = F.relu(h)
-    dr = do @ w2
-    dh = dr * (h > 0).to(dr.dtype)
+    dh = torch.ops.aten.threshold_backward(do @ w2, h, 0)
     return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
 
 
@@ -78,11 +78,11 @@ def _normalize(z, norm: SpatialNorm, stats):
 
 
 def _conv_passes(device: torch.device, backend: str):
-    """Where the k x k conv on the [mean, max] map runs: the C++ kernel on CPU (ATen's
-    conv pays im2col/oneDNN setup that dwarfs 2*k*k MACs per position), else ATen's conv
-    (cuDNN on GPU). The "torch" backend is the pure-PyTorch contract throughout."""
-    if device.type == "cpu" and backend != "torch" and \
-            _ext.has_kernel("mixed_attention_spatial_conv", "cpu"):
+    """Where the k x k conv on the [mean, max] map runs: the extension's kernel for the
+    device when it has one (ATen's conv pays im2col/oneDNN setup on CPU, and on GPU
+    cuDNN's weight-gradient kernel alone took longer than a whole fused pass), else
+    ATen's conv. The "torch" backend is the pure-PyTorch contract throughout."""
+    if backend != "torch" and _ext.has_kernel("mixed_attention_spatial_conv", device.type):
         return CPP_PASSES
     return _torch_passes
 
@@ -163,7 +163,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
         dmc = dmc + gmc.to(acc)
 
     # Tiny: back through sigmoid, BatchNorm and the conv.
-    dz = dms * ms * (1 - ms)
+    dz = torch.ops.aten.sigmoid_backward(dms, ms)
     dbn_w = dbn_b = None
     if norm_a is not None:
         zh, rstd = _normalize(z, norm_a, stats)
@@ -185,7 +185,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     dmc = dmc + kern.mixed_attention_bwd_channel(x, da_s, dm_s, ic)
 
     # Tiny: back through the channel sigmoid and the shared MLP (avg and max rows).
-    dlogit = dmc * mc * (1 - mc)
+    dlogit = torch.ops.aten.sigmoid_backward(dmc, mc)
     rows = torch.cat([avg, mx], 0)
     h = F.linear(rows, w1a, b1a)
     dv, dw1, db1, dw2, db2 = _mlp_bwd(torch.cat([dlogit, dlogit], 0), rows, h, w1a, w2a)
@@ -278,15 +278,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[3:])
 
 
-def _backward(ctx, gy, gmc, gms, *_unused):
-    saved = ctx.saved_tensors
-    grads = torch.ops.manet_kernels.mixed_attention_backward(
-        gy, gmc, gms, *saved, *ctx.flags)
+def _grads_for_inputs(grads, saved):
     present = (True,) + tuple(t is not None for t in saved[11:19])
     out = [g if keep else None for g, keep in zip(grads, present)]
     # one gradient per op input: x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias,
     # then bn_mean, bn_var, has_norm, bn_training, bn_eps, backend
     return (*out, None, None, None, None, None, None)
+
+
+def _backward(ctx, gy, gmc, gms, *_unused):
+    saved = ctx.saved_tensors
+    grads = torch.ops.manet_kernels.mixed_attention_backward(
+        gy, gmc, gms, *saved, *ctx.flags)
+    return _grads_for_inputs(grads, saved)
 
 
 torch.library.register_autograd("manet_kernels::mixed_attention", _backward,
@@ -330,13 +334,53 @@ def _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
     return backend
 
 
+class _Eager(torch.autograd.Function):
+    """The registered op's forward and backward bodies, called directly.
+
+    Outside torch.compile and tensor subclasses / dispatch modes, going through
+    ``torch.ops.manet_kernels.mixed_attention`` only adds the custom-op machinery
+    (schema checks, default filling, alias checks, the Python autograd wrapper):
+    on a GPU step of ~0.8 ms of kernels it cost milliseconds of host time. Same
+    functions, same saved tensors, same results; the registered op stays what
+    torch.compile, opcheck and fake tensors see.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
+                has_norm, bn_training, bn_eps, backend):
+        inputs = (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
+                  has_norm, bn_training, bn_eps, backend)
+        norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps,
+                               has_norm)
+        out = _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gmc, gms, *_unused):
+        saved = ctx.saved_tensors
+        (x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w, conv_b,
+         bn_weight, bn_bias, bn_mean, bn_var) = saved
+        has_norm, bn_training, bn_eps, backend = ctx.flags
+        norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps,
+                               has_norm)
+        grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
+                               w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+        return _grads_for_inputs(grads, saved)
+
+
 def _run(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    """Forward through the registered op; returns ``(y, mc, ms, bn_stats)`` with the
-    maps in ``x``'s dtype (``ms`` as ``(N, 1, H, W)``)."""
+    """Forward through the registered op (or its bodies directly, see ``_Eager``);
+    returns ``(y, mc, ms, bn_stats)`` with the maps in ``x``'s dtype (``ms`` as
+    ``(N, 1, H, W)``)."""
     nb = norm if norm is not None else SpatialNorm(None, None, None, None, False, 0.0)
-    y, mc, ms, *_, stats = torch.ops.manet_kernels.mixed_attention(
-        x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
-        nb.running_var, norm is not None, nb.training, float(nb.eps), backend)
+    args = (x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
+            nb.running_var, norm is not None, nb.training, float(nb.eps), backend)
+    if eager_ok(*args[:11]):
+        y, mc, ms, *_, stats = _Eager.apply(*args)
+    else:
+        y, mc, ms, *_, stats = torch.ops.manet_kernels.mixed_attention(*args)
     return y, mc.to(x.dtype), ms.unsqueeze(1).to(x.dtype), stats
 
 

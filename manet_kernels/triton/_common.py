@@ -50,6 +50,8 @@ def device_ctx(t: Tensor, is_interpreting, module: str, name: str = "x"):
                 "or use the reference / C++ CPU backend")
         return contextlib.nullcontext()
     if t.device.type == "cuda":
+        if t.device.index is None or t.device.index == torch.cuda.current_device():
+            return contextlib.nullcontext()  # the common case: no device switch to pay for
         return torch.cuda.device(t.device)
     raise ValueError(f"{name}: expected a CUDA or CPU tensor, got one on {t.device}")
 
