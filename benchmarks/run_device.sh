@@ -15,6 +15,7 @@
 #                (benchmarks/profile_device.py: wall vs GPU kernel time, top kernels)
 #                and "extra" (runs $EXTRA_CMD with bash, e.g. a debugger session)
 #   PYTEST_ARGS  pytest arguments (default: the files with GPU tests, 8 xdist workers)
+#   PYTEST_K     a -k expression for pytest (e.g. "not cpu" to leave the CPU tests out)
 #   BENCHES      benchmarks to run, in order (default: all four)
 #   BENCH_ARGS   extra arguments to every benchmark; BENCH_ARGS_<op> to one
 #                (e.g. BENCH_ARGS_aw_conv2d="--providers reference plain_conv cuda")
@@ -35,7 +36,7 @@ GPU_TEST_FILES="tests/test_build.py tests/test_mixed_attention_passes_cuda.py
  tests/test_aw_conv2d_passes_cuda.py tests/test_brnpa_passes_cuda.py
  tests/test_mixed_attention_passes_triton.py tests/test_aw_conv2d_passes_triton.py
  tests/test_brnpa_passes_triton.py tests/test_mixed_attention.py tests/test_aw_conv2d.py
- tests/test_brnpa.py tests/test_models.py"
+ tests/test_brnpa.py tests/test_models.py tests/test_eager_path.py"
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 "$PY" -c "import pytest_timeout" 2>/dev/null && XDIST="$XDIST --timeout=150"
@@ -104,7 +105,9 @@ fi
 
 if want pytest; then
     # shellcheck disable=SC2086  # PYTEST_ARGS is a word list on purpose
-    TAIL_LINES=60 step pytest "${PYTEST_CAP:-200}" "$PY" -m pytest $PYTEST_ARGS
+    kexpr=()
+    [[ -n "${PYTEST_K:-}" ]] && kexpr=(-k "$PYTEST_K")  # one argument, spaces and all
+    TAIL_LINES=60 step pytest "${PYTEST_CAP:-200}" "$PY" -m pytest $PYTEST_ARGS "${kexpr[@]}"
 fi
 
 if want profile; then
