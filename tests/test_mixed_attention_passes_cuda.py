@@ -652,3 +652,30 @@ def test_spatial_conv_device_mismatch_names_the_argument():
     z = ops.mixed_attention_spatial_conv(s1, s1, w1, None)
     assert z.device == s1.device
     torch.testing.assert_close(z.cpu(), ops.mixed_attention_spatial_conv(sa, sa, w, None).cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_op_with_the_cuda_spatial_conv(monkeypatch, dtype):
+    """The whole fused op with the spatial-conv kernels switched on (what
+    CUDA_SPATIAL_CONV_VERIFIED = True would do) against it with cuDNN's conv."""
+    import importlib
+
+    import manet_kernels as mk
+    ma_ops = importlib.import_module("manet_kernels.ops.mixed_attention")
+    torch.manual_seed(0)
+    x = torch.randn(4, 40, 9, 13, device=DEV, dtype=dtype, requires_grad=True)
+    params = [torch.randn(s, device=DEV, requires_grad=True)
+              for s in ((10, 40), (10,), (40, 10), (40,), (1, 2, 7, 7), (1,))]
+    dy = torch.randn_like(x)
+
+    def run():
+        y, mc, ms = mk.mixed_attention(x, *params, backend="cuda", return_maps=True)
+        return [y, mc, ms, *torch.autograd.grad(y, [x, *params], dy)]
+
+    monkeypatch.setattr(ma_ops, "CUDA_SPATIAL_CONV_VERIFIED", False)
+    want = run()
+    monkeypatch.setattr(ma_ops, "CUDA_SPATIAL_CONV_VERIFIED", True)
+    got = run()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
