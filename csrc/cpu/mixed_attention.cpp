@@ -1079,6 +1079,13 @@ void check_map(const Tensor& t, const char* name, at::IntArrayRef sizes, at::Sca
                    " (the dtype of sa), got ", dtype_name(t.scalar_type()));
 }
 
+// Samples per task: waking the thread pool costs tens of microseconds on a small VM, more
+// than a whole 14x14 map's 2*k*k taps, so a task gets at least ~256k multiply-adds.
+int64_t conv_grain(int64_t H, int64_t W, int64_t k) {
+  const int64_t per_sample = std::max<int64_t>(1, H * W * 2 * k * k);
+  return std::max<int64_t>(1, (int64_t{1} << 18) / per_sample);
+}
+
 int64_t check_spatial_conv(const Tensor& sa, const Tensor& sm, const Tensor& weight) {
   check_dense_cpu(sa, "sa");
   MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
@@ -1116,7 +1123,7 @@ Tensor spatial_conv(const Tensor& sa_in, const Tensor& sm_in, const Tensor& weig
     const scalar_t *a = sa.data_ptr<scalar_t>(), *m = sm.data_ptr<scalar_t>(),
                    *w = weight.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, conv_grain(H, W, k), [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         spatial_conv_sample(a + n * H * W, m + n * H * W, w, b, zp + n * H * W, H, W, k);
     });
@@ -1142,7 +1149,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
                    *m = sm.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
     scalar_t *da = dsa.data_ptr<scalar_t>(), *dm = dsm.data_ptr<scalar_t>(),
              *pp = part.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    // twice the forward's work per sample: half its grain
+    at::parallel_for(0, N, std::max<int64_t>(1, conv_grain(H, W, k) / 2),
+                     [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t o = n * H * W;
         spatial_conv_bwd_sample(g + o, a + o, m + o, w, da + o, dm + o, pp + n * (kk + 1),
@@ -1150,10 +1159,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
       }
     });
   });
-  // Summed over samples in order: deterministic.
-  Tensor total = N > 0 ? part.sum(0) : at::zeros({kk + 1}, sa.options());
-  Tensor dweight = total.narrow(0, 0, kk).reshape({1, 2, k, k});
-  Tensor dbias = has_bias ? total.narrow(0, kk, 1).clone() : at::empty({0}, sa.options());
+  // Summed over samples in order: deterministic. A plain loop: 2*k*k+1 sums of N
+  // values, where ATen's sum/narrow/reshape/clone cost more than the arithmetic.
+  Tensor dweight = at::empty({1, 2, k, k}, sa.options());
+  Tensor dbias = at::empty({has_bias ? 1 : 0}, sa.options());
+  AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv_bwd_sum", [&] {
+    const scalar_t* pp = part.data_ptr<scalar_t>();
+    scalar_t* dw = dweight.data_ptr<scalar_t>();
+    for (int64_t t = 0; t <= kk; ++t) {
+      scalar_t acc = 0;
+      for (int64_t n = 0; n < N; ++n) acc += pp[n * (kk + 1) + t];
+      if (t < kk) {
+        dw[t] = acc;
+      } else if (has_bias) {
+        dbias.data_ptr<scalar_t>()[0] = acc;
+      }
+    }
+  });
   return {dsa, dsm, dweight, dbias};
 }
 
