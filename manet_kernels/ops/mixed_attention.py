@@ -61,11 +61,16 @@ def _mlp_fwd(v, w1, b1, w2, b2):
     return F.linear(F.relu(h), w2, b2), h
 
 
-def _mlp_bwd(do, v, h, w1, w2):
-    """Grads of ``w2 @ relu(w1 @ v + b1) + b2`` for a batch of rows ``v``."""
+def _mlp_bwd(dl, v, h, w1, w2):
+    """Grads of ``w2 @ relu(w1 @ v + b1) + b2`` for the stacked rows ``v = [avg; max]``
+    (2N rows) when both halves get the same upstream gradient ``dl`` (N rows), as the
+    sum ``mlp(avg) + mlp(max)`` gives them: the products with ``dl`` are taken once."""
+    n = dl.shape[0]
     r = F.relu(h)
-    dh = torch.ops.aten.threshold_backward(do @ w2, h, 0)
-    return dh @ w1, dh.t() @ v, dh.sum(0), do.t() @ r, do.sum(0)  # dv, dw1, db1, dw2, db2
+    dr = dl @ w2
+    dh = torch.ops.aten.threshold_backward(torch.cat([dr, dr]), h, 0)
+    dw2 = dl.t() @ (r[:n] + r[n:])
+    return dh @ w1, dh.t() @ v, dh.sum(0), dw2, 2 * dl.sum(0)  # dv, dw1, db1, dw2, db2
 
 
 def _normalize(z, norm: SpatialNorm, stats):
@@ -198,7 +203,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     dlogit = torch.ops.aten.sigmoid_backward(dmc, mc)
     rows = torch.cat([avg, mx], 0)
     h = F.linear(rows, w1a, b1a)
-    dv, dw1, db1, dw2, db2 = _mlp_bwd(torch.cat([dlogit, dlogit], 0), rows, h, w1a, w2a)
+    dv, dw1, db1, dw2, db2 = _mlp_bwd(dlogit, rows, h, w1a, w2a)
     n = avg.shape[0]
     d_avg, d_mx = dv[:n].contiguous(), dv[n:].contiguous()
 
