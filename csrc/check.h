@@ -71,6 +71,20 @@ inline std::string cat(const Parts&... parts) {
 }
 
 }  // namespace msg
+
+// The Python spelling of a dtype, which is what users of the ops know.
+inline const char* dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(st);
+  }
+}
+
 }  // namespace manet_kernels
 
 #define MK_CHECK(cond, ...) TORCH_CHECK((cond), ::manet_kernels::msg::cat(__VA_ARGS__))

@@ -50,18 +50,7 @@ enum class Layout { kNCHW, kNHWC };
 // raise TypeError and wrong shapes, strides or index values ValueError in Python,
 // as the Triton backend's checks do; a wrong device stays a RuntimeError.
 
-// The Python spelling, which is what users of the ops know.
-const char* dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    default: return c10::toString(st);
-  }
-}
+using manet_kernels::dtype_name;
 
 Layout check_activation(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");

@@ -1056,18 +1056,6 @@ __global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw
 
 // Argument checks, as the CPU kernels word them (with "CUDA tensor").
 
-const char* dtype_name(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    default: return c10::toString(st);
-  }
-}
-
 void check_dense_cuda(const at::Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK_VALUE(t.layout() == at::kStrided, name,
