@@ -99,6 +99,15 @@ def test_eager_ok_declines_modes_and_subclasses():
 
     assert not _common.eager_ok(x.as_subclass(Sub))
 
+    seen = []
+
+    def f(t):
+        seen.append(_common.eager_ok(t))
+        return t.sum()
+
+    torch.func.grad(f)(x)
+    assert seen == [False]
+
 
 @pytest.mark.skipif("cpu" not in backends_for("cpu"), reason="needs the C++ extension")
 def test_double_backward_raises_on_the_direct_path():

@@ -132,8 +132,11 @@ def eager_ok(*tensors: Tensor | None) -> bool:
     functionalization, ...), plain tensors only. The custom-op machinery (schema
     handling, default filling, alias checks, its Python autograd wrapper) costs host
     time per call that a GPU step of a few hundred microseconds of kernels cannot hide;
-    the results are the same either way."""
+    the results are the same either way. Under torch.func transforms the registered
+    op is used (its wrapped tensors pass ``type(t) is Tensor``)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():  # torch.func wrappers look like Tensor
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or any(
             torch._C._get_dispatch_mode(k) is not None for k in _INFRA_MODES):
