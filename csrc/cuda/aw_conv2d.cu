@@ -301,6 +301,25 @@ struct WgradArgs {
 // ---------------------------------------------------------------------------------------
 // Kernels
 
+// The tile of a forward / dx block: blockIdx.x enumerates (n, group, M tile, N tile),
+// the N tile fastest.
+struct ConvTile {
+  int nt, mt, gi, n;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ ConvTile conv_tile(const ConvArgs<scalar_t, acc_t>& a) {
+  int64_t b = blockIdx.x;
+  ConvTile t;
+  t.nt = static_cast<int>(b % a.n_nt);
+  b /= a.n_nt;
+  t.mt = static_cast<int>(b % a.n_mt);
+  b /= a.n_mt;
+  t.gi = static_cast<int>(b % a.geo.groups);
+  t.n = static_cast<int>(b / a.geo.groups);
+  return t;
+}
+
 // y[n, o, q] = bias[n, o] + sum_{t, c} w'[o, c, t] * x[n, c, q @ t], w' the scaled or
 // per-sample weight.
 template <typename scalar_t, class Core, bool kScaled>
@@ -312,13 +331,8 @@ __global__ void __launch_bounds__(kThreads)
   const Smem<Core> sm = smem_views<Core>(raw);
   const Geo& g = a.geo;
 
-  int64_t b = blockIdx.x;
-  const int nt = static_cast<int>(b % a.n_nt);
-  b /= a.n_nt;
-  const int mt = static_cast<int>(b % a.n_mt);
-  b /= a.n_mt;
-  const int gi = static_cast<int>(b % g.groups);
-  const int n = static_cast<int>(b / g.groups);
+  const ConvTile tile = conv_tile(a);
+  const int nt = tile.nt, mt = tile.mt, gi = tile.gi, n = tile.n;
 
   const int P = g.ho * g.wo;
   const int q0 = mt * BM;
@@ -383,13 +397,8 @@ __global__ void __launch_bounds__(kThreads)
   const Smem<Core> sm = smem_views<Core>(raw);
   const Geo& g = a.geo;
 
-  int64_t b = blockIdx.x;
-  const int nt = static_cast<int>(b % a.n_nt);
-  b /= a.n_nt;
-  const int mt = static_cast<int>(b % a.n_mt);
-  b /= a.n_mt;
-  const int gi = static_cast<int>(b % g.groups);
-  const int n = static_cast<int>(b / g.groups);
+  const ConvTile tile = conv_tile(a);
+  const int nt = tile.nt, mt = tile.mt, gi = tile.gi, n = tile.n;
 
   const int P = g.h * g.w;
   const int p0 = mt * BM;
