@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "../check.h"
+#include "../spatial_conv_checks.h"
 
 namespace {
 
@@ -1060,14 +1061,6 @@ void spatial_conv_bwd_sample(const T* dz, const T* sa, const T* sm, const T* w, 
   });
 }
 
-void check_map(const Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType st) {
-  check_dense_cpu(t, name);
-  MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape (N, H, W) = ", sizes, ", got ",
-                    t.sizes());
-  MK_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", dtype_name(st),
-                   " (the dtype of sa), got ", dtype_name(t.scalar_type()));
-}
-
 // Samples per task: waking the thread pool costs tens of microseconds on a small VM, more
 // than a whole 14x14 map's 2*k*k taps, so a task gets at least ~256k multiply-adds.
 int64_t conv_grain(int64_t H, int64_t W, int64_t k) {
@@ -1076,34 +1069,13 @@ int64_t conv_grain(int64_t H, int64_t W, int64_t k) {
 }
 
 int64_t check_spatial_conv(const Tensor& sa, const Tensor& sm, const Tensor& weight) {
-  check_dense_cpu(sa, "sa");
-  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
-                    sa.sizes());
-  const auto st = sa.scalar_type();
-  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
-                   "sa: expected dtype float32 or float64 (an accumulation dtype), got ",
-                   dtype_name(st));
-  check_map(sm, "sm", sa.sizes(), st);
-  check_dense_cpu(weight, "weight");
-  MK_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
-                    weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-                    "weight: expected shape (1, 2, k, k) with k odd, got ", weight.sizes());
-  MK_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
-                   " (the dtype of sa), got ", dtype_name(weight.scalar_type()));
-  return weight.size(2);
+  return manet_kernels::check_spatial_conv_args(sa, sm, weight, check_dense_cpu);
 }
 
 Tensor spatial_conv(const Tensor& sa_in, const Tensor& sm_in, const Tensor& weight_in,
                     const std::optional<Tensor>& bias) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
-  if (bias.has_value()) {
-    check_dense_cpu(*bias, "bias");
-    MK_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == 1, "bias: expected shape (1,), got ",
-                      bias->sizes());
-    MK_CHECK_TYPE(bias->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
-                     dtype_name(sa_in.scalar_type()), " (the dtype of sa), got ",
-                     dtype_name(bias->scalar_type()));
-  }
+  manet_kernels::check_spatial_bias(bias, sa_in, check_dense_cpu);
   const Tensor sa = sa_in.contiguous(), sm = sm_in.contiguous(), weight = weight_in.contiguous();
   const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
   Tensor z = at::empty({N, H, W}, sa.options());
@@ -1126,7 +1098,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
                                                             const Tensor& weight_in,
                                                             bool has_bias) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
-  check_map(dz_in, "dz", sa_in.sizes(), sa_in.scalar_type());
+  manet_kernels::check_spatial_map(dz_in, "dz", sa_in, check_dense_cpu);
   const Tensor dz = dz_in.contiguous(), sa = sa_in.contiguous(), sm = sm_in.contiguous(),
                weight = weight_in.contiguous();
   const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);

@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "../check.h"
+#include "../spatial_conv_checks.h"
 
 namespace manet_kernels {
 namespace {
@@ -1070,34 +1071,12 @@ void check_conv_arg(const at::Tensor& t, const char* name, const at::Tensor& sa)
            " (the device of sa), got device ", t.device());
 }
 
-void check_map(const at::Tensor& t, const char* name, const at::Tensor& sa) {
-  check_conv_arg(t, name, sa);
-  MK_CHECK_VALUE(t.sizes() == sa.sizes(), name, ": expected shape (N, H, W) = ", sa.sizes(),
-                 ", got ", t.sizes());
-  MK_CHECK_TYPE(t.scalar_type() == sa.scalar_type(), name, ": expected dtype ",
-                dtype_name(sa.scalar_type()), " (the dtype of sa), got ",
-                dtype_name(t.scalar_type()));
-}
-
 int64_t check_spatial_conv(const at::Tensor& sa, const at::Tensor& sm, const at::Tensor& weight) {
-  check_dense_cuda(sa, "sa");
-  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
-                 sa.sizes());
-  const auto st = sa.scalar_type();
-  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
-                "sa: expected dtype float32 or float64 (an accumulation dtype), got ",
-                dtype_name(st));
-  check_map(sm, "sm", sa);
-  check_conv_arg(weight, "weight", sa);
-  MK_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
-                     weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-                 "weight: expected shape (1, 2, k, k) with k odd, got ", weight.sizes());
-  MK_CHECK_TYPE(weight.scalar_type() == st, "weight: expected dtype ", dtype_name(st),
-                " (the dtype of sa), got ", dtype_name(weight.scalar_type()));
+  const int64_t k = check_spatial_conv_args(
+      sa, sm, weight, [&](const at::Tensor& t, const char* name) { check_conv_arg(t, name, sa); });
   // the kernels index taps (2*k*k + 1 blocks) and k*k with 32-bit ints
-  MK_CHECK_VALUE(weight.size(2) <= 32767, "weight: expected k <= 32767, got shape ",
-                 weight.sizes());
-  return weight.size(2);
+  MK_CHECK_VALUE(k <= 32767, "weight: expected k <= 32767, got shape ", weight.sizes());
+  return k;
 }
 
 int conv_blocks(int64_t total) {
@@ -1107,14 +1086,9 @@ int conv_blocks(int64_t total) {
 at::Tensor spatial_conv_cuda(const at::Tensor& sa_in, const at::Tensor& sm_in,
                              const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
-  if (bias_in.has_value()) {
-    check_conv_arg(*bias_in, "bias", sa_in);
-    MK_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == 1,
-                   "bias: expected shape (1,), got ", bias_in->sizes());
-    MK_CHECK_TYPE(bias_in->scalar_type() == sa_in.scalar_type(), "bias: expected dtype ",
-                  dtype_name(sa_in.scalar_type()), " (the dtype of sa), got ",
-                  dtype_name(bias_in->scalar_type()));
-  }
+  check_spatial_bias(bias_in, sa_in, [&](const at::Tensor& t, const char* name) {
+    check_conv_arg(t, name, sa_in);
+  });
   const c10::cuda::CUDAGuard guard(sa_in.device());
   const at::Tensor sa = sa_in.contiguous(), sm = sm_in.contiguous(),
                    weight = weight_in.contiguous();
@@ -1140,7 +1114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda
     const at::Tensor& dz_in, const at::Tensor& sa_in, const at::Tensor& sm_in,
     const at::Tensor& weight_in, bool has_bias) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
-  check_map(dz_in, "dz", sa_in);
+  check_spatial_map(dz_in, "dz", sa_in, [&](const at::Tensor& t, const char* name) {
+    check_conv_arg(t, name, sa_in);
+  });
   const c10::cuda::CUDAGuard guard(sa_in.device());
   const at::Tensor dz = dz_in.contiguous(), sa = sa_in.contiguous(), sm = sm_in.contiguous(),
                    weight = weight_in.contiguous();
