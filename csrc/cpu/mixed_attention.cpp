@@ -9,6 +9,9 @@
 // order that vectorises without reassociation), reductions across it accumulate
 // element-wise into a small buffer that stays in L1.
 //
+// The passes themselves are in mixed_attention_passes.inc, compiled once per
+// instruction set (baseline SSE2, AVX2, AVX-512; cpu_isa.h picks one per call).
+//
 // Vectorisation notes (gcc, SSE2 baseline, default -ftrapping-math):
 // * `#pragma omp simd` (honoured under -fopenmp) marks the lane loops: without it
 //   gcc unrolls them completely first and then fails to SLP-vectorise a max
@@ -39,6 +42,7 @@
 
 #include "../check.h"
 #include "../spatial_conv_checks.h"
+#include "cpu_isa.h"
 
 namespace {
 
@@ -119,758 +123,28 @@ at::MemoryFormat memory_format(Layout l) {
   return l == Layout::kNCHW ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
 }
 
-// ---------------------------------------------------------------------------
-// Element access: activations are read and written through their raw storage
-// type and converted to / from the accumulation type.
-
-template <typename I>
-inline I select_if(bool cond, I a, I b) {
-  const I mask = -static_cast<I>(cond);
-  return (a & mask) | (b & ~mask);
-}
-
-inline uint32_t bits_of(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
-}
-
-inline float float_of(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
-
-template <typename scalar_t>
-struct Elem {  // float, double: stored as they are computed
-  using raw = scalar_t;
-  static inline scalar_t load(raw v) { return v; }
-  static inline raw store(scalar_t v) { return v; }
-};
-
-template <>
-struct Elem<c10::BFloat16> {
-  using raw = uint16_t;
-  static inline float load(raw v) { return float_of(static_cast<uint32_t>(v) << 16); }
-  // Round to nearest even; NaN becomes the canonical quiet NaN, as c10 does.
-  static inline raw store(float f) {
-    const uint32_t w = bits_of(f);
-    const uint32_t r = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
-    return static_cast<raw>(select_if<uint32_t>(f != f, 0x7fc0u, r));
-  }
-};
-
-// Integer work is done in int32 (every value fits): SSE2 has signed 32-bit
-// compares only, and unsigned ones would cost extra bias operations.
-template <>
-struct Elem<c10::Half> {
-  using raw = uint16_t;
-  static inline float load(raw h) {
-    const int32_t em = static_cast<int32_t>(h & 0x7fffu) << 13;  // exponent, mantissa in place
-    const int32_t e = em & (0x1f << 23);
-    int32_t o = em + (112 << 23);                                 // rebias 15 -> 127
-    o = select_if(e == (0x1f << 23), o + (112 << 23), o);         // inf / NaN: exponent 255
-    // Zero / subnormal: o + 2^23 reads as 2^-14 * (1 + m/1024); subtracting 2^-14
-    // leaves m * 2^-24 exactly.
-    const float sub = float_of(static_cast<uint32_t>(o + (1 << 23))) - float_of(113u << 23);
-    o = select_if(e == 0, static_cast<int32_t>(bits_of(sub)), o);
-    return float_of(static_cast<uint32_t>(o) | (static_cast<uint32_t>(h & 0x8000u) << 16));
-  }
-  // Round to nearest even.
-  static inline raw store(float f) {
-    const uint32_t w = bits_of(f);
-    const int32_t sign = static_cast<int32_t>((w >> 16) & 0x8000u);
-    const int32_t a = static_cast<int32_t>(w & 0x7fffffffu);
-    const int32_t normal = (a - (112 << 23) + 0xfff + ((a >> 13) & 1)) >> 13;
-    // Below 2^-14 the result is subnormal: adding 0.5 leaves exactly the rounded
-    // count of 2^-24 units in the low mantissa bits.
-    const int32_t sub = static_cast<int32_t>(bits_of(float_of(static_cast<uint32_t>(a)) + 0.5f) -
-                                             bits_of(0.5f));
-    int32_t h = select_if(a < (113 << 23), sub, normal);
-    h = select_if(a >= 0x477ff000, 0x7c00, h);  // rounds to >= 65520: inf
-    h = select_if(a > 0x7f800000, 0x7e00, h);   // NaN
-    return static_cast<raw>(h | sign);
-  }
-};
-
-template <typename scalar_t>
-using raw_t = typename Elem<scalar_t>::raw;
-
-template <typename scalar_t>
-const raw_t<scalar_t>* raw_ptr(const Tensor& t) {
-  return reinterpret_cast<const raw_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
-}
-
-template <typename scalar_t>
-raw_t<scalar_t>* raw_mut_ptr(Tensor& t) {
-  return reinterpret_cast<raw_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
-}
-
-// ---------------------------------------------------------------------------
-// Loop helpers.
-
-// 64 bytes of accumulators: four SSE vectors, enough independent adds to hide
-// the add latency without running out of registers.
-template <typename acc_t>
-constexpr int kLanes = static_cast<int>(64 / sizeof(acc_t));
-
-template <typename acc_t>
-constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-
-template <typename acc_t, int L>
-inline acc_t lane_sum(const acc_t* s) {
-  acc_t t[L];
-  for (int j = 0; j < L; ++j) t[j] = s[j];
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) t[j] += t[j + w];
-  return t[0];
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// At least this many elements per parallel chunk: below that the OpenMP
-// fork/join costs more than the work.
-constexpr int64_t kMinChunkElems = 1 << 14;
-
-inline int64_t row_grain(int64_t row_len) {
-  return std::max<int64_t>(1, kMinChunkElems / std::max<int64_t>(row_len, 1));
-}
-
-// Splits one dimension (`len`, with `inner` elements per unit) of each sample into
-// blocks of at least `min_block` units (when there is that much). The split
-// depends on the shape only, never on the thread count, so sums combined across
-// blocks come out bitwise identical on any machine. Blocks are multiples of 16
-// units so that neighbouring blocks do not share cache lines.
-struct Blocks {
-  int64_t size;
-  int64_t count;
-};
-
-Blocks split_blocks(int64_t samples, int64_t len, int64_t inner, int64_t min_block) {
-  if (len <= 0) return {0, 0};
-  constexpr int64_t kTargetItems = 16;  // balances a few cores
-  const int64_t want = ceil_div(kTargetItems, std::max<int64_t>(samples, 1));
-  const int64_t by_work = len * std::max<int64_t>(inner, 1) / kMinChunkElems;
-  const int64_t nb = std::max<int64_t>(1, std::min({want, by_work, len / min_block}));
-  const int64_t size = std::min(len, ceil_div(ceil_div(len, nb), 16) * 16);
-  return {size, ceil_div(len, size)};
-}
-
-// sum, max and first argmax with torch.max semantics (first maximum wins; a NaN
-// counts as the maximum and the first NaN wins) of v[i] = x[i] (* w[i]) over a
-// contiguous row.
-//
-// The hot loop keeps per-lane sums and maxima only; the first position of the
-// maximum is then found by rescanning (in L1) only the lanes that hold it. NaN
-// needs no test in either loop: any NaN makes the sum NaN, and such rows
-// are rescanned for their first NaN.
-template <typename scalar_t, bool kScaled>
-struct RowStats {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  acc_t sum, max;
-  int64_t arg;
-
-  RowStats(const raw_t<scalar_t>* __restrict__ x, const acc_t* __restrict__ w, int64_t n) {
-    constexpr int L = kLanes<acc_t>;
-    auto val = [&](int64_t i) -> acc_t {
-      acc_t v = E::load(x[i]);
-      if constexpr (kScaled) v = v * w[i];
-      return v;
-    };
-    acc_t s[L], m[L];
-    for (int j = 0; j < L; ++j) {
-      s[j] = acc_t(0);
-      m[j] = kNegInf<acc_t>;
-    }
-    int64_t i = 0;
-    for (; i + L <= n; i += L) {
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        acc_t v = E::load(x[i + j]);
-        if constexpr (kScaled) v = v * w[i + j];
-        s[j] += v;
-        m[j] = v > m[j] ? v : m[j];
-      }
-    }
-    sum = lane_sum<acc_t, L>(s);
-    max = kNegInf<acc_t>;
-    for (int j = 0; j < L; ++j) max = m[j] > max ? m[j] : max;
-    // First position of the maximum among the first i values: only the lanes
-    // holding it can contain it (typically one), each scanned with stride L.
-    arg = i;
-    for (int j = 0; j < L; ++j) {
-      if (!(m[j] == max)) continue;
-      for (int64_t k = j; k < arg; k += L) {
-        if (val(k) == max) {
-          arg = k;
-          break;
-        }
-      }
-    }
-    // Not found only when i == 0 or the first i values are all NaN; (-inf, 0)
-    // is then the right start for the tail and the NaN rescan.
-    if (arg == i) arg = 0;
-    for (; i < n; ++i) {
-      const acc_t v = val(i);
-      sum += v;
-      if (v > max) {
-        max = v;
-        arg = i;
-      }
-    }
-    if (std::isnan(sum)) {
-      // inf - inf lands here too, finds no NaN and keeps the result above.
-      for (int64_t k = 0; k < n; ++k) {
-        if (std::isnan(val(k))) {
-          arg = k;
-          break;
-        }
-      }
-    }
-    if (n > 0) max = val(arg);  // the value at the index, as torch.max returns
-  }
-};
-
-// Sum / max / first argmax across `rows` rows of a block of `len` unit-stride
-// columns: row r, column k is x[r * stride + k] (* w[r]). Each column accumulates
-// element-wise. Rows are taken kRows at a time, so a group's sum and max stay in
-// registers and the running max / argmax are touched once per group; the argmax
-// remembers the first row of the group where the column's maximum first appeared
-// and finish() rescans from there.
-template <typename scalar_t>
-struct ColumnStats {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  static constexpr int kRows = 8;
-  std::vector<acc_t> sum, max;
-  std::vector<int32_t> arg;
-
-  explicit ColumnStats(int64_t len) : sum(len), max(len), arg(len) {}
-
-  template <bool kScaled>
-  void run(const raw_t<scalar_t>* x, int64_t stride, const acc_t* w, int64_t rows, int64_t len) {
-    std::fill_n(sum.data(), len, acc_t(0));
-    std::fill_n(max.data(), len, kNegInf<acc_t>);
-    std::fill_n(arg.data(), len, int32_t(0));
-    int64_t r0 = 0;
-    for (; r0 + kRows <= rows; r0 += kRows)
-      group<kRows, kScaled>(x + r0 * stride, stride, kScaled ? w + r0 : nullptr,
-                            static_cast<int32_t>(r0), len);
-    for (; r0 < rows; ++r0)
-      group<1, kScaled>(x + r0 * stride, stride, kScaled ? w + r0 : nullptr,
-                        static_cast<int32_t>(r0), len);
-    for (int64_t k = 0; k < len; ++k) finish<kScaled>(x, stride, w, rows, k);
-  }
-
- private:
-  template <int R, bool kScaled>
-  inline void group(const raw_t<scalar_t>* __restrict__ x, int64_t stride,
-                    const acc_t* __restrict__ w, int32_t first_row, int64_t len) {
-    acc_t* __restrict__ s = sum.data();
-    acc_t* __restrict__ m = max.data();
-    int32_t* __restrict__ a = arg.data();
-    acc_t wr[R];
-    for (int r = 0; r < R; ++r) wr[r] = kScaled ? w[r] : acc_t(1);
-#pragma omp simd
-    for (int64_t k = 0; k < len; ++k) {
-      acc_t bs = acc_t(0), bm = kNegInf<acc_t>;
-      for (int r = 0; r < R; ++r) {
-        acc_t v = E::load(x[r * stride + k]);
-        if constexpr (kScaled) v = v * wr[r];
-        bs += v;
-        bm = v > bm ? v : bm;
-      }
-      s[k] += bs;
-      const bool gt = bm > m[k];
-      m[k] = gt ? bm : m[k];
-      a[k] = select_if(gt, first_row, a[k]);
-    }
-  }
-
-  template <bool kScaled>
-  inline void finish(const raw_t<scalar_t>* x, int64_t stride, const acc_t* w, int64_t rows,
-                     int64_t k) {
-    auto val = [&](int64_t r) -> acc_t {
-      acc_t v = E::load(x[r * stride + k]);
-      if constexpr (kScaled) v = v * w[r];
-      return v;
-    };
-    if (std::isnan(sum[k])) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t v = val(r);
-        if (std::isnan(v)) {
-          max[k] = v;
-          arg[k] = static_cast<int32_t>(r);
-          return;
-        }
-      }
-    }
-    // Rows before arg[k] are all below max[k], which occurs within that group.
-    int64_t r = arg[k];
-    while (r + 1 < rows && !(val(r) == max[k])) ++r;
-    arg[k] = static_cast<int32_t>(r);
-    max[k] = val(r);
-  }
-};
-
-// ---------------------------------------------------------------------------
-// F1: avg / max / argmax over positions.
-
-template <typename scalar_t>
-void channel_pool_impl(const Tensor& x, Layout layout, Tensor& avg, Tensor& mx, Tensor& im) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  acc_t* ap = avg.mutable_data_ptr<acc_t>();
-  acc_t* mp = mx.mutable_data_ptr<acc_t>();
-  int32_t* ip = im.mutable_data_ptr<int32_t>();
-  const acc_t den = static_cast<acc_t>(P);
-
-  if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const RowStats<scalar_t, false> st(xp + r * P, nullptr, P);
-        ap[r] = st.sum / den;
-        mp[r] = st.max;
-        ip[r] = static_cast<int32_t>(st.arg);
-      }
-    });
-    return;
-  }
-
-  // channels_last: blocks of channels, each reduced over every position.
-  const Blocks cb = split_blocks(N, C, P, 64);
-  at::parallel_for(0, N * cb.count, 1, [&](int64_t begin, int64_t end) {
-    ColumnStats<scalar_t> st(cb.size);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / cb.count, c0 = (item % cb.count) * cb.size;
-      const int64_t len = std::min(cb.size, C - c0);
-      st.template run<false>(xp + n * P * C + c0, C, nullptr, P, len);
-      for (int64_t k = 0; k < len; ++k) {
-        const int64_t o = n * C + c0 + k;
-        ap[o] = st.sum[k] / den;
-        mp[o] = st.max[k];
-        ip[o] = st.arg[k];
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------
-// F2: with x1 = x * mc, mean / max / argmax over channels.
-
-template <typename scalar_t>
-void spatial_pool_impl(const Tensor& x, Layout layout, const Tensor& mc, Tensor& sa, Tensor& sm,
-                       Tensor& ic) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  const acc_t* mcp = mc.const_data_ptr<acc_t>();
-  acc_t* sap = sa.mutable_data_ptr<acc_t>();
-  acc_t* smp = sm.mutable_data_ptr<acc_t>();
-  int32_t* icp = ic.mutable_data_ptr<int32_t>();
-  const acc_t den = static_cast<acc_t>(C);
-
-  if (layout == Layout::kNHWC) {
-    at::parallel_for(0, N * P, row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const RowStats<scalar_t, true> st(xp + r * C, mcp + (r / P) * C, C);
-        sap[r] = st.sum / den;
-        smp[r] = st.max;
-        icp[r] = static_cast<int32_t>(st.arg);
-      }
-    });
-    return;
-  }
-
-  // NCHW: stream the C rows of a block of positions, accumulating per position.
-  const Blocks pb = split_blocks(N, P, C, 256);
-  at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
-    ColumnStats<scalar_t> st(pb.size);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
-      const int64_t len = std::min(pb.size, P - p0);
-      st.template run<true>(xp + n * C * P + p0, P, mcp + n * C, C, len);
-      for (int64_t k = 0; k < len; ++k) {
-        const int64_t o = n * P + p0 + k;
-        sap[o] = st.sum[k] / den;
-        smp[o] = st.max[k];
-        icp[o] = st.arg[k];
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------
-// F3: y = x * mc * ms, rounded in that order as the reference does.
-
-template <typename scalar_t>
-void apply_impl(const Tensor& x, Layout layout, const Tensor& mc, const Tensor& ms, Tensor& y) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  const acc_t* mcp = mc.const_data_ptr<acc_t>();
-  const acc_t* msp = ms.const_data_ptr<acc_t>();
-  raw_t<scalar_t>* yp = raw_mut_ptr<scalar_t>(y);
-
-  if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const acc_t s = mcp[r];
-        const acc_t* __restrict__ msr = msp + (r / C) * P;
-        const raw_t<scalar_t>* __restrict__ xr = xp + r * P;
-        raw_t<scalar_t>* __restrict__ yr = yp + r * P;
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) yr[p] = E::store(E::load(xr[p]) * s * msr[p]);
-      }
-    });
-  } else {
-    at::parallel_for(0, N * P, row_grain(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const acc_t t = msp[r];
-        const acc_t* __restrict__ mcr = mcp + (r / P) * C;
-        const raw_t<scalar_t>* __restrict__ xr = xp + r * C;
-        raw_t<scalar_t>* __restrict__ yr = yp + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yr[c] = E::store(E::load(xr[c]) * mcr[c] * t);
-      }
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------
-// B1: dms = sum_c g*x*mc and dmc = sum_p g*x*ms, both from one read of g and x.
-// Work items are (sample, block of positions), so dms is complete within an item
-// while dmc crosses items: each item writes its own partial row, and the partials
-// are added in block order afterwards.
-//
-// NCHW takes channel rows kGroup at a time, so the per-position accumulator is
-// loaded and stored once per group; the adds into it stay in row order, so the
-// grouping changes no rounding. Each row of the group has its own kLanes2
-// dot-product lanes (half the usual width, so that the group's lanes fit in
-// registers).
-
-template <typename acc_t>
-constexpr int kLanes2 = static_cast<int>(32 / sizeof(acc_t));
-
-template <typename scalar_t, int R>
-inline void bwd_reduce_nchw_rows(const raw_t<scalar_t>* __restrict__ g,
-                                 const raw_t<scalar_t>* __restrict__ x, int64_t stride,
-                                 const at::opmath_type<scalar_t>* __restrict__ w,
-                                 const at::opmath_type<scalar_t>* __restrict__ ms,
-                                 at::opmath_type<scalar_t>* __restrict__ d,
-                                 at::opmath_type<scalar_t>* __restrict__ dot, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  constexpr int L = kLanes2<acc_t>;
-  acc_t lane[R][L];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < L; ++j) lane[r][j] = acc_t(0);
-  int64_t k = 0;
-  for (; k + L <= len; k += L) {
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      acc_t acc = d[k + j];
-      for (int r = 0; r < R; ++r) {
-        const acc_t gx = E::load(g[r * stride + k + j]) * E::load(x[r * stride + k + j]);
-        acc = acc + gx * w[r];
-        lane[r][j] += gx * ms[k + j];
-      }
-      d[k + j] = acc;
-    }
-  }
-  for (int j = 0; k + j < len; ++j) {
-    acc_t acc = d[k + j];
-    for (int r = 0; r < R; ++r) {
-      const acc_t gx = E::load(g[r * stride + k + j]) * E::load(x[r * stride + k + j]);
-      acc = acc + gx * w[r];
-      lane[r][j] += gx * ms[k + j];
-    }
-    d[k + j] = acc;
-  }
-  for (int r = 0; r < R; ++r) dot[r] = lane_sum<acc_t, L>(lane[r]);
-}
-
-template <typename scalar_t>
-void bwd_reduce_impl(const Tensor& g, const Tensor& x, Layout layout, const Tensor& mc,
-                     const Tensor& ms, Tensor& dms, Tensor& dmc) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  constexpr int kGroup = 4;
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const raw_t<scalar_t>* gp = raw_ptr<scalar_t>(g);
-  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  const acc_t* mcp = mc.const_data_ptr<acc_t>();
-  const acc_t* msp = ms.const_data_ptr<acc_t>();
-  acc_t* dmsp = dms.mutable_data_ptr<acc_t>();
-  acc_t* dmcp = dmc.mutable_data_ptr<acc_t>();
-
-  // NCHW streams C row segments per item: keep them long.
-  const Blocks pb = split_blocks(N, P, C, layout == Layout::kNCHW ? 256 : 16);
-  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * C));  // [n][block][c]
-  acc_t* part = partial.data();
-
-  if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(pb.size);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
-        const int64_t len = std::min(pb.size, P - p0);
-        acc_t* d = buf.data();
-        std::fill_n(d, len, acc_t(0));
-        const int64_t off = n * C * P + p0;
-        int64_t c = 0;
-        for (; c + kGroup <= C; c += kGroup)
-          bwd_reduce_nchw_rows<scalar_t, kGroup>(gp + off + c * P, xp + off + c * P, P,
-                                                 mcp + n * C + c, msp + n * P + p0, d,
-                                                 part + item * C + c, len);
-        for (; c < C; ++c)
-          bwd_reduce_nchw_rows<scalar_t, 1>(gp + off + c * P, xp + off + c * P, P,
-                                            mcp + n * C + c, msp + n * P + p0, d,
-                                            part + item * C + c, len);
-        std::copy_n(d, len, dmsp + n * P + p0);
-      }
-    });
-  } else {
-    constexpr int L = kLanes<acc_t>;
-    at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
-        const int64_t len = std::min(pb.size, P - p0);
-        const acc_t* __restrict__ mcr = mcp + n * C;
-        acc_t* __restrict__ pr = part + item * C;
-        std::fill_n(pr, C, acc_t(0));
-        for (int64_t p = p0; p < p0 + len; ++p) {
-          const raw_t<scalar_t>* __restrict__ gr = gp + (n * P + p) * C;
-          const raw_t<scalar_t>* __restrict__ xr = xp + (n * P + p) * C;
-          const acc_t t = msp[n * P + p];
-          acc_t lane[L];
-          for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
-          int64_t c = 0;
-          for (; c + L <= C; c += L) {
-#pragma omp simd
-            for (int j = 0; j < L; ++j) {
-              const acc_t gx = E::load(gr[c + j]) * E::load(xr[c + j]);
-              lane[j] += gx * mcr[c + j];
-              pr[c + j] += gx * t;
-            }
-          }
-          for (int j = 0; c + j < C; ++j) {
-            const acc_t gx = E::load(gr[c + j]) * E::load(xr[c + j]);
-            lane[j] += gx * mcr[c + j];
-            pr[c + j] += gx * t;
-          }
-          dmsp[n * P + p] = lane_sum<acc_t, L>(lane);
-        }
-      }
-    });
-  }
-
-  for (int64_t n = 0; n < N; ++n) {
-    acc_t* __restrict__ out = dmcp + n * C;
-    std::fill_n(out, C, acc_t(0));
-    for (int64_t b = 0; b < pb.count; ++b) {
-      const acc_t* __restrict__ pr = part + (n * pb.count + b) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] += pr[c];
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// B2: dmc[n,c] = sum_p (da_s/C) x  +  sum_{p: ic[n,p]==c} dm_s x.
-// The dense and the gathered sums are kept apart and added at the end, as the
-// reference does.
-
-template <typename scalar_t>
-void bwd_channel_impl(const Tensor& x, Layout layout, const Tensor& da_s, const Tensor& dm_s,
-                      const Tensor& ic, Tensor& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  constexpr int L = kLanes<acc_t>;
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const raw_t<scalar_t>* xp = raw_ptr<scalar_t>(x);
-  const acc_t* dap = da_s.const_data_ptr<acc_t>();
-  const acc_t* dmp = dm_s.const_data_ptr<acc_t>();
-  const int32_t* icp = ic.const_data_ptr<int32_t>();
-  acc_t* op = out.mutable_data_ptr<acc_t>();
-
-  // The gather reads x[n, ic, p]: an index outside [0, C) would read out of
-  // bounds (the reference's gather raises as well).
-  const int64_t NP = N * P;
-  if (NP > 0) {
-    int32_t lo = icp[0], hi = icp[0];
-    for (int64_t i = 0; i < NP; ++i) {
-      lo = std::min(lo, icp[i]);
-      hi = std::max(hi, icp[i]);
-    }
-    MK_CHECK_VALUE(lo >= 0 && hi < C, "ic: expected channel indices in [0, C=", C,
-                      "), got values in [", lo, ", ", hi, "]");
-  }
-
-  // da_s / C once per position (a division, as the reference computes it).
-  std::vector<acc_t> wbuf(static_cast<size_t>(NP));
-  for (int64_t i = 0; i < NP; ++i) wbuf[i] = dap[i] / static_cast<acc_t>(C);
-  const acc_t* wp = wbuf.data();
-
-  if (layout == Layout::kNCHW) {
-    // The gathered term first: N*P scattered reads, not a pass.
-    std::vector<acc_t> sparse(static_cast<size_t>(N * C), acc_t(0));
-    acc_t* sp = sparse.data();
-    at::parallel_for(0, N, row_grain(P), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t c = icp[n * P + p];
-          sp[n * C + c] += dmp[n * P + p] * E::load(xp[(n * C + c) * P + p]);
-        }
-    });
-    at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const raw_t<scalar_t>* __restrict__ xr = xp + r * P;
-        const acc_t* __restrict__ wr = wp + (r / C) * P;
-        acc_t lane[L];
-        for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
-        int64_t p = 0;
-        for (; p + L <= P; p += L) {
-#pragma omp simd
-          for (int j = 0; j < L; ++j) lane[j] += E::load(xr[p + j]) * wr[p + j];
-        }
-        for (int j = 0; p + j < P; ++j) lane[j] += E::load(xr[p + j]) * wr[p + j];
-        op[r] = lane_sum<acc_t, L>(lane) + sp[r];
-      }
-    });
-    return;
-  }
-
-  // channels_last: items are (sample, block of positions), each with its own
-  // partial rows, added in block order afterwards.
-  const Blocks pb = split_blocks(N, P, C, 16);
-  std::vector<acc_t> partial(static_cast<size_t>(N * pb.count * 2 * C));  // [n][block][2][c]
-  acc_t* part = partial.data();
-  at::parallel_for(0, N * pb.count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / pb.count, p0 = (item % pb.count) * pb.size;
-      const int64_t len = std::min(pb.size, P - p0);
-      acc_t* __restrict__ dense = part + item * 2 * C;
-      acc_t* __restrict__ sparse = dense + C;
-      std::fill_n(dense, 2 * C, acc_t(0));
-      for (int64_t p = p0; p < p0 + len; ++p) {
-        const raw_t<scalar_t>* __restrict__ xr = xp + (n * P + p) * C;
-        const acc_t w = wp[n * P + p];
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dense[c] += E::load(xr[c]) * w;
-        const int64_t c = icp[n * P + p];
-        sparse[c] += dmp[n * P + p] * E::load(xr[c]);
-      }
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t d = 0, s = 0;
-      for (int64_t b = 0; b < pb.count; ++b) {
-        d += part[((n * pb.count + b) * 2) * C + c];
-        s += part[((n * pb.count + b) * 2 + 1) * C + c];
-      }
-      op[n * C + c] = d + s;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// B3: dx = mc*(g*ms + da_s/C + dm_s*[c == ic]) + d_avg/P + d_mx*[p == im].
-// The dense part is one streaming pass; the one-hot terms touch N*P and N*C
-// elements, which are rewritten with the full expression afterwards (each
-// element's value is the same whichever fix-up writes it last). An index out of range
-// matches nothing, as in the reference.
-
-template <typename scalar_t>
-void bwd_dx_impl(const Tensor& g, Layout layout, const Tensor& mc, const Tensor& ms,
-                 const Tensor& da_s, const Tensor& dm_s, const Tensor& ic, const Tensor& d_avg,
-                 const Tensor& d_mx, const Tensor& im, Tensor& dx) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using E = Elem<scalar_t>;
-  const int64_t N = g.size(0), C = g.size(1), P = g.size(2) * g.size(3);
-  const raw_t<scalar_t>* gp = raw_ptr<scalar_t>(g);
-  const acc_t* mcp = mc.const_data_ptr<acc_t>();
-  const acc_t* msp = ms.const_data_ptr<acc_t>();
-  const acc_t* dap = da_s.const_data_ptr<acc_t>();
-  const acc_t* dmp = dm_s.const_data_ptr<acc_t>();
-  const int32_t* icp = ic.const_data_ptr<int32_t>();
-  const acc_t* davp = d_avg.const_data_ptr<acc_t>();
-  const acc_t* dmxp = d_mx.const_data_ptr<acc_t>();
-  const int32_t* imp = im.const_data_ptr<int32_t>();
-  raw_t<scalar_t>* dxp = raw_mut_ptr<scalar_t>(dx);
-
-  // da_s / C and d_avg / P, divided once, as the reference computes them.
-  std::vector<acc_t> abuf(static_cast<size_t>(N * P)), bbuf(static_cast<size_t>(N * C));
-  for (int64_t i = 0; i < N * P; ++i) abuf[i] = dap[i] / static_cast<acc_t>(C);
-  for (int64_t i = 0; i < N * C; ++i) bbuf[i] = davp[i] / static_cast<acc_t>(P);
-  const acc_t* ap = abuf.data();
-  const acc_t* bp = bbuf.data();
-
-  // The reference expression for one element, one-hot terms included.
-  auto full = [&](int64_t n, int64_t c, int64_t p, acc_t gv) -> acc_t {
-    const int64_t np = n * P + p, nc = n * C + c;
-    acc_t inner = gv * msp[np] + ap[np];
-    if (icp[np] == c) inner = inner + dmp[np];
-    acc_t v = mcp[nc] * inner + bp[nc];
-    if (imp[nc] == p) v = v + dmxp[nc];
-    return v;
-  };
-
-  if (layout == Layout::kNCHW) {
-    at::parallel_for(0, N * C, row_grain(P), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / C, c = r % C;
-        const acc_t s = mcp[r], b = bp[r];
-        const raw_t<scalar_t>* __restrict__ gr = gp + r * P;
-        const acc_t* __restrict__ msr = msp + n * P;
-        const acc_t* __restrict__ ar = ap + n * P;
-        raw_t<scalar_t>* __restrict__ out = dxp + r * P;
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p)
-          out[p] = E::store(s * (E::load(gr[p]) * msr[p] + ar[p]) + b);
-        const int64_t pi = imp[r];
-        if (pi >= 0 && pi < P) out[pi] = E::store(full(n, c, pi, E::load(gr[pi])));
-      }
-    });
-    // The picked-channel term, once every row above is written.
-    at::parallel_for(0, N * P, kMinChunkElems / 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / P, p = r % P, ci = icp[r];
-        if (ci < 0 || ci >= C) continue;
-        const int64_t o = (n * C + ci) * P + p;
-        dxp[o] = E::store(full(n, ci, p, E::load(gp[o])));
-      }
-    });
-    return;
-  }
-
-  at::parallel_for(0, N * P, row_grain(C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / P, p = r % P;
-      const acc_t t = msp[r], a = ap[r];
-      const raw_t<scalar_t>* __restrict__ gr = gp + r * C;
-      const acc_t* __restrict__ mcr = mcp + n * C;
-      const acc_t* __restrict__ br = bp + n * C;
-      raw_t<scalar_t>* __restrict__ out = dxp + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[c] = E::store(mcr[c] * (E::load(gr[c]) * t + a) + br[c]);
-      const int64_t ci = icp[r];
-      if (ci >= 0 && ci < C) out[ci] = E::store(full(n, ci, p, E::load(gr[ci])));
-    }
-  });
-  // The argmax-position term, once every row above is written.
-  at::parallel_for(0, N * C, kMinChunkElems / 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / C, c = r % C, pi = imp[r];
-      if (pi < 0 || pi >= P) continue;
-      const int64_t o = (n * P + pi) * C + c;
-      dxp[o] = E::store(full(n, c, pi, E::load(gp[o])));
-    }
-  });
-}
+// The passes, once per instruction set (cpu_isa.h). Arithmetic contraction into FMAs
+// is off in the wider copies, so all three compute bit-identical results (the tests
+// check that) and the numbers never depend on the machine.
+namespace generic {
+#include "mixed_attention_passes.inc"
+}  // namespace generic
+#if MK_CPU_ISA_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=off")
+namespace avx2 {
+#include "mixed_attention_passes.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#pragma GCC optimize("fp-contract=off")
+namespace avx512 {
+#include "mixed_attention_passes.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
 
 // ---------------------------------------------------------------------------
 // Op entry points: check, allocate, dispatch.
@@ -886,7 +160,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
   Tensor im = at::empty({N, C}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_channel_pool",
-                                  [&] { channel_pool_impl<scalar_t>(x, layout, avg, mx, im); });
+                                  [&] { MK_CPU_ISA_CALL(channel_pool_impl<scalar_t>, x, layout, avg, mx, im); });
   return {avg, mx, im};
 }
 
@@ -902,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& m
   Tensor ic = at::empty({N, H, W}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_spatial_pool",
-                                  [&] { spatial_pool_impl<scalar_t>(x, layout, mc, sa, sm, ic); });
+                                  [&] { MK_CPU_ISA_CALL(spatial_pool_impl<scalar_t>, x, layout, mc, sa, sm, ic); });
   return {sa, sm, ic};
 }
 
@@ -915,7 +189,7 @@ Tensor apply(const Tensor& x, const Tensor& mc, const Tensor& ms) {
   Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format(layout)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_apply",
-                                  [&] { apply_impl<scalar_t>(x, layout, mc, ms, y); });
+                                  [&] { MK_CPU_ISA_CALL(apply_impl<scalar_t>, x, layout, mc, ms, y); });
   return y;
 }
 
@@ -937,7 +211,7 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& g, const Tensor& x, const Te
   Tensor dmc = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_bwd_reduce", [&] {
-                                    bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc);
+                                    MK_CPU_ISA_CALL(bwd_reduce_impl<scalar_t>, g, x, layout, mc, ms, dms, dmc);
                                   });
   return {dms, dmc};
 }
@@ -952,7 +226,7 @@ Tensor bwd_channel(const Tensor& x, const Tensor& da_s, const Tensor& dm_s, cons
   Tensor out = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_bwd_channel", [&] {
-                                    bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out);
+                                    MK_CPU_ISA_CALL(bwd_channel_impl<scalar_t>, x, layout, da_s, dm_s, ic, out);
                                   });
   return out;
 }
@@ -974,7 +248,7 @@ Tensor bwd_dx(const Tensor& g, const Tensor& mc, const Tensor& ms, const Tensor&
   check_index(im, "im", "(N, C)", {N, C});
   Tensor dx = at::empty(g.sizes(), g.options().memory_format(memory_format(layout)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "mixed_attention_bwd_dx", [&] {
-    bwd_dx_impl<scalar_t>(g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx);
+    MK_CPU_ISA_CALL(bwd_dx_impl<scalar_t>, g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx);
   });
   return dx;
 }
