@@ -44,3 +44,21 @@ def assert_matches(out, ref_hi, ref_lowp, dtype):
             scale = max(1.0, r.abs().max().item())
             torch.testing.assert_close(o, r, atol=atol * scale, rtol=rtol,
                                        msg=lambda m, k=k: f"{k}: {m}")
+
+
+CPU_ISAS = ("generic", "avx2", "avx512")
+
+
+def use_cpu_isa(isa, monkeypatch):
+    """Select the C++ CPU kernels' instruction-set copy (``MANET_KERNELS_CPU_ISA``),
+    skipping the test where this CPU cannot run it."""
+    import pytest
+
+    monkeypatch.setenv("MANET_KERNELS_CPU_ISA", isa)
+    x = torch.ones(1, 2, 1, 1)
+    try:
+        torch.ops.manet_kernels.mixed_attention_channel_pool(x)
+    except RuntimeError as e:
+        if "not supported by this CPU" in str(e):
+            pytest.skip(f"{isa}: {e}")
+        raise

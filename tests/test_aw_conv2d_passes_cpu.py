@@ -14,6 +14,7 @@ if not (_ext.HAS_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(
     pytest.skip(f"C++ extension without the aw_conv2d CPU kernels ({_ext.EXT_ERROR})",
                 allow_module_level=True)
 
+from helpers import use_cpu_isa  # noqa: E402
 from manet_kernels.reference import passes as ref  # noqa: E402
 
 ops = torch.ops.manet_kernels
@@ -254,7 +255,8 @@ def test_bad_arguments(case):
 # through MANET_KERNELS_AW_CPU_ALGO: odd maps (1, 2, 3 rows or columns, partial last
 # tiles), padding 0 / 1 / 2, N = 1 and odd N, C1 != C2, channel counts off the vector
 # width. It runs only on AVX2 + FMA CPUs and silently falls back to ATen elsewhere, so
-# these cases check the contract either way.
+# these cases check the contract either way; each runs with the AVX2 and the AVX-512
+# copy of the kernels (skipped where the CPU lacks it).
 WINO_CONFIGS = [
     (1, 3, 5, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 1 x 1 map
     (3, 4, 6, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
@@ -270,15 +272,19 @@ WINO_CONFIGS = [
 @pytest.mark.parametrize("layout", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("cfg", WINO_CONFIGS, ids=[_cfg_id(c) for c in WINO_CONFIGS])
-def test_winograd_matches_reference(cfg, algo, dtype, layout, monkeypatch):
+def test_winograd_matches_reference(cfg, isa, algo, dtype, layout, monkeypatch):
+    use_cpu_isa(isa, monkeypatch)  # the AVX2 and the AVX-512 copy of the kernels
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
     test_matches_reference(cfg, dtype, layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
-def test_winograd_low_precision(algo, dtype, monkeypatch):
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_winograd_low_precision(isa, algo, dtype, monkeypatch):
+    use_cpu_isa(isa, monkeypatch)
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
     cfg = (3, 16, 8, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1)
     x, weight, weights, scale, bias, gy, conv = _inputs(cfg, dtype, "channels_last")
@@ -293,8 +299,10 @@ def test_winograd_low_precision(algo, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_winograd_deterministic_and_thread_count(algo, threads, monkeypatch):
+def test_winograd_deterministic_and_thread_count(algo, isa, threads, monkeypatch):
+    use_cpu_isa(isa, monkeypatch)
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
     test_deterministic_and_thread_count(threads)
 

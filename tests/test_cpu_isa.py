@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import manet_kernels
+from helpers import CPU_ISAS, use_cpu_isa
 from manet_kernels import _ext
 
 if not _ext.HAS_EXT:
     pytest.skip(f"C++ extension not built: {_ext.EXT_ERROR}", allow_module_level=True)
 
-ISAS = ("generic", "avx2", "avx512")
+ISAS = CPU_ISAS
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Odd sizes, H*W = 1, and shapes split into several blocks per sample.
 SHAPES = ((1, 1, 1, 1), (2, 7, 5, 3), (3, 37, 9, 11), (1, 130, 17, 19), (2, 64, 32, 32))
@@ -51,23 +52,11 @@ def _run(isa, monkeypatch, x, params, gy):
     return [y, mc, ms, *grads]
 
 
-def _skip_unless_supported(isa, monkeypatch):
-    monkeypatch.setenv("MANET_KERNELS_CPU_ISA", isa)
-    x = torch.ones(1, 2, 1, 1)
-    w1, w2, cw = torch.ones(1, 2), torch.ones(2, 1), torch.ones(1, 2, 3, 3)
-    try:
-        manet_kernels.mixed_attention(x, w1, None, w2, None, cw, backend="cpu")
-    except RuntimeError as e:
-        if "not supported by this CPU" in str(e):
-            pytest.skip(f"{isa}: {e}")
-        raise
-
-
 @pytest.mark.parametrize("isa", ISAS[1:])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 def test_mixed_attention_copies_bit_identical(isa, dtype, channels_last, monkeypatch):
-    _skip_unless_supported(isa, monkeypatch)
+    use_cpu_isa(isa, monkeypatch)
     for shape in SHAPES:
         case = _case(shape, dtype, channels_last)
         want = _run("generic", monkeypatch, *case)
@@ -80,7 +69,7 @@ def test_mixed_attention_copies_bit_identical(isa, dtype, channels_last, monkeyp
 
 @pytest.mark.parametrize("isa", ISAS[1:])
 def test_mixed_attention_copies_agree_on_nonfinite(isa, monkeypatch):
-    _skip_unless_supported(isa, monkeypatch)
+    use_cpu_isa(isa, monkeypatch)
     case = _case((2, 37, 9, 11), torch.float32, False, nonfinite=True)
     want = _run("generic", monkeypatch, *case)
     got = _run(isa, monkeypatch, *case)

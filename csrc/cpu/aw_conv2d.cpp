@@ -29,6 +29,7 @@
 #endif
 
 #include "../check.h"
+#include "cpu_isa.h"
 
 namespace {
 
@@ -320,120 +321,6 @@ void for_each_sample(int64_t begin, int64_t end, int64_t threads, const F& fn) {
 // entries up to 8 and 1/24 and lose about 3 more bits (~4e-6 there); see
 // kWinoF4MaxChannels for where it is used.
 
-// The Winograd kernels are compiled for AVX2 + FMA (the build has no -march) and run
-// only on CPUs that have both (see wino_cpu_ok); elsewhere the ATen path runs.
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,tune=haswell")
-
-template <int M>
-struct WinoMats;
-
-template <>
-struct WinoMats<2> {
-  static constexpr int A = 4;
-  static constexpr double BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-  static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
-};
-
-template <>
-struct WinoMats<4> {
-  static constexpr int A = 6;
-  static constexpr double BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0},
-                                      {0, 4, -4, -1, 1, 0}, {0, -2, -1, 2, 1, 0},
-                                      {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
-                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                     {0, 0, 1}};
-  static constexpr double AT[4][6] = {{1, 1, 1, 1, 1, 0},
-                                      {0, 1, -1, 2, -2, 0},
-                                      {0, 1, 1, 4, 4, 0},
-                                      {0, 1, -1, 8, -8, 1}};
-};
-
-// One 1-D transform out[o] = sum_i C(o, i) in[i], as coefficient tables the
-// compiler sees: zero terms vanish and +-1 become adds (no -ffast-math needed).
-template <int M> struct CoefBT  { static constexpr int K = M + 2; static constexpr double at(int o, int i) { return WinoMats<M>::BT[o][i]; } };
-template <int M> struct CoefBTt { static constexpr int K = M + 2; static constexpr double at(int o, int i) { return WinoMats<M>::BT[i][o]; } };
-template <int M> struct CoefAT  { static constexpr int K = M + 2; static constexpr double at(int o, int i) { return WinoMats<M>::AT[o][i]; } };
-template <int M> struct CoefATt { static constexpr int K = M; static constexpr double at(int o, int i) { return WinoMats<M>::AT[i][o]; } };
-template <int M> struct CoefG   { static constexpr int K = 3; static constexpr double at(int o, int i) { return WinoMats<M>::G[o][i]; } };
-template <int M> struct CoefGt  { static constexpr int K = M + 2; static constexpr double at(int o, int i) { return WinoMats<M>::G[i][o]; } };
-
-// The sum starts at the first nonzero term, so no 0 + x is left for the compiler to
-// keep (it must, for -0.0, without -ffast-math). S is the element type of V.
-template <typename Coef, int O, int I, bool Started, typename S, typename V>
-C10_ALWAYS_INLINE V row_sum(const V* x, V acc) {
-  if constexpr (I == Coef::K) {
-    static_assert(Started, "a transform row with no nonzero coefficient");
-    return acc;
-  } else {
-    constexpr double c = Coef::at(O, I);
-    if constexpr (c == 0) {
-      return row_sum<Coef, O, I + 1, Started, S>(x, acc);
-    } else {
-      V term;
-      if constexpr (c == 1) term = x[I];
-      else if constexpr (c == -1) term = -x[I];
-      else term = S(c) * x[I];
-      if constexpr (Started) return row_sum<Coef, O, I + 1, true, S>(x, acc + term);
-      else return row_sum<Coef, O, I + 1, true, S>(x, term);
-    }
-  }
-}
-
-template <typename Coef, typename S, typename V, int... O>
-C10_ALWAYS_INLINE void apply_rows(const V* x, V* y, std::integer_sequence<int, O...>) {
-  ((y[O] = row_sum<Coef, O, 0, false, S>(x, V{})), ...);
-}
-
-// 32-byte GCC vector of T: two SSE registers without -mavx, one AVX register with it.
-// Explicit vectors because the loop vectoriser gives up on the small per-element
-// arrays these transforms need.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  // The same vector at T's alignment, for unaligned loads and stores.
-  typedef T unaligned __attribute__((vector_size(32), aligned(alignof(T))));
-  static constexpr int width = 32 / sizeof(T);
-};
-
-template <typename T>
-C10_ALWAYS_INLINE typename Vec<T>::type vload(const T* p) {
-  return *reinterpret_cast<const typename Vec<T>::unaligned*>(p);
-}
-
-template <typename T>
-C10_ALWAYS_INLINE void vstore(T* p, typename Vec<T>::type v) {
-  *reinterpret_cast<typename Vec<T>::unaligned*>(p) = v;
-}
-
-// out[o][c] = sum_i Coef(o, i) * in[i][c] for c < len; R outputs from K inputs.
-template <typename Coef, int R, int K, typename T>
-C10_ALWAYS_INLINE void apply1d(const T* const* in, T* const* out, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  int64_t c = 0;
-  for (; c + W <= len; c += W) {
-    V x[K], y[R];
-    for (int i = 0; i < K; ++i) x[i] = vload(in[i] + c);
-    apply_rows<Coef, T>(x, y, std::make_integer_sequence<int, R>{});
-    for (int o = 0; o < R; ++o) vstore(out[o] + c, y[o]);
-  }
-  for (; c < len; ++c) {
-    T x[K], y[R];
-    for (int i = 0; i < K; ++i) x[i] = in[i][c];
-    apply_rows<Coef, T>(x, y, std::make_integer_sequence<int, R>{});
-    for (int o = 0; o < R; ++o) out[o][c] = y[o];
-  }
-}
-
-// Channels per block of a transform: its a*a scratch rows stay in L1.
-constexpr int64_t kWinoChannelBlock = 64;
-
 struct WinoGeo {
   int64_t n, c1, c2, h, w, ho, wo, ph, pw, th, tw, tiles;
 };
@@ -455,375 +342,6 @@ WinoGeo wino_geometry(const Geometry& geo, int m) {
   return g;
 }
 
-// V (N, a*a, tiles, C1) from x (N, H, W, C1); work items are (sample, tile row).
-template <typename T, int M>
-void wino_input_transform(const T* x, T* v, const WinoGeo& g, int64_t begin, int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c1);
-  std::vector<T> tmp(A * A * cb_max), zeros(cb_max, T(0));
-  const T* in[A];
-  T* out[A];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / g.th, ti = item % g.th;
-    for (int64_t tj = 0; tj < g.tw; ++tj) {
-      const int64_t t = ti * g.tw + tj;
-      for (int64_t c0 = 0; c0 < g.c1; c0 += cb_max) {
-        const int64_t cb = std::min(cb_max, g.c1 - c0);
-        for (int j = 0; j < A; ++j) {
-          const int64_t col = tj * M + j - g.pw;
-          for (int i = 0; i < A; ++i) {
-            const int64_t row = ti * M + i - g.ph;
-            in[i] = (row >= 0 && row < g.h && col >= 0 && col < g.w)
-                        ? x + ((n * g.h + row) * g.w + col) * g.c1 + c0
-                        : zeros.data();
-            out[i] = tmp.data() + (i * A + j) * cb;
-          }
-          apply1d<CoefBT<M>, A, A>(in, out, cb);
-        }
-        for (int i = 0; i < A; ++i) {
-          for (int j = 0; j < A; ++j) {
-            in[j] = tmp.data() + (i * A + j) * cb;
-            out[j] = v + ((n * A * A + i * A + j) * g.tiles + t) * g.c1 + c0;
-          }
-          apply1d<CoefBT<M>, A, A>(in, out, cb);
-        }
-      }
-    }
-  }
-}
-
-// y (N, Ho, Wo, C2) from M (N, a*a, tiles, C2), plus bias (N, C2) if given.
-template <typename T, int M>
-void wino_output_transform(const T* mm, const T* bias, T* y, const WinoGeo& g, int64_t begin,
-                           int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c2);
-  std::vector<T> tmp(M * A * cb_max), tile(M * M * cb_max);
-  const T* in[A];
-  T* out[A];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / g.th, ti = item % g.th;
-    for (int64_t tj = 0; tj < g.tw; ++tj) {
-      const int64_t t = ti * g.tw + tj;
-      for (int64_t c0 = 0; c0 < g.c2; c0 += cb_max) {
-        const int64_t cb = std::min(cb_max, g.c2 - c0);
-        for (int j = 0; j < A; ++j) {
-          for (int i = 0; i < A; ++i) in[i] = mm + ((n * A * A + i * A + j) * g.tiles + t) * g.c2 + c0;
-          for (int i = 0; i < M; ++i) out[i] = tmp.data() + (i * A + j) * cb;
-          apply1d<CoefAT<M>, M, A>(in, out, cb);
-        }
-        for (int i = 0; i < M; ++i) {
-          for (int j = 0; j < A; ++j) in[j] = tmp.data() + (i * A + j) * cb;
-          for (int j = 0; j < M; ++j) out[j] = tile.data() + (i * M + j) * cb;
-          apply1d<CoefAT<M>, M, A>(in, out, cb);
-        }
-        for (int i = 0; i < M; ++i) {
-          const int64_t row = ti * M + i;
-          if (row >= g.ho) break;
-          for (int j = 0; j < M; ++j) {
-            const int64_t col = tj * M + j;
-            if (col >= g.wo) break;
-            const T* src = tile.data() + (i * M + j) * cb;
-            T* dst = y + ((n * g.ho + row) * g.wo + col) * g.c2 + c0;
-            if (bias) {
-              const T* b = bias + n * g.c2 + c0;
-#pragma omp simd
-              for (int64_t c = 0; c < cb; ++c) dst[c] = src[c] + b[c];
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < cb; ++c) dst[c] = src[c];
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// dM (N, a*a, tiles, C2) from g (N, Ho, Wo, C2).
-template <typename T, int M>
-void wino_grad_transform(const T* gy, T* dm, const WinoGeo& g, int64_t begin, int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c2);
-  std::vector<T> tmp(A * M * cb_max), zeros(cb_max, T(0));
-  const T* in[A];
-  T* out[A];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / g.th, ti = item % g.th;
-    for (int64_t tj = 0; tj < g.tw; ++tj) {
-      const int64_t t = ti * g.tw + tj;
-      for (int64_t c0 = 0; c0 < g.c2; c0 += cb_max) {
-        const int64_t cb = std::min(cb_max, g.c2 - c0);
-        for (int j = 0; j < M; ++j) {
-          const int64_t col = tj * M + j;
-          for (int i = 0; i < M; ++i) {
-            const int64_t row = ti * M + i;
-            in[i] = (row < g.ho && col < g.wo) ? gy + ((n * g.ho + row) * g.wo + col) * g.c2 + c0
-                                               : zeros.data();
-          }
-          for (int i = 0; i < A; ++i) out[i] = tmp.data() + (i * M + j) * cb;
-          apply1d<CoefATt<M>, A, M>(in, out, cb);
-        }
-        for (int i = 0; i < A; ++i) {
-          for (int j = 0; j < M; ++j) in[j] = tmp.data() + (i * M + j) * cb;
-          for (int j = 0; j < A; ++j) out[j] = dm + ((n * A * A + i * A + j) * g.tiles + t) * g.c2 + c0;
-          apply1d<CoefATt<M>, A, M>(in, out, cb);
-        }
-      }
-    }
-  }
-}
-
-// dx (N, H, W, C1, zeroed) += B dV B^T over tile rows ti = parity, parity + 2, ...:
-// windows of tile rows two apart never overlap, so each parity runs in parallel and
-// every dx element sums its tiles in the same order whatever the thread count.
-template <typename T, int M>
-void wino_input_grad_transform(const T* dv, T* dx, const WinoGeo& g, int64_t parity,
-                               int64_t begin, int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c1);
-  const int64_t rows = (g.th - parity + 1) / 2;
-  std::vector<T> tmp(A * A * cb_max), tile(A * A * cb_max);
-  const T* in[A];
-  T* out[A];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / rows, ti = parity + 2 * (item % rows);
-    for (int64_t tj = 0; tj < g.tw; ++tj) {
-      const int64_t t = ti * g.tw + tj;
-      for (int64_t c0 = 0; c0 < g.c1; c0 += cb_max) {
-        const int64_t cb = std::min(cb_max, g.c1 - c0);
-        for (int j = 0; j < A; ++j) {
-          for (int i = 0; i < A; ++i) {
-            in[i] = dv + ((n * A * A + i * A + j) * g.tiles + t) * g.c1 + c0;
-            out[i] = tmp.data() + (i * A + j) * cb;
-          }
-          apply1d<CoefBTt<M>, A, A>(in, out, cb);
-        }
-        for (int i = 0; i < A; ++i) {
-          for (int j = 0; j < A; ++j) {
-            in[j] = tmp.data() + (i * A + j) * cb;
-            out[j] = tile.data() + (i * A + j) * cb;
-          }
-          apply1d<CoefBTt<M>, A, A>(in, out, cb);
-        }
-        for (int i = 0; i < A; ++i) {
-          const int64_t row = ti * M + i - g.ph;
-          if (row < 0 || row >= g.h) continue;
-          for (int j = 0; j < A; ++j) {
-            const int64_t col = tj * M + j - g.pw;
-            if (col < 0 || col >= g.w) continue;
-            const T* src = tile.data() + (i * A + j) * cb;
-            T* dst = dx + ((n * g.h + row) * g.w + col) * g.c1 + c0;
-#pragma omp simd
-            for (int64_t c = 0; c < cb; ++c) dst[c] += src[c];
-          }
-        }
-      }
-    }
-  }
-}
-
-// U (N, a*a, R, L) from a kernel kt (R, 3, 3, L), or per sample (N, R, 3, 3, L) when
-// scale is null; work items are (sample, r), L the vectorised index. With scale
-// (N, R, 3, 3) (inner_scale false) the tap's factor is a scalar per (n, r); with scale
-// (N, 3, 3, L) (inner_scale true) a vector over L. The forward wants U as (c, o), the
-// backward as (o, c): both are written directly, never transposed.
-template <typename T, int M>
-void wino_weight_transform(const T* kt, const T* scale, bool inner_scale, T* u, int64_t nn,
-                           int64_t rr, int64_t ll, int64_t begin, int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, ll);
-  std::vector<T> ks(9 * cb_max), tmp(A * 3 * cb_max);
-  const T* in[A];
-  T* out[A];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / rr, r = item % rr;
-    const T* k = kt + (scale ? r : item) * 9 * ll;
-    for (int64_t c0 = 0; c0 < ll; c0 += cb_max) {
-      const int64_t cb = std::min(cb_max, ll - c0);
-      if (scale) {
-        for (int tap = 0; tap < 9; ++tap) {
-          const T* src = k + tap * ll + c0;
-          T* dst = ks.data() + tap * cb;
-          if (inner_scale) {
-            const T* st = scale + (n * 9 + tap) * ll + c0;
-            for (int64_t c = 0; c < cb; ++c) dst[c] = src[c] * st[c];
-          } else {
-            const T st = scale[item * 9 + tap];
-            for (int64_t c = 0; c < cb; ++c) dst[c] = src[c] * st;
-          }
-        }
-      }
-      for (int j = 0; j < 3; ++j) {
-        for (int i = 0; i < 3; ++i)
-          in[i] = scale ? ks.data() + (i * 3 + j) * cb : k + (i * 3 + j) * ll + c0;
-        for (int i = 0; i < A; ++i) out[i] = tmp.data() + (i * 3 + j) * cb;
-        apply1d<CoefG<M>, A, 3>(in, out, cb);
-      }
-      for (int i = 0; i < A; ++i) {
-        for (int j = 0; j < 3; ++j) in[j] = tmp.data() + (i * 3 + j) * cb;
-        for (int j = 0; j < A; ++j) out[j] = u + ((n * A * A + i * A + j) * rr + r) * ll + c0;
-        apply1d<CoefG<M>, A, 3>(in, out, cb);
-      }
-    }
-  }
-  (void)nn;
-}
-
-// C (m x n, row stride ldc) = A B for each batch item, A (m x k) read as
-// a[i * sai + l * sak] and B (k x n) row-major with row stride ldb: register tiles of
-// 6 rows x two vectors, B read in place (a zero-padded copy for the last columns).
-// Hand-written because MKL's batched GEMM ran these small shapes (e.g. 49 x 64 x 64)
-// at a third of the machine's conv rate on AMD.
-template <typename T, int MR>
-C10_ALWAYS_INLINE void gemm_tile(int64_t k, const T* a, int64_t sai, int64_t sak, const T* b,
-                                 int64_t ldb, T* c, int64_t ldc, int64_t nr) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  V acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = V{};
-  for (int64_t l = 0; l < k; ++l) {
-    const V b0 = vload(b + l * ldb), b1 = vload(b + l * ldb + W);
-    const T* al = a + l * sak;
-    for (int r = 0; r < MR; ++r) {
-      const T av = al[r * sai];
-      acc0[r] += av * b0;
-      acc1[r] += av * b1;
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    if (nr == 2 * W) {
-      vstore(c + r * ldc, acc0[r]);
-      vstore(c + r * ldc + W, acc1[r]);
-    } else {
-      T row[2 * W];
-      std::memcpy(row, &acc0[r], sizeof(V));
-      std::memcpy(row + W, &acc1[r], sizeof(V));
-      for (int64_t j = 0; j < nr; ++j) c[r * ldc + j] = row[j];
-    }
-  }
-}
-
-template <typename T>
-void small_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t sai, int64_t sak,
-                const T* b, int64_t ldb, T* c, int64_t ldc, std::vector<T>& pack) {
-  constexpr int NR = 2 * Vec<T>::width, MR = 6;
-  for (int64_t j0 = 0; j0 < n; j0 += NR) {
-    const int64_t nr = std::min<int64_t>(NR, n - j0);
-    const T* bp = b + j0;
-    int64_t ldp = ldb;
-    if (nr < NR) {
-      pack.assign(k * NR, T(0));
-      for (int64_t l = 0; l < k; ++l)
-        for (int64_t j = 0; j < nr; ++j) pack[l * NR + j] = b[l * ldb + j0 + j];
-      bp = pack.data();
-      ldp = NR;
-    }
-    int64_t i0 = 0;
-    for (; i0 + MR <= m; i0 += MR)
-      gemm_tile<T, MR>(k, a + i0 * sai, sai, sak, bp, ldp, c + i0 * ldc + j0, ldc, nr);
-    const T* ai = a + i0 * sai;
-    T* ci = c + i0 * ldc + j0;
-    switch (m - i0) {
-      case 5: gemm_tile<T, 5>(k, ai, sai, sak, bp, ldp, ci, ldc, nr); break;
-      case 4: gemm_tile<T, 4>(k, ai, sai, sak, bp, ldp, ci, ldc, nr); break;
-      case 3: gemm_tile<T, 3>(k, ai, sai, sak, bp, ldp, ci, ldc, nr); break;
-      case 2: gemm_tile<T, 2>(k, ai, sai, sak, bp, ldp, ci, ldc, nr); break;
-      case 1: gemm_tile<T, 1>(k, ai, sai, sak, bp, ldp, ci, ldc, nr); break;
-      default: break;
-    }
-  }
-}
-
-// small_gemm over `batch` items, item i offset by the given element strides.
-template <typename T>
-void batched_gemm(int64_t batch, int64_t m, int64_t n, int64_t k, const T* a, int64_t stride_a,
-                  int64_t sai, int64_t sak, const T* b, int64_t stride_b, int64_t ldb, T* c,
-                  int64_t stride_c, int64_t ldc) {
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pack;
-    for (int64_t i = begin; i < end; ++i)
-      small_gemm<T>(m, n, k, a + i * stride_a, sai, sak, b + i * stride_b, ldb,
-                    c + i * stride_c, ldc, pack);
-  });
-}
-
-// G_n = G^T dU_n G for one (n, o), channels [c0, c0 + cb), into gw (9, cb).
-template <typename T, int M>
-C10_ALWAYS_INLINE void wino_weight_grad_tile(const T* du, T* tmp, T* gw, const WinoGeo& g,
-                                             int64_t n, int64_t o, int64_t c0, int64_t cb) {
-  constexpr int A = M + 2;
-  const T* in[A];
-  T* out[A];
-  for (int j = 0; j < A; ++j) {
-    for (int i = 0; i < A; ++i) in[i] = du + ((n * A * A + i * A + j) * g.c2 + o) * g.c1 + c0;
-    for (int i = 0; i < 3; ++i) out[i] = tmp + (i * A + j) * cb;
-    apply1d<CoefGt<M>, 3, A>(in, out, cb);
-  }
-  for (int i = 0; i < 3; ++i) {
-    for (int j = 0; j < A; ++j) in[j] = tmp + (i * A + j) * cb;
-    for (int j = 0; j < 3; ++j) out[j] = gw + (i * 3 + j) * cb;
-    apply1d<CoefGt<M>, 3, A>(in, out, cb);
-  }
-}
-
-// dkt (C2, 3, 3, C1, zeroed) += sum_n scale_n * G_n and dscale_n = sum_c kt * G_n, n in
-// increasing order; work items are output channels o.
-template <typename T, int M>
-void wino_weight_grad_fold(const T* du, const T* kt, const T* scale, T* dkt, T* dscale,
-                           const WinoGeo& g, int64_t begin, int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c1);
-  std::vector<T> tmp(3 * A * cb_max), gw(9 * cb_max);
-  for (int64_t o = begin; o < end; ++o) {
-    for (int64_t n = 0; n < g.n; ++n) {
-      const T* s = scale + (n * g.c2 + o) * 9;
-      T* ds = dscale + (n * g.c2 + o) * 9;
-      for (int tap = 0; tap < 9; ++tap) ds[tap] = T(0);
-      for (int64_t c0 = 0; c0 < g.c1; c0 += cb_max) {
-        const int64_t cb = std::min(cb_max, g.c1 - c0);
-        wino_weight_grad_tile<T, M>(du, tmp.data(), gw.data(), g, n, o, c0, cb);
-        for (int tap = 0; tap < 9; ++tap) {
-          const T* gt = gw.data() + tap * cb;
-          const T* k = kt + (o * 9 + tap) * g.c1 + c0;
-          T* dk = dkt + (o * 9 + tap) * g.c1 + c0;
-          const T st = s[tap];
-          T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < cb; ++c) {
-            acc += k[c] * gt[c];
-            dk[c] += st * gt[c];
-          }
-          ds[tap] += acc;
-        }
-      }
-    }
-  }
-}
-
-// dweights (N, C2, 3, 3, C1) = G_n for per-sample weights; work items are (n, o).
-template <typename T, int M>
-void wino_weight_grad_per_sample(const T* du, T* dwt, const WinoGeo& g, int64_t begin,
-                                 int64_t end) {
-  constexpr int A = M + 2;
-  const int64_t cb_max = std::min(kWinoChannelBlock, g.c1);
-  std::vector<T> tmp(3 * A * cb_max), gw(9 * cb_max);
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t n = item / g.c2, o = item % g.c2;
-    for (int64_t c0 = 0; c0 < g.c1; c0 += cb_max) {
-      const int64_t cb = std::min(cb_max, g.c1 - c0);
-      wino_weight_grad_tile<T, M>(du, tmp.data(), gw.data(), g, n, o, c0, cb);
-      for (int tap = 0; tap < 9; ++tap) {
-        const T* src = gw.data() + tap * cb;
-        T* dst = dwt + (item * 9 + tap) * g.c1 + c0;
-#pragma omp simd
-        for (int64_t c = 0; c < cb; ++c) dst[c] = src[c];
-      }
-    }
-  }
-}
-
-#pragma GCC pop_options
 
 enum class ConvAlgo { kAten, kWino2, kWino4 };
 
@@ -846,8 +364,7 @@ ConvAlgo wino_auto(const Geometry& geo) {
 }
 
 bool wino_cpu_ok() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return static_cast<int>(manet_kernels::cpu_isa()) >= static_cast<int>(manet_kernels::CpuIsa::kAvx2);
 }
 
 bool wino_eligible(const Geometry& geo) {
@@ -901,136 +418,55 @@ void wino_for(int64_t n, int64_t grain, const F& fn) {
 
 int64_t wino_weight_grain(int64_t c1) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(c1, 1)); }
 
+
+// The Winograd kernels, compiled for AVX2 + FMA and for AVX-512 (the build has no
+// -march); they run only on CPUs that have one of them (cpu_isa.h), elsewhere (and
+// with MANET_KERNELS_CPU_ISA=generic) the ATen path runs.
+#if MK_CPU_ISA_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,tune=haswell")
-
-// Samples go through in chunks of about this many transform-domain elements (U, V
-// and the GEMM's output), in buffers reused from chunk to chunk: allocating them
-// whole-batch cost ~20% of the time in page faults.
-constexpr int64_t kWinoChunkElems = int64_t{1} << 20;
-
-int64_t wino_chunk(const WinoGeo& g, int a) {
-  const int64_t per_sample =
-      int64_t{a} * a * (g.c1 * g.c2 + g.tiles * (g.c1 + g.c2));
-  return std::clamp<int64_t>(kWinoChunkElems / std::max<int64_t>(per_sample, 1), 1, g.n);
-}
-
-// V (n*a*a, tiles, C1) of chunk geometry g from x as (n, H, W, C1).
-template <typename T, int M>
-void wino_input(const T* xp, T* vp, const WinoGeo& g) {
-  wino_for(g.n * g.th, 1, [&](int64_t b, int64_t e) {
-    wino_input_transform<T, M>(xp, vp, g, b, e);
-  });
-}
-
-// U (n*a*a, R, L); see wino_weight_transform.
-template <typename T, int M>
-void wino_weights(const T* kp, const T* sp, bool inner_scale, T* up, int64_t n, int64_t rr,
-                  int64_t ll) {
-  wino_for(n * rr, wino_weight_grain(ll), [&](int64_t b, int64_t e) {
-    wino_weight_transform<T, M>(kp, sp, inner_scale, up, n, rr, ll, b, e);
-  });
-}
-
-// kt: the kernel as (C1, 3, 3, C2), or per sample (N, C1, 3, 3, C2); scale_t
-// (N, 3, 3, C2) or null.
-template <typename T, int M>
-Tensor wino_forward(const Tensor& x, const Tensor& kt, const Tensor* scale_t,
-                    const c10::optional<Tensor>& bias, const Geometry& geo) {
-  constexpr int A = M + 2;
-  const WinoGeo full = wino_geometry(geo, M);
-  const auto opts = x.options().dtype(geo.acc);
-  const Tensor xh = as_hwc(x, geo.acc);
-  Tensor y = hwc_buffer(full.n, full.c2, full.ho, full.wo, geo, opts, false);
-  const int64_t chunk = wino_chunk(full, A);
-  Tensor u = at::empty({chunk * A * A, full.c1, full.c2}, opts);
-  Tensor v = at::empty({chunk * A * A, full.tiles, full.c1}, opts);
-  Tensor mm = at::empty({chunk * A * A, full.tiles, full.c2}, opts);
-  const T* kp = kt.const_data_ptr<T>();
-  const T* sp = scale_t ? scale_t->const_data_ptr<T>() : nullptr;
-  const T* xp = xh.const_data_ptr<T>();
-  const T* bp = bias.has_value() && bias->defined() ? bias->const_data_ptr<T>() : nullptr;
-  T* yp = y.mutable_data_ptr<T>();
-  T* up = u.mutable_data_ptr<T>();
-  T* vp = v.mutable_data_ptr<T>();
-  T* mp = mm.mutable_data_ptr<T>();
-  for (int64_t n0 = 0; n0 < full.n; n0 += chunk) {
-    WinoGeo g = full;
-    g.n = std::min(chunk, full.n - n0);
-    wino_weights<T, M>(sp ? kp : kp + n0 * g.c1 * 9 * g.c2, sp ? sp + n0 * 9 * g.c2 : nullptr,
-                       true, up, g.n, g.c1, g.c2);  // U as (c, o)
-    wino_input<T, M>(xp + n0 * g.h * g.w * g.c1, vp, g);
-    batched_gemm<T>(g.n * A * A, g.tiles, g.c2, g.c1, vp, g.tiles * g.c1, g.c1, 1, up,
-                    g.c1 * g.c2, g.c2, mp, g.tiles * g.c2, g.c2);
-    const T* bn = bp ? bp + n0 * g.c2 : nullptr;
-    T* yn = yp + n0 * g.ho * g.wo * g.c2;
-    wino_for(g.n * g.th, 1, [&](int64_t b, int64_t e) {
-      wino_output_transform<T, M>(mp, bn, yn, g, b, e);
-    });
-  }
-  return to_output(y, geo);
-}
-
-// Returns dx; calls on_chunk(n0, g, du) with each chunk's dU (g.n*a*a, C2, C1).
-// kt: (C2, 3, 3, C1), or per sample (N, C2, 3, 3, C1); scale (N, C2, 3, 3) or null.
-template <typename T, int M, typename F>
-Tensor wino_backward(const Tensor& gy, const Tensor& x, const Tensor& kt, const Tensor* scale,
-                     const Geometry& geo, const F& on_chunk) {
-  constexpr int A = M + 2;
-  const WinoGeo full = wino_geometry(geo, M);
-  const auto opts = x.options().dtype(geo.acc);
-  const Tensor xh = as_hwc(x, geo.acc);
-  const Tensor gh = as_hwc(gy, geo.acc);
-  Tensor dx = hwc_buffer(full.n, full.c1, full.h, full.w, geo, opts, true);
-  const int64_t chunk = wino_chunk(full, A);
-  Tensor u = at::empty({chunk * A * A, full.c2, full.c1}, opts);
-  Tensor v = at::empty({chunk * A * A, full.tiles, full.c1}, opts);
-  Tensor dm = at::empty({chunk * A * A, full.tiles, full.c2}, opts);
-  Tensor du = at::empty({chunk * A * A, full.c2, full.c1}, opts);
-  const T* kp = kt.const_data_ptr<T>();
-  const T* sp = scale ? scale->const_data_ptr<T>() : nullptr;
-  const T* xp = xh.const_data_ptr<T>();
-  const T* gp = gh.const_data_ptr<T>();
-  T* dxp = dx.mutable_data_ptr<T>();
-  T* up = u.mutable_data_ptr<T>();
-  T* vp = v.mutable_data_ptr<T>();
-  T* dmp = dm.mutable_data_ptr<T>();
-  T* dup = du.mutable_data_ptr<T>();
-  for (int64_t n0 = 0; n0 < full.n; n0 += chunk) {
-    WinoGeo g = full;
-    g.n = std::min(chunk, full.n - n0);
-    const int64_t batch = g.n * A * A;
-    wino_weights<T, M>(sp ? kp : kp + n0 * g.c2 * 9 * g.c1, sp ? sp + n0 * g.c2 * 9 : nullptr,
-                       false, up, g.n, g.c2, g.c1);  // U as (o, c)
-    wino_input<T, M>(xp + n0 * g.h * g.w * g.c1, vp, g);
-    const T* gn = gp + n0 * g.ho * g.wo * g.c2;
-    wino_for(g.n * g.th, 1, [&](int64_t b, int64_t e) {
-      wino_grad_transform<T, M>(gn, dmp, g, b, e);
-    });
-    // dU = dM^T V, (C2 x tiles) (tiles x C1).
-    batched_gemm<T>(batch, g.c2, g.c1, g.tiles, dmp, g.tiles * g.c2, 1, g.c2, vp,
-                    g.tiles * g.c1, g.c1, dup, g.c2 * g.c1, g.c1);
-    // dV = dM U, (tiles x C2) (C2 x C1), into V's storage.
-    batched_gemm<T>(batch, g.tiles, g.c1, g.c2, dmp, g.tiles * g.c2, g.c2, 1, up, g.c2 * g.c1,
-                    g.c1, vp, g.tiles * g.c1, g.c1);
-    T* dxn = dxp + n0 * g.h * g.w * g.c1;
-    for (int64_t parity = 0; parity < std::min<int64_t>(2, g.th); ++parity) {
-      const int64_t rows = (g.th - parity + 1) / 2;
-      wino_for(g.n * rows, 1, [&](int64_t b, int64_t e) {
-        wino_input_grad_transform<T, M>(vp, dxn, g, parity, b, e);
-      });
-    }
-    on_chunk(n0, g, static_cast<const T*>(dup));
-  }
-  return to_output(dx, geo);
-}
-
+namespace avx2 {
+constexpr int kVecBytes = 32;
+#include "aw_winograd.inc"
+}  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+#include "aw_winograd.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#else
+// Never chosen (wino_cpu_ok is false off x86-64), compiled so that the ops need no #if.
+namespace portable {
+constexpr int kVecBytes = 32;
+#include "aw_winograd.inc"
+}  // namespace portable
+#endif
 
+
+template <typename W>
+struct IsaTag {
+  using type = W;
+};
+
+// fn(m, isa): m an integral_constant (the Winograd tile size), isa an IsaTag whose
+// ::type is the Wino of the instruction-set copy to run (cpu_isa.h).
 template <typename F>
 auto with_wino(ConvAlgo algo, const F& fn) {
-  return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{})
-                                  : fn(std::integral_constant<int, 2>{});
+#if MK_CPU_ISA_X86
+  const auto by_m = [&](auto isa) {
+    return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, isa)
+                                    : fn(std::integral_constant<int, 2>{}, isa);
+  };
+  return manet_kernels::cpu_isa() == manet_kernels::CpuIsa::kAvx512
+             ? by_m(IsaTag<avx512::Wino>{})
+             : by_m(IsaTag<avx2::Wino>{});
+#else
+  return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, IsaTag<portable::Wino>{})
+                                  : fn(std::integral_constant<int, 2>{}, IsaTag<portable::Wino>{});
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -1052,8 +488,9 @@ Tensor per_sample_conv2d_fwd(const Tensor& x, const Tensor& weights,
   if (algo != ConvAlgo::kAten) {
     const Tensor kt = weights.to(geo.acc).permute({0, 2, 3, 4, 1}).contiguous();
     return AT_DISPATCH_FLOATING_TYPES(geo.acc, "per_sample_conv2d_fwd_winograd", [&] {
-      return with_wino(algo, [&](auto m) {
-        return wino_forward<scalar_t, decltype(m)::value>(x, kt, nullptr, bias, geo);
+      return with_wino(algo, [&](auto m, auto isa) {
+        using W = typename decltype(isa)::type;
+        return W::template forward<scalar_t, decltype(m)::value>(x, kt, nullptr, bias, geo);
       });
     });
   }
@@ -1084,15 +521,16 @@ std::tuple<Tensor, Tensor> per_sample_conv2d_bwd(const Tensor& g, const Tensor& 
   if (algo != ConvAlgo::kAten) {
     const Tensor kt = weights.to(geo.acc).permute({0, 1, 3, 4, 2}).contiguous();
     return AT_DISPATCH_FLOATING_TYPES(geo.acc, "per_sample_conv2d_bwd_winograd", [&] {
-      return with_wino(algo, [&](auto m) {
+      return with_wino(algo, [&](auto m, auto isa) {
+        using W = typename decltype(isa)::type;
         constexpr int M = decltype(m)::value;
         Tensor dwt = at::empty({geo.n, geo.c2, 3, 3, geo.c1}, kt.options());
         scalar_t* dwp = dwt.template mutable_data_ptr<scalar_t>();
-        Tensor dx = wino_backward<scalar_t, M>(
+        Tensor dx = W::template backward<scalar_t, M>(
             g, x, kt, nullptr, geo, [&](int64_t n0, const WinoGeo& wg, const scalar_t* dup) {
               scalar_t* dwn = dwp + n0 * geo.c2 * 9 * geo.c1;
               wino_for(wg.n * wg.c2, wino_weight_grain(wg.c1), [&](int64_t b, int64_t e) {
-                wino_weight_grad_per_sample<scalar_t, M>(dup, dwn, wg, b, e);
+                W::template weight_grad_per_sample<scalar_t, M>(dup, dwn, wg, b, e);
               });
             });
         return std::make_tuple(dx, dwt.permute({0, 1, 4, 2, 3}).contiguous());
@@ -1128,8 +566,9 @@ Tensor aw_conv2d_fwd(const Tensor& x, const Tensor& weight, const Tensor& scale,
     const Tensor kt = weight.to(geo.acc).permute({1, 2, 3, 0}).contiguous();
     const Tensor scale_t = scale.permute({0, 2, 3, 1}).contiguous();
     return AT_DISPATCH_FLOATING_TYPES(geo.acc, "aw_conv2d_fwd_winograd", [&] {
-      return with_wino(algo, [&](auto m) {
-        return wino_forward<scalar_t, decltype(m)::value>(x, kt, &scale_t, bias, geo);
+      return with_wino(algo, [&](auto m, auto isa) {
+        using W = typename decltype(isa)::type;
+        return W::template forward<scalar_t, decltype(m)::value>(x, kt, &scale_t, bias, geo);
       });
     });
   }
@@ -1169,7 +608,8 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
   if (algo != ConvAlgo::kAten) {
     const Tensor kt = weight.to(geo.acc).permute({0, 2, 3, 1}).contiguous();
     AT_DISPATCH_FLOATING_TYPES(geo.acc, "aw_conv2d_bwd_winograd", [&] {
-      with_wino(algo, [&](auto m) {
+      with_wino(algo, [&](auto m, auto isa) {
+        using W = typename decltype(isa)::type;
         constexpr int M = decltype(m)::value;
         Tensor dkt = at::zeros({geo.c2, 3, 3, geo.c1}, kt.options());
         const scalar_t* kp = kt.template const_data_ptr<scalar_t>();
@@ -1178,10 +618,10 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
         scalar_t* dsp = dscale.template mutable_data_ptr<scalar_t>();
         // Chunks come in sample order and each folds its samples in order: dkt's sums
         // run over n = 0, 1, ... whatever the chunking or thread count.
-        dx = wino_backward<scalar_t, M>(
+        dx = W::template backward<scalar_t, M>(
             g, x, kt, &scale, geo, [&](int64_t n0, const WinoGeo& wg, const scalar_t* dup) {
               wino_for(geo.c2, 1, [&](int64_t b, int64_t e) {
-                wino_weight_grad_fold<scalar_t, M>(dup, kp, sp + n0 * geo.c2 * 9, dkp,
+                W::template weight_grad_fold<scalar_t, M>(dup, kp, sp + n0 * geo.c2 * 9, dkp,
                                                    dsp + n0 * geo.c2 * 9, wg, b, e);
               });
             });
