@@ -18,7 +18,6 @@ from manet_kernels import _ext
 if not _ext.HAS_EXT:
     pytest.skip(f"C++ extension not built: {_ext.EXT_ERROR}", allow_module_level=True)
 
-ISAS = CPU_ISAS
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Odd sizes, H*W = 1, and shapes split into several blocks per sample.
 SHAPES = ((1, 1, 1, 1), (2, 7, 5, 3), (3, 37, 9, 11), (1, 130, 17, 19), (2, 64, 32, 32))
@@ -52,7 +51,7 @@ def _run(isa, monkeypatch, x, params, gy):
     return [y, mc, ms, *grads]
 
 
-@pytest.mark.parametrize("isa", ISAS[1:])
+@pytest.mark.parametrize("isa", CPU_ISAS[1:])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "channels_last"))
 def test_mixed_attention_copies_bit_identical(isa, dtype, channels_last, monkeypatch):
@@ -67,7 +66,7 @@ def test_mixed_attention_copies_bit_identical(isa, dtype, channels_last, monkeyp
             assert torch.equal(a, b), f"{isa} {shape} {name}: max |diff| {(a - b).abs().max()}"
 
 
-@pytest.mark.parametrize("isa", ISAS[1:])
+@pytest.mark.parametrize("isa", CPU_ISAS[1:])
 def test_mixed_attention_copies_agree_on_nonfinite(isa, monkeypatch):
     use_cpu_isa(isa, monkeypatch)
     case = _case((2, 37, 9, 11), torch.float32, False, nonfinite=True)

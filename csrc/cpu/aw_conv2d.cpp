@@ -254,10 +254,13 @@ constexpr int64_t kMinFoldElems = 1 << 14;
 // its weight gradient) alive per thread; past this much, samples go one at a time.
 constexpr int64_t kMaxSideBySideBytes = int64_t{512} << 20;
 
+// Threads a parallel_for started here would use: 1 inside a parallel region (nested
+// ones run serially).
+int64_t free_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
 // How many samples run side by side: one per thread (see for_each_sample).
 int64_t sample_threads(int64_t weight_bytes) {
-  if (at::in_parallel_region()) return 1;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = free_threads();
   return threads * weight_bytes * 2 > kMaxSideBySideBytes ? 1 : threads;
 }
 
@@ -423,20 +426,18 @@ int64_t wino_weight_grain(int64_t c1) { return std::max<int64_t>(1, 4096 / std::
 // -march); they run only on CPUs that have one of them (cpu_isa.h), elsewhere (and
 // with MANET_KERNELS_CPU_ISA=generic) the ATen path runs.
 #if MK_CPU_ISA_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,tune=haswell")
+MK_CPU_ISA_BEGIN_AVX2
 namespace avx2 {
 constexpr int kVecBytes = 32;
 #include "aw_winograd.inc"
 }  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+MK_CPU_ISA_END
+MK_CPU_ISA_BEGIN_AVX512
 namespace avx512 {
 constexpr int kVecBytes = 64;
 #include "aw_winograd.inc"
 }  // namespace avx512
-#pragma GCC pop_options
+MK_CPU_ISA_END
 #else
 // Never chosen (wino_cpu_ok is false off x86-64), compiled so that the ops need no #if.
 namespace portable {
@@ -455,17 +456,16 @@ struct IsaTag {
 // ::type is the Wino of the instruction-set copy to run (cpu_isa.h).
 template <typename F>
 auto with_wino(ConvAlgo algo, const F& fn) {
-#if MK_CPU_ISA_X86
   const auto by_m = [&](auto isa) {
     return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, isa)
                                     : fn(std::integral_constant<int, 2>{}, isa);
   };
+#if MK_CPU_ISA_X86
   return manet_kernels::cpu_isa() == manet_kernels::CpuIsa::kAvx512
              ? by_m(IsaTag<avx512::Wino>{})
              : by_m(IsaTag<avx2::Wino>{});
 #else
-  return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, IsaTag<portable::Wino>{})
-                                  : fn(std::integral_constant<int, 2>{}, IsaTag<portable::Wino>{});
+  return by_m(IsaTag<portable::Wino>{});
 #endif
 }
 

@@ -77,6 +77,14 @@ inline CpuIsa cpu_isa() {
 
 }  // namespace manet_kernels
 
+// Open / close a region whose functions are compiled for AVX2 + FMA or AVX-512: the
+// features best_cpu_isa() checks for, listed once here.
+#define MK_CPU_ISA_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define MK_CPU_ISA_BEGIN_AVX512 \
+  _Pragma("GCC push_options")   \
+  _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx2,fma\")")
+#define MK_CPU_ISA_END _Pragma("GCC pop_options")
+
 // Calls `generic::fn(...)`, `avx2::fn(...)` or `avx512::fn(...)`, the copy cpu_isa()
 // picks; the three namespaces come from including one file three times (see
 // mixed_attention.cpp).

@@ -130,20 +130,18 @@ namespace generic {
 #include "mixed_attention_passes.inc"
 }  // namespace generic
 #if MK_CPU_ISA_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+MK_CPU_ISA_BEGIN_AVX2
 #pragma GCC optimize("fp-contract=off")
 namespace avx2 {
 #include "mixed_attention_passes.inc"
 }  // namespace avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+MK_CPU_ISA_END
+MK_CPU_ISA_BEGIN_AVX512
 #pragma GCC optimize("fp-contract=off")
 namespace avx512 {
 #include "mixed_attention_passes.inc"
 }  // namespace avx512
-#pragma GCC pop_options
+MK_CPU_ISA_END
 #endif
 
 // ---------------------------------------------------------------------------
