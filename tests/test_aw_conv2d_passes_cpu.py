@@ -133,10 +133,12 @@ def test_low_precision_computes_in_float32(dtype):
         close(o, r)
 
 
-def test_grad_in_other_layout():
+@pytest.mark.parametrize("x_layout", list(FORMATS))
+def test_grad_in_other_layout(x_layout):
     cfg = (3, 16, 16, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    x, weight, weights, scale, _, gy, conv = _inputs(cfg, torch.float32, "nchw")
-    gy = gy.contiguous(memory_format=torch.channels_last)
+    x, weight, weights, scale, _, gy, conv = _inputs(cfg, torch.float32, x_layout)
+    other = torch.contiguous_format if x_layout == "channels_last" else torch.channels_last
+    gy = gy.contiguous(memory_format=other)
     for o, r in zip(ops.aw_conv2d_bwd(gy, x, weight, scale, *conv),
                     ref.aw_conv2d_bwd(gy, x, weight, scale, *conv)):
         _close(o, r, "aw")
@@ -145,11 +147,12 @@ def test_grad_in_other_layout():
         _close(o, r, "per_sample")
 
 
+@pytest.mark.parametrize("layout", list(FORMATS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_deterministic_and_thread_count(threads):
+def test_deterministic_and_thread_count(threads, layout):
     # 5 samples: waves of 1, 2 or 3 samples with a partial last wave.
     cfg = (5, 16, 16, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    x, weight, _, scale, _, gy, conv = _inputs(cfg, torch.float32, "channels_last")
+    x, weight, _, scale, _, gy, conv = _inputs(cfg, torch.float32, layout)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -280,14 +283,15 @@ def test_winograd_matches_reference(cfg, isa, algo, dtype, layout, monkeypatch):
     test_matches_reference(cfg, dtype, layout)
 
 
+@pytest.mark.parametrize("layout", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_winograd_low_precision(isa, algo, dtype, monkeypatch):
+def test_winograd_low_precision(isa, algo, dtype, layout, monkeypatch):
     use_cpu_isa(isa, monkeypatch)
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
     cfg = (3, 16, 8, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    x, weight, weights, scale, bias, gy, conv = _inputs(cfg, dtype, "channels_last")
+    x, weight, weights, scale, bias, gy, conv = _inputs(cfg, dtype, layout)
     eps = torch.finfo(dtype).eps
     for o, r in [(ops.aw_conv2d_fwd(x, weight, scale, bias, *conv),
                   ref.aw_conv2d_fwd(x, weight, scale, bias, *conv)),
@@ -298,13 +302,24 @@ def test_winograd_low_precision(isa, algo, dtype, monkeypatch):
         torch.testing.assert_close(o.double(), r.double(), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("layout", list(FORMATS))
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_winograd_deterministic_and_thread_count(algo, isa, threads, monkeypatch):
+def test_winograd_deterministic_and_thread_count(algo, isa, threads, layout, monkeypatch):
     use_cpu_isa(isa, monkeypatch)
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
-    test_deterministic_and_thread_count(threads)
+    test_deterministic_and_thread_count(threads, layout)
+
+
+@pytest.mark.parametrize("x_layout", list(FORMATS))
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_winograd_grad_in_other_layout(isa, algo, x_layout, monkeypatch):
+    # x and g in different layouts: each is read per sample in its own.
+    use_cpu_isa(isa, monkeypatch)
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
+    test_grad_in_other_layout(x_layout)
 
 
 def test_winograd_auto_and_bad_setting(monkeypatch):

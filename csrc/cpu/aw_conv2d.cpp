@@ -31,6 +31,10 @@
 #include "../check.h"
 #include "cpu_isa.h"
 
+#if MK_CPU_ISA_X86
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -390,29 +394,30 @@ ConvAlgo choose_algo(const Geometry& geo) {
   return wino_auto(geo);
 }
 
-// An (N, C, H, W) tensor in the accumulation dtype whose (N, H, W, C) view is
-// contiguous, i.e. channels_last strides.
-Tensor hwc_buffer(int64_t n, int64_t c, int64_t h, int64_t w, const Geometry& geo,
-                  const at::TensorOptions& opts, bool zero) {
-  // at::zeros would drop the memory format.
-  Tensor t = at::empty({n, c, h, w},
-                       opts.dtype(geo.acc).memory_format(at::MemoryFormat::ChannelsLast));
-  return zero ? t.zero_() : t;
+// The Winograd kernels read and write activations one sample at a time as (H, W, C)
+// arrays (channels contiguous). An NCHW tensor in the accumulation dtype is transposed
+// per sample by the kernels' own blocked transpose, inside the per-sample loop, so the
+// transposed copy is still in cache when the transforms read it (whole-batch ATen
+// permute copies were ~25% of the (8,64,28,28) fwd+bwd step). Other dtypes (x in
+// bfloat16 / float16) go through these two ATen copies, which widen or round.
+
+// Sample n of activation t (N, C, H, W), in dtype acc, into buf as (H, W, C).
+void sample_to_hwc(const Tensor& t, int64_t n, void* buf, at::ScalarType acc) {
+  const int64_t c = t.size(1), h = t.size(2), w = t.size(3);
+  at::from_blob(buf, {c, h, w}, {1, w * c, c}, t.options().dtype(acc))
+      .copy_(t.select(0, n));
 }
 
-// `t` (an activation in x's dtype and either format) as an (N, H, W, C)-contiguous
-// tensor in the accumulation dtype; no copy when it already is one.
-Tensor as_hwc(const Tensor& t, at::ScalarType acc) {
-  return t.to(acc).permute({0, 2, 3, 1}).contiguous();
+// Sample n of out (N, C, H, W) from buf, (H, W, C) in dtype acc.
+void hwc_to_sample(const void* buf, at::ScalarType acc, const Tensor& out, int64_t n) {
+  const int64_t c = out.size(1), h = out.size(2), w = out.size(3);
+  out.select(0, n).copy_(
+      at::from_blob(const_cast<void*>(buf), {c, h, w}, {1, w * c, c}, out.options().dtype(acc)));
 }
 
-// A channels_last acc-dtype result in the output's dtype and memory format.
-Tensor to_output(const Tensor& cl, const Geometry& geo) {
-  if (geo.format == at::MemoryFormat::ChannelsLast && geo.dtype == geo.acc) return cl;
-  Tensor out = at::empty(cl.sizes(), cl.options().dtype(geo.dtype).memory_format(geo.format));
-  out.copy_(cl);
-  return out;
-}
+// Whether t's samples are (H, W, C) arrays already (channels_last strides; also when
+// C == 1 or H == W == 1, where both formats are one).
+bool hwc_layout(const Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
 template <typename F>
 void wino_for(int64_t n, int64_t grain, const F& fn) {
