@@ -10,7 +10,9 @@ timed graph, as CondConv/ODConv-style code does, then runs one conv with
 ``groups = N * groups``. ``plain_conv`` is ``F.conv2d`` with the shared weight:
 the same FLOPs with no attention, the speed a fused kernel can at best match.
 TFLOP/s counts 2 * N * C2 * Ho * Wo * C1/groups * kh * kw per forward, twice that
-per backward, against an n x n matmul measured in the same run.
+per backward, against an n x n matmul measured in the same run. On CPU the
+providers of a case are timed in interleaved rounds (--rounds, default 5) and
+each row is a provider's median round, so ratios are side by side in time too.
 Rows are appended to benchmarks/results/aw_conv2d.csv.
 """
 
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -195,8 +198,20 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, quick: bool) -> flo
         return bu.matmul_tflops(device, dtype, quick=quick)
 
 
-def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, ref_ms,
-                    plain_ms, mm, env, sink, params):
+@dataclass
+class Measured:
+    """One provider's measurements on one case, over the rounds so far."""
+    err: float = math.nan
+    ms: dict = None  # mode -> [ms per round]
+    mem: dict = None  # mode -> MB
+
+    def __post_init__(self):
+        self.ms, self.mem = {}, {}
+
+
+def _measure(provider, case, device, compile_mode, modes, quick, ref_y, sink, cpu_seconds,
+             into: Measured) -> None:
+    """Times ``provider`` once in every mode, appending to ``into``."""
     tag = f"{provider} {bu.shape_name(case.shape)} {bu.dtype_name(case.dtype)} {case.layout}"
     try:
         fwd = make_forward(provider, case, compile_mode)
@@ -204,7 +219,7 @@ def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, r
         y = fwd()  # first call: compiles, and checks the provider runs at all
         setup_s = time.monotonic() - t0
         # plain_conv computes another function: an error against the AW oracle means nothing
-        err = math.nan if provider == "plain_conv" else \
+        into.err = math.nan if provider == "plain_conv" else \
             (y.detach().float() - ref_y).abs().max().item()
         del y
     except Exception as e:  # noqa: BLE001 (a provider that cannot run is reported, not fatal)
@@ -217,14 +232,22 @@ def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, r
         try:
             fn = bu.make_mode_fn(fwd, case.inputs(provider), mode)
             fn()  # warm: the backward graph compiles on its first call
-            ms = bu.time_ms(fn, device, quick=quick)
-            mem = bu.peak_memory_mb(fn, device)
+            ms = bu.time_ms(fn, device, quick=quick, cpu_seconds=cpu_seconds)
+            if mode not in into.mem:
+                into.mem[mode] = bu.peak_memory_mb(fn, device)
         except Exception as e:  # noqa: BLE001
             sink.note(f"skip {tag} {mode}: {bu.short_error(e)}")
             continue
         finally:
             fn = None
             bu.free_memory(device)
+        into.ms.setdefault(mode, []).append(ms)
+
+
+def _emit(provider, case, measured: Measured, ref_ms, plain_ms, mm, env, sink, params,
+          compile_mode):
+    for mode, times in measured.ms.items():
+        ms = statistics.median(times)
         key = (case.shape, case.dtype, case.layout, mode)
         if provider == "reference":
             ref_ms[key] = ms
@@ -236,12 +259,13 @@ def _bench_provider(provider, case, device, compile_mode, modes, quick, ref_y, r
             "op": OP, "provider": provider, "mode": mode, "shape": bu.shape_name(case.shape),
             "dtype": bu.dtype_name(case.dtype), "layout": case.layout, "ms": ms,
             "tflops": tflops, "matmul_tflops": mm, "frac_matmul": tflops / mm,
-            "peak_mem_mb": mem,
+            "peak_mem_mb": measured.mem.get(mode, math.nan),
             "speedup_vs_ref": ref_ms[key] / ms if key in ref_ms else math.nan,
             "speedup_vs_plain": plain_ms[key] / ms if key in plain_ms else math.nan,
-            "max_abs_err": err, "gflop": flops / 1e9,
-            "params": params + (f";compile_mode={compile_mode or 'default'}"
-                                if provider == "reference_compile" else ""),
+            "max_abs_err": measured.err, "gflop": flops / 1e9,
+            "params": params + (f";rounds={len(times)}" if len(times) > 1 else "")
+                      + (f";compile_mode={compile_mode or 'default'}"
+                         if provider == "reference_compile" else ""),
             **env,
         }
         sink.emit(row, f"  {provider:>17} {mode:>8} {row['shape']:>14} {row['dtype']:>8} "
@@ -312,20 +336,28 @@ def run(args) -> int:
     started = time.monotonic()
     out_of_time = False
     for sweep in sweeps:
+        # torch.compile rows would recompile every round: one round for them.
+        rounds = 1 if "reference_compile" in sweep else rounds_for(args, device)
         for dtype, shape, layout in configs:
             if not sweep or out_of_time:
                 break
             case = make_case(shape, dtype, device, conv, layout)
             ref_y = oracle(case)
-            for provider in sweep:
-                if args.time_budget and time.monotonic() - started > args.time_budget:
-                    sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
-                              f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
-                    out_of_time = True
+            measured = {p: Measured() for p in sweep}
+            for _ in range(rounds):
+                for provider in sweep:
+                    if args.time_budget and time.monotonic() - started > args.time_budget:
+                        sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
+                                  f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
+                        out_of_time = True
+                        break
+                    _measure(provider, case, device, compile_mode, args.modes, quick, ref_y,
+                             sink, (0.1 if quick else 1.0) / rounds, measured[provider])
+                if out_of_time:
                     break
-                _bench_provider(provider, case, device, compile_mode, args.modes, quick,
-                                ref_y, ref_ms, plain_ms, mm[dtype], env, sink,
-                                conv.params(shape[1]))
+            for provider in sweep:
+                _emit(provider, case, measured[provider], ref_ms, plain_ms, mm[dtype], env,
+                      sink, conv.params(shape[1]), compile_mode)
             del case, ref_y
             bu.free_memory(device)
 
@@ -335,6 +367,13 @@ def run(args) -> int:
                 PROVIDERS.index(r["provider"]))
     sink.finish(OP, sorted(sink.rows, key=order), TABLE)
     return 0
+
+
+def rounds_for(args, device: torch.device) -> int:
+    """--rounds, or its default: 5 interleaved rounds on CPU, 1 on GPU."""
+    if args.rounds:
+        return args.rounds
+    return 1 if device.type == "cuda" or args.quick else 5
 
 
 def main(argv=None) -> int:
@@ -351,6 +390,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dilation", type=int, default=1)
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--bias", action="store_true", help="add a bias (ResNet's convs have none)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="time the providers of each case in this many interleaved rounds and "
+                         "report each one's median round (default: 5 on cpu, 1 on cuda and "
+                         "with --quick); the timing time per case stays the same")
     return run(ap.parse_args(argv))
 
 

@@ -5,7 +5,10 @@ CSVs of all ops have the same metadata columns and the same timing method:
 
 * GPU: median of ``triton.testing.do_bench`` (L2 flushed before each call), or of
   CUDA events when triton is missing.
-* CPU: median block of ``torch.utils.benchmark.Timer.blocked_autorange``.
+* CPU: median block of ``torch.utils.benchmark.Timer.blocked_autorange``; a benchmark
+  with ``--rounds R`` times its providers in R interleaved rounds and reports each
+  one's median round, so that a machine whose speed drifts (shared VMs) slows every
+  provider alike instead of whichever ran during the slow spell.
 
 Throughput is reported against a device-to-device copy measured in the same run,
 so a number from an unknown machine still says how close to the hardware it is.
@@ -140,8 +143,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> float:
-    """Median milliseconds of one call of ``fn``."""
+def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            cpu_seconds: float | None = None) -> float:
+    """Median milliseconds of one call of ``fn``; on CPU over about ``cpu_seconds``
+    of calls (default 1, 0.1 with ``quick``)."""
     if device.type == "cuda":
         warmup, rep = (5, 20) if quick else (25, 100)
         try:
@@ -155,7 +160,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     from torch.utils.benchmark import Timer
     fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=0.1 if quick else 1.0).median * 1e3
+    if cpu_seconds is None:
+        cpu_seconds = 0.1 if quick else 1.0
+    return timer.blocked_autorange(min_run_time=cpu_seconds).median * 1e3
 
 
 def _cuda_event_ms(fn, warmup_ms: float, rep_ms: float) -> float:
