@@ -149,9 +149,9 @@ def test_grad_in_other_layout(x_layout):
 
 @pytest.mark.parametrize("layout", list(FORMATS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_deterministic_and_thread_count(threads, layout):
+def test_deterministic_and_thread_count(threads, layout, cfg=None):
     # 5 samples: waves of 1, 2 or 3 samples with a partial last wave.
-    cfg = (5, 16, 16, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    cfg = cfg or (5, 16, 16, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1)
     x, weight, _, scale, _, gy, conv = _inputs(cfg, torch.float32, layout)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -269,7 +269,11 @@ WINO_CONFIGS = [
     (2, 24, 40, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1),
     # Enough work per sample that the batch runs in chunks (4 + 1 samples).
     (5, 64, 64, (20, 20), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # Transformed weights over 3 MB per sample: blocked mode (one sample at a time, U
+    # and dU block by block), channel counts off the block width.
+    (2, 250, 300, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
 ]
+BLOCKED_CFG = (3, 256, 200, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), 1)
 
 
 @pytest.mark.parametrize("layout", list(FORMATS))
@@ -306,10 +310,12 @@ def test_winograd_low_precision(isa, algo, dtype, layout, monkeypatch):
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_winograd_deterministic_and_thread_count(algo, isa, threads, layout, monkeypatch):
+@pytest.mark.parametrize("blocked", [False, True], ids=["chunks", "blocked"])
+def test_winograd_deterministic_and_thread_count(algo, isa, threads, layout, blocked,
+                                                 monkeypatch):
     use_cpu_isa(isa, monkeypatch)
     monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", algo)
-    test_deterministic_and_thread_count(threads, layout)
+    test_deterministic_and_thread_count(threads, layout, BLOCKED_CFG if blocked else None)
 
 
 @pytest.mark.parametrize("x_layout", list(FORMATS))

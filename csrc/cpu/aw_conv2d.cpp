@@ -17,6 +17,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -532,8 +533,10 @@ std::tuple<Tensor, Tensor> per_sample_conv2d_bwd(const Tensor& g, const Tensor& 
         Tensor dwt = at::empty({geo.n, geo.c2, 3, 3, geo.c1}, kt.options());
         scalar_t* dwp = dwt.template mutable_data_ptr<scalar_t>();
         Tensor dx = W::template backward<scalar_t, M>(
-            g, x, kt, nullptr, geo, [&](int64_t n0, const WinoGeo& wg, const scalar_t* dup) {
-              scalar_t* dwn = dwp + n0 * geo.c2 * 9 * geo.c1;
+            g, x, kt, nullptr, geo,
+            [&](int64_t n0, int64_t o0, const WinoGeo& wg, const scalar_t* dup) {
+              // (n, o) rows of dwt (N, C2, 3, 3, C1); wg.c2 == C2 whenever wg.n > 1.
+              scalar_t* dwn = dwp + (n0 * geo.c2 + o0) * 9 * geo.c1;
               wino_for(wg.n * wg.c2, wino_weight_grain(wg.c1), [&](int64_t b, int64_t e) {
                 W::template weight_grad_per_sample<scalar_t, M>(dup, dwn, wg, b, e);
               });
@@ -624,10 +627,14 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
         // Chunks come in sample order and each folds its samples in order: dkt's sums
         // run over n = 0, 1, ... whatever the chunking or thread count.
         dx = W::template backward<scalar_t, M>(
-            g, x, kt, &scale, geo, [&](int64_t n0, const WinoGeo& wg, const scalar_t* dup) {
-              wino_for(geo.c2, 1, [&](int64_t b, int64_t e) {
-                W::template weight_grad_fold<scalar_t, M>(dup, kp, sp + n0 * geo.c2 * 9, dkp,
-                                                   dsp + n0 * geo.c2 * 9, wg, b, e);
+            g, x, kt, &scale, geo,
+            [&](int64_t n0, int64_t o0, const WinoGeo& wg, const scalar_t* dup) {
+              // Channels o0 .. o0 + wg.c2 - 1; wg.c2 == C2 whenever wg.n > 1.
+              const int64_t off = (n0 * geo.c2 + o0) * 9;
+              wino_for(wg.c2, 1, [&](int64_t b, int64_t e) {
+                W::template weight_grad_fold<scalar_t, M>(dup, kp + o0 * 9 * geo.c1, sp + off,
+                                                          dkp + o0 * 9 * geo.c1, dsp + off, wg,
+                                                          b, e);
               });
             });
         dweight = dkt.permute({0, 3, 1, 2}).contiguous();
