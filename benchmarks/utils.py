@@ -81,7 +81,8 @@ def shape_name(shape: Sequence[int]) -> str:
 # Environment metadata.
 
 def git_commit() -> str:
-    """Short commit of the repo, ``-dirty`` when tracked files differ from it.
+    """Short commit of the repo, ``-dirty`` when tracked files differ from it
+    (the result files this harness appends to do not count).
 
     ``$MANET_KERNELS_COMMIT`` wins: a copied working tree (e.g. on a GPU box)
     may have no ``.git`` to ask."""
@@ -93,7 +94,8 @@ def git_commit() -> str:
                               capture_output=True, text=True, timeout=10)
         if head.returncode != 0 or not head.stdout.strip():
             return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT,
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT,
                                capture_output=True, timeout=10).returncode == 1
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
