@@ -624,8 +624,9 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
         const scalar_t* sp = scale.template const_data_ptr<scalar_t>();
         scalar_t* dkp = dkt.template mutable_data_ptr<scalar_t>();
         scalar_t* dsp = dscale.template mutable_data_ptr<scalar_t>();
-        // Chunks come in sample order and each folds its samples in order: dkt's sums
-        // run over n = 0, 1, ... whatever the chunking or thread count.
+        // Chunks (or, in blocked mode, single samples) come in sample order and each
+        // folds its samples in order: dkt's sums run over n = 0, 1, ... whatever the
+        // chunking, blocking or thread count.
         dx = W::template backward<scalar_t, M>(
             g, x, kt, &scale, geo,
             [&](int64_t n0, int64_t o0, const WinoGeo& wg, const scalar_t* dup) {
