@@ -298,3 +298,36 @@ def test_cpu_autocast_bf16_computes_in_float32():
         y = mk.aw_conv2d(x, w, attn, padding=1, backend="cpu")
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_cpu_autocast_bf16_gradients_on_threads(layout, monkeypatch):
+    """bf16 x through the Winograd path with samples side by side on two threads (each
+    sample widened on a worker thread): outputs and every gradient as the float64
+    reference gives them, to bf16 rounding."""
+    monkeypatch.setenv("MANET_KERNELS_AW_CPU_ALGO", "winograd2")
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 16, 9, 7).bfloat16().contiguous(memory_format=layout)
+    w0 = torch.randn(16, 16, 3, 3) / 12
+    a0 = torch.rand(4, 16, 1, 3, 3)
+    xd, wd, ad = (t.double().requires_grad_() for t in (x0, w0, a0))
+    exact = ref_ops.aw_conv2d(xd, wd, ad, None, 1, 1)
+    gy = torch.randn(exact.shape, dtype=torch.float64)
+    exact.backward(gy)
+    x, w, a = (t.clone().requires_grad_() for t in (x0, w0, a0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mk.aw_conv2d(x, w, a, padding=1, backend="cpu")
+        y.backward(gy.to(y.dtype))
+    finally:
+        torch.set_num_threads(threads)
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    for name, got, want in (("y", y, exact), ("dx", x.grad, xd.grad), ("dw", w.grad, wd.grad),
+                            ("dattn", a.grad, ad.grad)):
+        tol = 2 ** -7 * want.abs().max().item()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -403,7 +403,10 @@ ConvAlgo choose_algo(const Geometry& geo) {
 // bfloat16 / float16) go through these two ATen copies, which widen or round.
 
 // Sample n of activation t (N, C, H, W), in dtype acc, into buf as (H, W, C).
+// Both may run on a worker thread, which does not inherit the caller's dispatch state:
+// the guard keeps autograd out of these copies there too.
 void sample_to_hwc(const Tensor& t, int64_t n, void* buf, at::ScalarType acc) {
+  at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t c = t.size(1), h = t.size(2), w = t.size(3);
   at::from_blob(buf, {c, h, w}, {1, w * c, c}, t.options().dtype(acc))
       .copy_(t.select(0, n));
@@ -411,6 +414,7 @@ void sample_to_hwc(const Tensor& t, int64_t n, void* buf, at::ScalarType acc) {
 
 // Sample n of out (N, C, H, W) from buf, (H, W, C) in dtype acc.
 void hwc_to_sample(const void* buf, at::ScalarType acc, const Tensor& out, int64_t n) {
+  at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t c = out.size(1), h = out.size(2), w = out.size(3);
   out.select(0, n).copy_(
       at::from_blob(const_cast<void*>(buf), {c, h, w}, {1, w * c, c}, out.options().dtype(acc)));
