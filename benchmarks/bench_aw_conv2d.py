@@ -209,7 +209,7 @@ class Measured:
         self.ms, self.mem = {}, {}
 
 
-def _measure(provider, case, device, compile_mode, modes, quick, ref_y, sink, cpu_seconds,
+def _measure(provider, case, device, compile_mode, modes, quick, ref_y, sink, cpu_share,
              into: Measured) -> None:
     """Times ``provider`` once in every mode, appending to ``into``."""
     tag = f"{provider} {bu.shape_name(case.shape)} {bu.dtype_name(case.dtype)} {case.layout}"
@@ -232,7 +232,7 @@ def _measure(provider, case, device, compile_mode, modes, quick, ref_y, sink, cp
         try:
             fn = bu.make_mode_fn(fwd, case.inputs(provider), mode)
             fn()  # warm: the backward graph compiles on its first call
-            ms = bu.time_ms(fn, device, quick=quick, cpu_seconds=cpu_seconds)
+            ms = bu.time_ms(fn, device, quick=quick, cpu_share=cpu_share)
             if mode not in into.mem:
                 into.mem[mode] = bu.peak_memory_mb(fn, device)
         except Exception as e:  # noqa: BLE001
@@ -346,13 +346,13 @@ def run(args) -> int:
             measured = {p: Measured() for p in sweep}
             for _ in range(rounds):
                 for provider in sweep:
-                    if args.time_budget and time.monotonic() - started > args.time_budget:
-                        sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
-                                  f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
-                        out_of_time = True
+                    out_of_time = bu.budget_spent(
+                        args.time_budget, started, sink.note,
+                        f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
+                    if out_of_time:
                         break
                     _measure(provider, case, device, compile_mode, args.modes, quick, ref_y,
-                             sink, (0.1 if quick else 1.0) / rounds, measured[provider])
+                             sink, 1.0 / rounds, measured[provider])
                 if out_of_time:
                     break
             for provider in sweep:

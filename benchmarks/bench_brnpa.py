@@ -221,10 +221,9 @@ def run(args) -> int:
             ref = oracle(x, args.n_parts, args.variant)
             tag = f"{bu.shape_name(shape)} {bu.dtype_name(dtype)} {layout}"
             for provider in sweep:
-                if args.time_budget and time.monotonic() - started > args.time_budget:
-                    sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
-                              f"{provider} {tag}")
-                    out_of_time = True
+                out_of_time = bu.budget_spent(args.time_budget, started, sink.note,
+                                              f"{provider} {tag}")
+                if out_of_time:
                     break
                 _bench_provider(provider, x, layout, args.n_parts, args.variant, device,
                                 compile_mode, args.modes, quick, ref, ref_ms, copy, env, sink,

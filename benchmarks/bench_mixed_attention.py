@@ -171,6 +171,11 @@ def run(args) -> int:
         compile_mode = None
 
     notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        print(f"note: {text}")
+
     providers = []
     for p in args.providers:
         why = unavailable(p, device)
@@ -231,11 +236,10 @@ def run(args) -> int:
             with torch.no_grad():
                 ref_y = case.module(case.x).float()
             for provider in sweep:
-                if args.time_budget and time.monotonic() - started > args.time_budget:
-                    notes.append(f"time budget {args.time_budget:.0f}s spent: stopped before "
-                                 f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
-                    print(f"note: {notes[-1]}")
-                    out_of_time = True
+                out_of_time = bu.budget_spent(
+                    args.time_budget, started, note,
+                    f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
+                if out_of_time:
                     break
                 _bench_provider(provider, case, device, compile_mode, args.modes, quick,
                                 ref_y, ref_ms, copy, env, notes, emit)

@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Sequence
 
@@ -146,9 +147,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
-            cpu_seconds: float | None = None) -> float:
-    """Median milliseconds of one call of ``fn``; on CPU over about ``cpu_seconds``
-    of calls (default 1, 0.1 with ``quick``)."""
+            cpu_share: float = 1.0) -> float:
+    """Median milliseconds of one call of ``fn``; on CPU over about ``cpu_share`` of
+    the usual 1 s of calls (0.1 s with ``quick``)."""
     if device.type == "cuda":
         warmup, rep = (5, 20) if quick else (25, 100)
         try:
@@ -162,9 +163,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     from torch.utils.benchmark import Timer
     fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    if cpu_seconds is None:
-        cpu_seconds = 0.1 if quick else 1.0
-    return timer.blocked_autorange(min_run_time=cpu_seconds).median * 1e3
+    seconds = (0.1 if quick else 1.0) * cpu_share
+    return timer.blocked_autorange(min_run_time=seconds).median * 1e3
 
 
 def _cuda_event_ms(fn, warmup_ms: float, rep_ms: float) -> float:
@@ -427,6 +427,16 @@ def compile_fresh(fn: Callable, mode: str | None) -> Callable:
             return compiled(*args)
         return run
     return compiled
+
+
+def budget_spent(time_budget: float, started: float, note: Callable[[str], None],
+                 what: str) -> bool:
+    """Whether ``--time-budget`` seconds have passed since ``started`` (monotonic);
+    if so, notes that the run stopped before ``what``."""
+    if time_budget and time.monotonic() - started > time_budget:
+        note(f"time budget {time_budget:.0f}s spent: stopped before {what}")
+        return True
+    return False
 
 
 def free_memory(device: torch.device) -> None:
