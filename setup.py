@@ -1,4 +1,6 @@
-"""Builds one extension, ``manet_kernels._C``.
+"""Builds one extension, ``manet_kernels._C``, against the torch of the build
+environment: install with ``pip install --no-build-isolation .`` (pip's default
+isolated build has no torch, and the build then stops with a message saying so).
 
 C++ CPU sources are always built. CUDA sources (``csrc/cuda/*.cu``) are built when
 torch has CUDA and nvcc is found. Environment switches:
@@ -20,7 +22,9 @@ import shutil
 import sys
 import warnings
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import SetupError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,15 +70,30 @@ def _pip_cuda_includes() -> list[str]:
                   if os.path.isdir(d))
 
 
+NO_TORCH = ("torch is not importable in the build environment ({}) - pip's default isolated "
+            "build has none: run `pip install --no-build-isolation .` in an environment that "
+            "has torch, or set MANET_KERNELS_NO_EXT=1 for a pure-Python install (reference "
+            "+ Triton backends only)")
+
+
+def _no_torch_build_ext(reason: str):
+    class NoTorchBuildExt(build_ext):
+        def run(self):
+            raise SetupError(NO_TORCH.format(reason))
+    return NoTorchBuildExt
+
+
 def _extensions():
     if os.environ.get("MANET_KERNELS_NO_EXT") == "1":
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        warnings.warn("torch is not installed: building manet_kernels without its C++ extension")
-        return [], {}
+    except ImportError as e:
+        # Fail in build_ext, not here: metadata and sdist need no torch, and pip shows
+        # a failed build's output, where it hides a warning.
+        return ([Extension("manet_kernels._C", [os.path.join("csrc", "manet_kernels.cpp")])],
+                {"build_ext": _no_torch_build_ext(f"{type(e).__name__}: {e}")})
 
     want = os.environ.get("MANET_KERNELS_CUDA", "auto").lower()
     sources = [os.path.join("csrc", "manet_kernels.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))

@@ -7,6 +7,8 @@ separately built library instead (kernel development without reinstalling).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -16,14 +18,27 @@ HAS_CUDA_KERNELS = False
 EXT_ERROR: str | None = None
 
 _dev_lib = os.environ.get("MANET_KERNELS_LIB")
+_BUILT = bool(_dev_lib) or importlib.util.find_spec("manet_kernels._C") is not None
 try:
     if _dev_lib:
         torch.ops.load_library(_dev_lib)
+    elif _BUILT:
+        importlib.import_module("manet_kernels._C")
     else:
-        from manet_kernels import _C  # noqa: F401
-    HAS_EXT = True
-except (ImportError, OSError) as e:  # pure-Python install: reference + Triton only
+        # A plain `from manet_kernels import _C` would blame a circular import (the
+        # package is half-initialised while this runs): say what really happened.
+        EXT_ERROR = f"no manet_kernels._C library in {os.path.dirname(__file__)}"
+    HAS_EXT = EXT_ERROR is None
+except (ImportError, OSError) as e:  # built, but does not load (e.g. built for another torch)
     EXT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def missing_message(what: str) -> str:
+    """The one-line error for ``what`` (e.g. "backend='cpu'") when the library is absent."""
+    state = ("its compiled kernels failed to load" if _BUILT
+             else "manet_kernels was installed without its compiled kernels")
+    return (f"{what}: {state} ({EXT_ERROR}); reinstall with "
+            "`pip install --no-build-isolation .` in an environment with torch")
 
 
 def _kernel_table() -> dict[str, frozenset[str]]:

@@ -55,13 +55,14 @@ def resolve_backend(backend: str, device: torch.device, kernel: str,
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
         if not _ext.HAS_EXT:
-            raise RuntimeError("backend='cpu' needs the compiled extension manet_kernels._C, "
-                               f"which did not load ({_ext.EXT_ERROR})")
+            raise RuntimeError(_ext.missing_message("backend='cpu'"))
         if not _ext.has_kernel(kernel, "cpu"):
             raise RuntimeError(f"backend='cpu': this build has no CPU kernel for {kernel}")
     elif backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _ext.HAS_EXT:
+            raise RuntimeError(_ext.missing_message("backend='cuda'"))
         if not _ext.has_kernel(kernel, "cuda"):
             raise RuntimeError(f"backend='cuda': this build has no CUDA kernel for {kernel} "
                                "(reinstall with nvcc available, MANET_KERNELS_CUDA=1)")
