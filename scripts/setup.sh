@@ -22,9 +22,19 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.14.1"
 fi
 # Build, test and training tools; none of them pulls in torch. Already-installed ones
-# (the GPU machine ships most) are kept as they are.
-"$PY" -m pip install -q setuptools wheel numpy ninja pytest hypothesis expecttest \
-  pytest-benchmark scikit-learn matplotlib pillow tqdm tensorboard
+# (the GPU machine ships most) are kept as they are, and pip is not run at all when
+# every one is there (it takes seconds even then).
+if ! "$PY" - <<'PY'
+import importlib.metadata as md, importlib.util as u, sys
+mods = ("wheel numpy ninja pytest hypothesis expecttest pytest_benchmark sklearn matplotlib "
+        "PIL tqdm tensorboard").split()
+setuptools_ok = int(md.version("setuptools").split(".")[0]) >= 77  # PEP 639 license metadata
+sys.exit(0 if setuptools_ok and all(u.find_spec(m) for m in mods) else 1)
+PY
+then
+  "$PY" -m pip install -q "setuptools>=77" wheel numpy ninja pytest hypothesis expecttest \
+    pytest-benchmark scikit-learn matplotlib pillow tqdm tensorboard
+fi
 # CUDA kernels that nothing here can run would only cost build minutes: without a
 # visible GPU build the CPU kernels alone, unless MANET_KERNELS_CUDA says otherwise
 # (CI sets it to 1 so that every CUDA source is compiled).
@@ -33,8 +43,22 @@ if [ -z "${MANET_KERNELS_CUDA:-}" ] &&
   echo "setup: no GPU visible, building the CPU kernels only (MANET_KERNELS_CUDA=1 adds CUDA)"
   export MANET_KERNELS_CUDA=0
 fi
-# --no-build-isolation: build against the torch installed here; --no-deps: never touch it.
-MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+# Rebuild only when a source, a build switch, torch or the Python changed (stamp in
+# build/). `pip install -e .` would compile everything in a temporary directory each
+# time, so pip only registers the package (editable, no extension: seconds) and
+# build_ext --inplace compiles the library, keeping ninja's objects in build/ so that
+# a changed source recompiles only what depends on it.
+if "$PY" scripts/build_stamp.py check; then
+  echo "setup: build up to date (build/manet_kernels.stamp), not rebuilding"
+else
+  # --no-build-isolation: use the setuptools here; --no-deps: never touch torch.
+  MANET_KERNELS_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  rm -f manet_kernels/_C.*.so  # a library from other sources or switches must not survive
+  if [ "${MANET_KERNELS_NO_EXT:-}" != "1" ]; then
+    MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace
+  fi
+  "$PY" scripts/build_stamp.py write
+fi
 "$PY" - <<'PY'
 import torch, manet_kernels._ext as e
 print(f"manet_kernels: torch {torch.__version__}, C++ extension: {e.HAS_EXT}, "
