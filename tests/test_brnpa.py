@@ -40,13 +40,18 @@ def check_against_reference(backend, device, dtype, layout, shape, k, variant="o
     assert_matches(out, ref, ref_low, dtype)
 
 
+# ops copies a "strided" x to NCHW before any kernel runs: those cases test that copy.
+LAYOUT_PARAMS = [pytest.param(lay, id="strided_copied" if lay == "strided" else lay)
+                 for lay in LAYOUTS]
+
+# Every shape but (1, 1, 1, 1) has C > 1 and H*W > 1, so channels_last differs from NCHW.
 CPU_CASES = [((1, 1, 1, 1), 1), ((2, 3, 1, 7), 3), ((3, 7, 5, 3), 3), ((2, 64, 7, 7), 5),
              ((1, 33, 13, 11), 16)]
 
 
 @requires_ext
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=str)
 @pytest.mark.parametrize("variant", ["official", "paper"])
@@ -86,7 +91,7 @@ GPU_CASES = [((1, 1, 1, 1), 1), ((3, 7, 5, 3), 3), ((3, 257, 13, 11), 3), ((2, 2
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_matches_reference(backend, case, layout, dtype):
     if backend not in backends_for("cuda"):
@@ -109,9 +114,13 @@ def test_deterministic(device):
 
 
 @requires_ext
+@pytest.mark.parametrize("signed", [False, True], ids=["positive", "signed"])
 @pytest.mark.parametrize("variant", ["official", "paper"])
-def test_gradcheck_cpu(variant):
-    x = torch.randn(2, 4, 3, 3, dtype=torch.float64).abs().add(0.1).requires_grad_()
+def test_gradcheck_cpu(variant, signed):
+    """Signed features too: the backward leaves out DESIGN.md's
+    -(sum_i ds_i s_i) r / (nrm_r ||r||), which is identically 0 (ops/brnpa.py)."""
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    x = (x if signed else x.abs().add(0.1)).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: mk.brnpa(t, 3, variant=variant, backend="cpu"), (x,))
 
 
@@ -167,18 +176,127 @@ def test_module_and_head_match_reference():
 @requires_ext
 def test_zero_vectors_and_equal_scores_follow_reference():
     """All-equal scores pick the first position; an all-zero feature vector gets a
-    finite gradient (the norm's derivative is taken as 0 there, in the reference too);
-    an all-zero sample makes the similarities sum to 0 and gives NaN, as the reference."""
-    x = torch.ones(2, 5, 3, 3, dtype=torch.float64)
+    finite gradient (the norm's derivative is taken as 0 there, in the reference too)."""
+    x = torch.ones(1, 5, 3, 3, dtype=torch.float64)
     x[0, :, 1, 1] = 0.0
-    x[1] = 0.0
-    up = (torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    up = (torch.randn(1, 2, 5, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64))
     out = run(lambda t: mk.brnpa(t, 2, backend="cpu"), x, up)
     ref = run(lambda t: brnpa_ref(t, 2), x, up)
     for key in out:
-        torch.testing.assert_close(out[key], ref[key], equal_nan=True)
-    assert torch.isfinite(out["grad_x"][0]).all() and torch.isfinite(out["maps"][0]).all()
-    assert torch.isnan(out["maps"][1]).all()
+        torch.testing.assert_close(out[key], ref[key])
+        assert torch.isfinite(out[key]).all(), key
+
+
+# --------------------------------------------------------------------------- #
+# Parts whose similarities sum to exactly 0 get weights 0 (issue 12.5).
+
+def zero_sum_features(case, dtype=torch.float64, device="cpu"):
+    """``(x, mask)``: ``x = t * mask`` with ``t`` positive, so the masked-out feature
+    vectors are exactly 0 whatever ``t`` is (gradcheck perturbs only ``t``).
+    "later_part": sample 0 has one non-zero position, so after it a part's
+    representative is an all-zero vector (official: part 3, paper: parts 2 and 3);
+    sample 1 is ordinary. "zero_sample": sample 1 is all zeros. "opposite": sample 0
+    holds f and -f (integers: every dot product exact), so S = s - s = 0 with s != 0
+    in every part."""
+    t = torch.rand(2, 4, 3, 3, dtype=torch.float64) + 0.5
+    mask = torch.ones_like(t)
+    if case == "later_part":
+        mask[0] = 0
+        mask[0, :, 1, 2] = 1
+    elif case == "zero_sample":
+        mask[1] = 0
+    else:
+        t[0] = 0
+        t[0, :, 0, 1] = torch.tensor([1.0, 2.0, 0.0, 3.0])
+        t[0, :, 2, 0] = -t[0, :, 0, 1]
+    return t.to(device=device, dtype=dtype), mask.to(device=device, dtype=dtype)
+
+
+# (case, variant) -> [sample][part]: does that part's similarities sum to 0?
+ZERO_SUM_PARTS = {
+    ("later_part", "official"): [[0, 0, 1], [0, 0, 0]],
+    ("later_part", "paper"): [[0, 1, 1], [0, 0, 0]],
+    ("zero_sample", "official"): [[0, 0, 0], [1, 1, 1]],
+    ("zero_sample", "paper"): [[0, 0, 0], [1, 1, 1]],
+    ("opposite", "official"): [[1, 1, 1], [0, 0, 0]],
+    ("opposite", "paper"): [[1, 1, 1], [0, 0, 0]],
+}
+
+
+def authors_brnpa(x, k, variant):
+    """The reference as it was before issue 12.5 (the authors' w = s / sum(s), 0/0
+    included, s / 0 too): the bits that every part with a non-zero sum must keep."""
+    b, c, h, w = x.shape
+    f = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    norm = torch.linalg.vector_norm(f, dim=-1) + 1e-5
+    score = norm.clone() if variant == "official" else f.pow(2).sum(-1)
+    rows, maps, vectors = torch.arange(b), [], []
+    for _ in range(k):
+        ind = score.argmax(1)
+        sim = (f * f[rows, ind][:, None]).sum(-1) / (norm * norm[rows, ind][:, None])
+        wgt = sim / sim.sum(1, keepdim=True)
+        vectors.append((f * wgt[..., None]).sum(1))
+        score = score * (1 - (sim if variant == "official" else wgt))
+        maps.append(wgt.reshape(b, h, w))
+    return torch.stack(vectors, 1), torch.stack(maps, 1)
+
+
+def zero_sum_backends():
+    out = [("cpu", b) for b in backends_for("cpu")]
+    return out + [pytest.param("cuda", b, marks=requires_gpu) for b in ("cuda", "triton")]
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.parametrize("case", ["later_part", "zero_sample", "opposite"])
+def test_reference_zero_sum_part_has_zero_weights_and_keeps_other_bits(case, variant):
+    x, mask = zero_sum_features(case)
+    x = (x * mask).requires_grad_()
+    v, m = brnpa_ref(x, 3, variant=variant)
+    v_a, m_a = authors_brnpa(x.detach(), 3, variant)
+    zero = torch.tensor(ZERO_SUM_PARTS[case, variant], dtype=torch.bool)
+    assert torch.equal(m[zero], torch.zeros_like(m[zero])) and torch.equal(v[zero], torch.zeros_like(v[zero]))
+    assert not torch.isfinite(m_a[zero]).any()  # 0/0, or +-s/0 for "opposite"
+    assert torch.equal(m[~zero], m_a[~zero]) and torch.equal(v[~zero], v_a[~zero])
+    (g,) = torch.autograd.grad((v * torch.randn_like(v)).sum() + (m * torch.randn_like(m)).sum(), x)
+    assert torch.isfinite(g).all()
+    if case == "zero_sample":
+        assert torch.equal(g[1], torch.zeros_like(g[1]))
+
+
+@pytest.mark.parametrize("device,backend", zero_sum_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.parametrize("case", ["later_part", "zero_sample", "opposite"])
+def test_zero_sum_part_matches_reference(case, variant, dtype, layout, device, backend):
+    if device == "cuda" and backend not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    x, mask = zero_sum_features(case, dtype, device)
+    x = x * mask
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    up = (torch.randn(2, 3, 4, dtype=torch.float64, device=device),
+          torch.randn(2, 3, 3, 3, dtype=torch.float64, device=device))
+    out = run(lambda t: mk.brnpa(t, 3, variant=variant, backend=backend), x, up)
+    ref = run(lambda t: brnpa_ref(t, 3, variant=variant), x, up)
+    zero = torch.tensor(ZERO_SUM_PARTS[case, variant], dtype=torch.bool, device=device)
+    for key in out:
+        assert torch.isfinite(out[key]).all(), key
+    assert torch.equal(out["maps"][zero], torch.zeros_like(out["maps"][zero]))
+    assert torch.equal(out["vectors"][zero], torch.zeros_like(out["vectors"][zero]))
+    assert_matches(out, ref, None, dtype)
+
+
+@requires_ext
+@pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.parametrize("case", ["later_part", "zero_sample"])
+def test_gradcheck_cpu_zero_sum_part(case, variant):
+    """Exact gradients through the other parts and samples, and the zero gradient of a
+    part with weights 0 (its similarities stay exactly 0 under the perturbation)."""
+    t, mask = zero_sum_features(case)
+    t.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda u: mk.brnpa(u * mask, 3, variant=variant, backend="cpu"), (t,))
 
 
 @requires_ext

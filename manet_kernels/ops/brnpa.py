@@ -47,7 +47,7 @@ def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
         idx = score.argmax(1)  # first maximum, as the reference
         s, sv = kern.brnpa_step(x, inv.reshape(b, h, w), idx)
         s = s.reshape(b, h * w)
-        total = s.sum(1, keepdim=True)
+        total = _nonzero_sum(s)
         wgt = s / total
         vectors.append(sv / total)
         score = score * (1 - (wgt if paper else s))
@@ -59,6 +59,18 @@ def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
     maps = (s / total[..., None]).reshape(b, n_parts, h, w)
     return (torch.stack(vectors, 1).to(x.dtype), maps.to(x.dtype), inv, nrm0,
             torch.stack(idxs, 1), s, total)
+
+
+def _nonzero_sum(s: Tensor) -> Tensor:
+    """``S = sum_i s_i`` per sample, ``(B, 1)``, with ``+inf`` where it is exactly 0.
+
+    A part whose similarities sum to 0 (e.g. its representative is an all-zero
+    vector) gets weights 0 instead of 0/0 (issue 12.5). Dividing by ``+inf`` gives
+    exactly 0 in the map, the vector, the paper's score update and every backward
+    term that divides by ``S`` (``ds``, ``q``), and is the same division as the
+    official formula wherever ``S != 0``, so those results keep their bits."""
+    total = s.sum(1, keepdim=True)
+    return torch.where(total == 0, torch.inf, total)
 
 
 def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
@@ -81,11 +93,11 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
     q = (u - ck[..., None] * t[:, None]) / total[..., None]  # sum_i ds_i f_i / nrm_i
     r = x.flatten(2).gather(2, idx[:, None, :].expand(b, c, k)).transpose(1, 2).to(acc)  # (B, K, C)
     inv_r = inv.gather(1, idx)
-    nrm0_r = nrm0.gather(1, idx)
-    dss = (ds * s).sum(2)                                    # (B, K)
-    # The norm's derivative f/||f|| is taken as 0 at f = 0 (as torch.linalg.vector_norm).
-    safe_r = torch.where(nrm0_r > 0, inv_r / nrm0_r.clamp_min(1e-300), torch.zeros_like(inv_r))
-    dr = q * inv_r[..., None] - (dss * safe_r)[..., None] * r
+    # DESIGN.md's dr also has -(sum_i ds_i s_i) r / (nrm_r ||r||), through the
+    # representative's own norm. That sum is 0: w = s / S does not change when s is
+    # scaled, so sum_i ds_i s_i = sum_i (dw_i - c_k) w_i = c_k - c_k (sum_i w_i = 1; and
+    # ds = 0 for a part with S = 0). Computed, it is only rounding noise.
+    dr = q * inv_r[..., None]
 
     a = torch.cat([wgt, ds * inv[:, None] * inv_r[..., None]], 1).reshape(b, 2 * k, h, w)
     m = torch.cat([gv, r], 1)
@@ -108,7 +120,8 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
 def _brnpa_op(x: Tensor, n_parts: int, paper: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(vectors, maps, inv_nrm, nrm, idx, s, S)``; all but the first two are
-    small tensors kept for the backward."""
+    small tensors kept for the backward (``S`` is ``+inf`` for a part whose
+    similarities sum to 0, see ``_nonzero_sum``)."""
     return _forward_impl(x, n_parts, paper, backend)
 
 
@@ -197,8 +210,9 @@ def brnpa(x: Tensor, n_parts: int = 3, *, variant: str = "official",
     ``variant="official"`` follows the authors' code (score ``||f|| + 1e-5``, updated by
     the similarities); ``"paper"`` follows Alg. 1 (score ``||f||^2``, updated by the
     normalised weights). Gradients flow through both outputs; the argmax indices are
-    constants. A map whose similarities sum to zero (e.g. an all-zero sample) gives
-    NaN, as the reference does.
+    constants. A part whose similarities sum to exactly zero (e.g. its representative
+    is an all-zero vector, or the sample is all zeros) gets weights 0: a zero map, a
+    zero vector and no gradient through that part, as in the reference.
     """
     backend = _check_args(x, n_parts, variant, backend)
     if backend == "reference":

@@ -2,7 +2,8 @@
 
 A line-by-line port of the authors' ``representativeVectors`` (``variant="official"``)
 and of Alg. 1 of the paper (``variant="paper"``). The argmax index of every step is a
-constant for autograd, as in the authors' code.
+constant for autograd, as in the authors' code. One deliberate departure: a part whose
+similarities sum to exactly 0 gets weights 0 where the authors' code gives NaN.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ def brnpa(x: Tensor, n_parts: int = 3, *, variant: str = "official") -> tuple[Te
         ind = score.argmax(dim=1)  # first maximum
         r, r_norm = f[rows, ind], norm[rows, ind]
         sim = (f * r[:, None]).sum(dim=-1) / (norm * r_norm[:, None])
-        sim_norm = sim / sim.sum(dim=1, keepdim=True)
+        total = sim.sum(dim=1, keepdim=True)
+        # Where the similarities sum to exactly 0 (e.g. r is an all-zero vector) the
+        # part's weights are 0, and so are its vector and gradient, instead of the
+        # authors' 0/0 = NaN; the inner where keeps the unused branch's gradient finite.
+        empty = total == 0
+        sim_norm = torch.where(empty, 0.0, sim / torch.where(empty, 1.0, total))
         vectors.append((f * sim_norm[..., None]).sum(dim=1))
         score = score * (1 - (sim if variant == "official" else sim_norm))
         maps.append(sim_norm.reshape(b, h, w))
