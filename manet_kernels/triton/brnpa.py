@@ -101,6 +101,14 @@ def _bwd_reduce_block_p(p: int, channels_last: bool, block_k: int, dot: bool) ->
 # --------------------------------------------------------------------------- #
 
 
+@triton.jit
+def _mask_if(mask, ok):
+    """``mask & ok`` for a block mask and a scalar condition. Written as a where:
+    triton 3.9's interpreter broadcasts a scalar bool in ``&`` to int32, and a load
+    or store then rejects the mask ("mask has unsupported dtype")."""
+    return tl.where(ok, mask, False)
+
+
 @triton.autotune(configs=_configs(_NORMS_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
@@ -175,7 +183,7 @@ def _brnpa_step_kernel(
         if I64:
             offs_c = offs_c.to(tl.int64)
         f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0)
-        r = tl.load(x_b + offs_c * sC + ridx * sP, mask=mask_c & r_ok, other=0.0)
+        r = tl.load(x_b + offs_c * sC + ridx * sP, mask=_mask_if(mask_c, r_ok), other=0.0)
         fr += f.to(acc_t) * r.to(acc_t)[:, None]
     # The reference's association, (<f, r> * inv_i) * inv_r; padding lanes get s = 0.
     s = (tl.sum(fr, axis=0) * inv) * inv_r
@@ -259,7 +267,7 @@ def _brnpa_bwd_reduce_kernel(
         tl.store(u_part_ptr + (part * K + offs_k[:, None]) * C + offs_c[None, :], u,
                  mask=mask_k[:, None] & mask_c[None, :])
         # Every K-chunk has fn at hand; only the first writes t.
-        tl.store(t_part_ptr + part * C + offs_c, tl.sum(fn, axis=1), mask=mask_c & (kc == 0))
+        tl.store(t_part_ptr + part * C + offs_c, tl.sum(fn, axis=1), mask=_mask_if(mask_c, kc == 0))
 
 
 @triton.autotune(configs=_configs(_BWD_DX_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
