@@ -13,12 +13,12 @@ TFLOP/s counts 2 * N * C2 * Ho * Wo * C1/groups * kh * kw per forward, twice tha
 per backward, against an n x n matmul measured in the same run. On CPU the
 providers of a case are timed in interleaved rounds (--rounds, default 5) and
 each row is a provider's median round, so ratios are side by side in time too.
-Rows are appended to benchmarks/results/aw_conv2d.csv.
+Rows are appended to benchmarks/results/aw_conv2d.csv, except by smoke runs
+(--quick) and --no-save runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -307,7 +307,7 @@ def run(args) -> int:
     for d in dtypes:
         mm[d] = matmul_ceiling(device, d, quick)
         print(f"matmul {bu.dtype_name(d)} (same run): {mm[d]:.3f} TFLOP/s")
-    sink = bu.Sink(OP, COLUMNS, args.out, args.no_save,
+    sink = bu.Sink(OP, COLUMNS, args,
                    {"op": OP, "env": env,
                     "matmul_tflops": {bu.dtype_name(d): v for d, v in mm.items()},
                     "compile_mode": compile_mode or "default", "args": vars(args)})
@@ -377,8 +377,7 @@ def rounds_for(args, device: torch.device) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bu.make_parser(__doc__)
     bu.add_common_args(ap, OP, PROVIDERS,
                        "default: bfloat16 on cuda (float32 as an option), float32 on cpu")
     ap.add_argument("--out-channels", type=int, default=0, metavar="C2",

@@ -9,12 +9,12 @@ random ``gv``, ``gm``: both outputs carry gradient, as in training with a loss o
 the part maps; the time is that of the gradient of ``x``.
 GB/s counts the traffic the fused design needs (DESIGN.md section 3: 1 + n_parts
 passes forward, 3 backward, their sum both), whatever a provider really moves.
-Rows are appended to benchmarks/results/brnpa.csv.
+Rows are appended to benchmarks/results/brnpa.csv, except by smoke runs
+(--quick) and --no-save runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -189,7 +189,7 @@ def run(args) -> int:
           f" | commit {env['commit']} | {env['date_utc']}")
     copy = bu.copy_bandwidth_gbps(device, quick=quick)
     print(f"copy bandwidth (same run): {copy:.1f} GB/s")
-    sink = bu.Sink(OP, COLUMNS, args.out, args.no_save,
+    sink = bu.Sink(OP, COLUMNS, args,
                    {"op": OP, "env": env, "copy_gbps": copy,
                     "compile_mode": compile_mode or "default", "args": vars(args)})
 
@@ -240,8 +240,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bu.make_parser(__doc__)
     bu.add_common_args(ap, OP, PROVIDERS, "default: bfloat16 float32 on cuda, float32 on cpu")
     ap.add_argument("--n-parts", type=int, default=N_PARTS, help="parts per sample (default 3)")
     ap.add_argument("--variant", choices=VARIANTS, default="official")

@@ -11,12 +11,12 @@ channels_last (issue 5's configuration). CPU: a small configuration that fits a
 2-core machine. Images/s and peak memory per row; ``vs_plain`` is the plain
 ResNet's step time over this row's (fused plain row = the same model either way),
 ``vs_reference`` the reference flavour's over the fused one, both measured in this
-run. Rows are appended to benchmarks/results/train_step.csv.
+run. Rows are appended to benchmarks/results/train_step.csv, except by --quick
+(smoke) and --no-save runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -79,6 +79,20 @@ def make_step(arch: str, kernels: str, cfg: dict, device: torch.device, num_clas
     return step, model
 
 
+def _measure(arch, kernels, cfg, device, quick, sink) -> tuple[float, float] | None:
+    """(median ms, peak MB) of one training step, or None (noted) if it fails."""
+    try:
+        step, model = make_step(arch, kernels, cfg, device, cfg["classes"])
+        step()  # warm-up (and the check that it runs at all)
+        return bu.time_ms(step, device, quick=quick), bu.peak_memory_mb(step, device)
+    except Exception as e:  # noqa: BLE001 (reported, not fatal)
+        sink.note(f"skip {arch} {kernels}: {bu.short_error(e)}")
+        return None
+    finally:
+        step = model = None
+        bu.free_memory(device)
+
+
 def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,59 +122,45 @@ def run(args) -> int:
     print(f"{OP} on {env['device_name']} | torch {env['torch']} | commit {env['commit']} | "
           f"{env['date_utc']} | batch {cfg['batch']} at {cfg['size']}x{cfg['size']}, "
           f"{cfg['dtype']}, channels_last={cfg['channels_last']}")
-    sink = bu.Sink(OP, COLUMNS, args.out, args.no_save,
+    sink = bu.Sink(OP, COLUMNS, args,
                    {"op": OP, "env": env, "config": cfg, "args": vars(args)})
     busy = bu.busy_note(device)
     if busy:
         sink.note(busy)
     times: dict[tuple[str, str], float] = {}
     plain = f"resnet{cfg['depth']}"
+    # The reference flavour first, so each fused row has its vs_reference when written.
+    flavours = sorted(args.kernels, key=lambda k: k != "reference")
     started = time.monotonic()
-    for arch in archs:
-        for kernels in args.kernels:
-            if kernels == "reference" and arch == plain and "fused" in args.kernels:
-                continue  # no attention module: the same model either way
-            if args.time_budget and time.monotonic() - started > args.time_budget:
-                sink.note(f"time budget {args.time_budget:.0f}s spent: stopped before "
-                          f"{arch} {kernels}")
-                break
-            try:
-                step, model = make_step(arch, kernels, cfg, device, cfg["classes"])
-                step()  # warm-up (and the check that it runs at all)
-                ms = bu.time_ms(step, device, quick=args.quick)
-                mem = bu.peak_memory_mb(step, device)
-            except Exception as e:  # noqa: BLE001 (reported, not fatal)
-                sink.note(f"skip {arch} {kernels}: {bu.short_error(e)}")
-                continue
-            finally:
-                step = model = None
-                bu.free_memory(device)
-            times[(arch, kernels)] = ms
-            base = times.get((plain, "fused"), times.get((plain, kernels)))
-            ref = times.get((arch, "reference"))
-            row = {
-                "op": OP, "arch": arch, "kernels": kernels, "batch": cfg["batch"],
-                "image_size": cfg["size"], "classes": cfg["classes"], "amp": cfg["dtype"],
-                "channels_last": cfg["channels_last"], "ms": ms,
-                "images_per_s": cfg["batch"] / (ms * 1e-3), "peak_mem_mb": mem,
-                "vs_plain": base / ms if base else math.nan,
-                "vs_reference": ref / ms if ref and kernels == "fused" else math.nan,
-                **env,
-            }
-            sink.emit(row, f"  {arch:>18} {kernels:>9}  {ms:9.2f} ms  "
-                           f"{row['images_per_s']:8.1f} img/s")
-    # Reference rows come after their fused rows: fill the fused rows' ratio now.
-    for row in sink.rows:
-        ref = times.get((row["arch"], "reference"))
-        if row["kernels"] == "fused" and ref:
-            row["vs_reference"] = ref / row["ms"]
+    for arch, kernels in [(a, k) for a in archs for k in flavours]:
+        if kernels == "reference" and arch == plain and "fused" in args.kernels:
+            continue  # no attention module: the same model either way
+        if bu.budget_spent(args.time_budget, started, sink.note, f"{arch} {kernels}"):
+            break
+        measured = _measure(arch, kernels, cfg, device, args.quick, sink)
+        if measured is None:
+            continue
+        ms, mem = measured
+        times[(arch, kernels)] = ms
+        base = times.get((plain, "fused"), times.get((plain, kernels)))
+        ref = times.get((arch, "reference"))
+        row = {
+            "op": OP, "arch": arch, "kernels": kernels, "batch": cfg["batch"],
+            "image_size": cfg["size"], "classes": cfg["classes"], "amp": cfg["dtype"],
+            "channels_last": cfg["channels_last"], "ms": ms,
+            "images_per_s": cfg["batch"] / (ms * 1e-3), "peak_mem_mb": mem,
+            "vs_plain": base / ms if base else math.nan,
+            "vs_reference": ref / ms if ref and kernels == "fused" else math.nan,
+            **env,
+        }
+        sink.emit(row, f"  {arch:>18} {kernels:>9}  {ms:9.2f} ms  "
+                       f"{row['images_per_s']:8.1f} img/s")
     sink.finish(OP, sink.rows, TABLE)
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bu.make_parser(__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
@@ -175,12 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int,
                     help="classes of the head (default 1000 on GPU, 10 on CPU)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
-    ap.add_argument("--no-save", action="store_true",
-                    help=f"do not append to benchmarks/results/{OP}.csv")
-    ap.add_argument("--time-budget", type=float, default=0, metavar="S",
-                    help="stop starting new rows after S seconds (0: no limit)")
+    bu.add_output_args(ap, OP, "rows")
     return run(ap.parse_args(argv))
 
 

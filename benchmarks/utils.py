@@ -350,6 +350,27 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 # ---------------------------------------------------------------------------
 # Pieces the bench scripts share (flags, provider checks, compile, output).
 
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's parser, its whole docstring as the ``--help`` description
+    (its first line alone stops mid-sentence)."""
+    return argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+QUICK_HELP = ("tiny smoke run: one small shape, one dtype, short timings; never appends to "
+              "benchmarks/results (--out DIR keeps its rows)")
+
+
+def add_output_args(ap: argparse.ArgumentParser, op: str, budget_help: str) -> None:
+    """``--quick --out --no-save --time-budget``: every bench script's output flags."""
+    ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
+    ap.add_argument("--no-save", action="store_true",
+                    help=f"do not append to benchmarks/results/{op}.csv")
+    ap.add_argument("--time-budget", type=float, default=0, metavar="S",
+                    help=f"stop starting new {budget_help} after S seconds (0: no limit)")
+
+
 def add_common_args(ap: argparse.ArgumentParser, op: str, providers: Sequence[str],
                     dtype_help: str) -> None:
     """The flags every ``bench_<op>.py`` takes, so one command line works for all."""
@@ -368,13 +389,7 @@ def add_common_args(ap: argparse.ArgumentParser, op: str, providers: Sequence[st
                          "'max-autotune-no-cudagraphs', ...")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads for CPU runs (0: torch's default)")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny smoke run: one small shape, one dtype, short timings")
-    ap.add_argument("--out", metavar="DIR", help="also write CSV rows and a JSON summary here")
-    ap.add_argument("--no-save", action="store_true",
-                    help=f"do not append to benchmarks/results/{op}.csv")
-    ap.add_argument("--time-budget", type=float, default=0, metavar="S",
-                    help="stop starting new providers after S seconds (0: no limit)")
+    add_output_args(ap, op, "providers")
 
 
 def backend_unavailable(provider: str, device: torch.device, kernel: str,
@@ -450,35 +465,92 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def busy_note(device: torch.device) -> str | None:
-    """A warning when a loaded machine makes CPU medians unreliable."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+def cpu_jiffies(stat: str, cpus: Iterable[int] | None = None) -> tuple[int, int]:
+    """(busy, total) jiffies in ``/proc/stat`` text, summed over ``cpus`` (the
+    aggregate ``cpu`` line when None or when a listed CPU has no line of its own).
+    Busy is everything but idle and iowait; steal counts as busy (a neighbour's VM)."""
+    lines = {}
+    for line in stat.splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu"):
+            lines[name] = [int(v) for v in fields[:8]]  # guest time is inside user already
+    names = [f"cpu{c}" for c in cpus] if cpus is not None else []
+    if not names or any(n not in lines for n in names):
+        names = ["cpu"]
+    if "cpu" not in lines:
+        raise ValueError("no cpu lines in /proc/stat")
+    busy = total = 0
+    for n in names:
+        v = lines[n]
+        total += sum(v)
+        busy += sum(v) - v[3] - (v[4] if len(v) > 4 else 0)
+    return busy, total
+
+
+def _read_proc_stat() -> str:
+    with open("/proc/stat") as f:
+        return f.read()
+
+
+# A quarter of the cores (half a core on the 2-vCPU VMs): others taking that much
+# already stretch 2-thread CPU medians.
+BUSY_FRACTION = 0.25
+
+
+def busy_note(device: torch.device, *, window_s: float = 0.5,
+              read_stat: Callable[[], str] = _read_proc_stat) -> str | None:
+    """A warning when other processes keep this process's CPUs busy, measured from
+    ``/proc/stat`` over ``window_s`` while this process sleeps (its own CPU time in
+    the window subtracted). Not the load average: it counts this process too (it has
+    just imported torch) and tasks waiting on I/O, so it fired on idle machines."""
+    if device.type != "cpu":
         return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 0.5 * cores:
-        return (f"machine busy (load average {load:.1f} on {cores} cores): CPU timings may "
-                "be unreliable (--threads 1 suffers least)")
-    return None
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    try:
+        own0, (busy0, total0) = time.process_time(), cpu_jiffies(read_stat(), cpus)
+        time.sleep(window_s)
+        own1, (busy1, total1) = time.process_time(), cpu_jiffies(read_stat(), cpus)
+    except (OSError, ValueError):  # no /proc (macOS) or an unreadable one: no warning
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    capacity_s = (total1 - total0) / tick
+    if capacity_s <= 0:
+        return None
+    others_s = max(0.0, (busy1 - busy0) / tick - (own1 - own0))
+    frac = others_s / capacity_s
+    if frac <= BUSY_FRACTION:
+        return None
+    n = len(cpus) if cpus else (os.cpu_count() or 1)
+    return (f"machine busy (other processes used {frac:.0%} of {n} cores over "
+            f"{window_s:g}s): CPU timings may be unreliable (--threads 1 suffers least)")
+
+
+def saves_results(args) -> bool:
+    """Whether a run appends to ``benchmarks/results/<op>.csv``: only deliberate runs.
+    ``--quick`` is a smoke run (tiny shapes, short timings): it never does, nor
+    does ``--no-save``; ``--out DIR`` still gets their rows."""
+    return not (args.no_save or args.quick)
 
 
 class Sink:
-    """Where one run's rows go: ``results/<op>.csv`` (unless ``no_save``), and with
-    ``out_dir`` also ``out_dir/<op>.csv`` and ``out_dir/<op>.json``.
+    """Where one run's rows go: ``results/<op>.csv`` (when :func:`saves_results`), and
+    with ``args.out`` also ``out/<op>.csv`` and ``out/<op>.json``.
 
     Rows are written one at a time, so a run killed by its time limit keeps what
     it measured, and the JSON stays whole (``write_json`` replaces it atomically)."""
 
-    def __init__(self, op: str, columns: Sequence[str], out_dir: str | None, no_save: bool,
-                 summary: dict):
+    def __init__(self, op: str, columns: Sequence[str], args, summary: dict):
         self.columns = columns
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.summary = {**summary, "rows": self.rows, "notes": self.notes}
-        self.csv_paths = [] if no_save else [os.path.join(RESULTS_DIR, f"{op}.csv")]
+        self.csv_paths = [os.path.join(RESULTS_DIR, f"{op}.csv")] if saves_results(args) else []
         self.json_path = None
-        if out_dir:
-            self.csv_paths.append(os.path.join(out_dir, f"{op}.csv"))
-            self.json_path = os.path.join(out_dir, f"{op}.json")
+        if args.out:
+            self.csv_paths.append(os.path.join(args.out, f"{op}.csv"))
+            self.json_path = os.path.join(args.out, f"{op}.json")
+        if args.quick and not args.no_save:
+            self.note(f"--quick: a smoke run, not appended to benchmarks/results/{op}.csv")
 
     def note(self, text: str) -> None:
         self.notes.append(text)
