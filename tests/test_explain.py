@@ -324,7 +324,7 @@ def test_cli_errors(tmp_path, capsys):
     torch.save({"model": {}, "epoch": 3}, tmp_path / "bad.pt")
     wrong = torch.load(plain, weights_only=True)
     wrong["arch"] = "resnet32"  # resnet20 weights
-    torch.save(wrong, tmp_path / "wrong.pt")
+    save_checkpoint(wrong, tmp_path / "wrong.pt")  # a fresh checksum: not a corrupt file
     cases = [
         (["maps", tmp_path / "missing.pt"], "checkpoint not found"),
         (["maps", tmp_path / "bad.pt"], r"lacks the key\(s\) \['arch', 'num_classes'\]"),

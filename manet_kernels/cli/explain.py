@@ -86,40 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_checkpoint_meta(path: str) -> dict[str, Any]:
-    """The checkpoint dict (tensors memory-mapped, so this is cheap), with its keys
-    checked; clear errors for a missing file or a file that is not a checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"checkpoint not found: {path}")
-    if not p.is_file():
-        raise UsageError(f"checkpoint {path} is not a file")
+def read_checkpoint_meta(path: str, *, verify: bool = False) -> dict[str, Any]:
+    """The checkpoint dict with its keys checked, one clear line for a missing, empty,
+    truncated, corrupted or foreign file. Without ``verify`` the tensors stay memory-mapped
+    and the checksum is not computed (a cheap look at the metadata; :func:`load` verifies)."""
+    from manet_kernels.checkpoint import load_checkpoint
+
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  (old non-zip files cannot be memory-mapped)
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"checkpoint {path} could not be read as a torch checkpoint: "
-                             f"{e}") from e
-    if not isinstance(ckpt, dict):
-        raise UsageError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected the dict "
-                         "manet-train writes")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise UsageError(f"checkpoint {path} lacks the key(s) {missing} (expected a manet-train "
-                         f"checkpoint with {list(REQUIRED_KEYS)}, 'model_options', 'data', "
-                         "'image_size', 'test_acc')")
-    return ckpt
+        return load_checkpoint(path, map_location="cpu", required=REQUIRED_KEYS,
+                               verify=verify, mmap=not verify)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint not found: {path}") from None
+    except ValueError as e:  # CheckpointError: the message names the file and the fault
+        raise UsageError(str(e)) from None
 
 
 def load(path: str, args) -> tuple[torch.nn.Module, dict]:
-    from manet_kernels.checkpoint import load_model
+    from manet_kernels.checkpoint import build_model
 
-    read_checkpoint_meta(path)
+    ckpt = read_checkpoint_meta(path, verify=True)
     try:
-        model, ckpt = load_model(path, kernels=args.kernels, backend=args.backend,
-                                 map_location="cpu")
+        model = build_model(ckpt, kernels=args.kernels, backend=args.backend)
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {path}: the model could not be rebuilt: {e}") from e
     return model.to(args.device), ckpt
