@@ -33,6 +33,8 @@ ACC_TOL = {torch.float64: (1e-11, 1e-12), torch.float32: (2e-5, 2e-6),
 OUT_TOL = {torch.float64: (1e-11, 1e-12), torch.float32: (2e-5, 2e-6),
            torch.bfloat16: (2 ** -7, 2e-6), torch.float16: (2 ** -10, 2e-6)}
 
+# C = 1 or H*W = 1 looks the same in both layouts; the other shapes run channels_last
+# for real.
 SHAPES = [(b, c, h, w) for b, c, (h, w) in itertools.product(
     (1, 2, 3), (1, 3, 7, 64), ((1, 1), (1, 7), (5, 3), (13, 11)))]
 
@@ -149,10 +151,13 @@ def test_many_blocks(shape, dtype, layout):
     check_bwd_dx(x, 10, gen)
 
 
-def test_zero_features():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_features(layout):
     """An all-zero position has norm 0; its similarities come out 0 (inv finite)."""
     x = torch.randn(2, 8, 4, 5)
     x[:, :, 1, 2] = 0
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     check_norms(x)
     gen = torch.Generator().manual_seed(5)
     check_step(x, gen)
@@ -231,10 +236,11 @@ def test_zero_channels(layout):
     check_bwd_dx(x, 4, gen)
 
 
-def test_no_parts():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_parts(layout):
     """K = 0 (and J = 0): empty part outputs; t and df still computed."""
     gen = torch.Generator().manual_seed(8)
-    x = make_x((2, 6, 3, 5), torch.float32, "contiguous", gen)
+    x = make_x((2, 6, 3, 5), torch.float32, layout, gen)
     check_bwd_reduce(x, 0, gen)
     check_bwd_dx(x, 0, gen)
 

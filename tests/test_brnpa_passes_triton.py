@@ -37,7 +37,8 @@ DTYPES = [torch.float32, torch.float16, torch.float64] + ([torch.bfloat16] if HA
 LAYOUTS = ["nchw", "channels_last"]
 
 # Every C meets every (H, W) once; (C=33, P=35) spans three interpreter tiles of 16
-# along each axis, the last one partial.
+# along each axis, the last one partial. C = 1 or H*W = 1 looks the same in both
+# layouts; the other shapes (all of SMALL_SET but 1x1x1x1) run channels_last for real.
 _C = [1, 3, 7, 33]
 _HW = [(1, 1), (1, 5), (3, 3), (5, 7)]
 SHAPES = [(1 + (i + j) % 2, c, h, w) for i, c in enumerate(_C) for j, (h, w) in enumerate(_HW)]
@@ -187,10 +188,11 @@ def test_bwd_reduce_many_parts(layout, k, dtype):
         _close(o, e, bnd, c + h * w + 4)
 
 
-def test_bwd_dx_many_and_no_terms():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bwd_dx_many_and_no_terms(layout):
     gen = _gen(6)
     b, c, h, w = shape = (2, 33, 5, 7)
-    x = _act(shape, gen, torch.float32, "nchw")
+    x = _act(shape, gen, torch.float32, layout)
     for j in (0, 33):
         a, m = _small((b, j, h, w), gen, torch.float32), _small((b, j, c), gen, torch.float32)
         cc = _small((b, h, w), gen, torch.float32)
@@ -218,9 +220,10 @@ def test_step_every_representative(layout):
         assert abs(s[0].flatten()[i].item() - 1) < 1e-4
 
 
-def test_step_index_out_of_range_reads_nothing():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_step_index_out_of_range_reads_nothing(layout):
     gen = _gen(8)
-    x = _act((2, 7, 3, 3), gen, torch.float32, "nchw")
+    x = _act((2, 7, 3, 3), gen, torch.float32, layout)
     inv = _inv_nrm(x)
     s, sv = tri.brnpa_step(x, inv, torch.tensor([-1, 9], device=DEVICE))
     assert torch.equal(s.cpu(), torch.zeros(2, 3, 3)) and torch.equal(sv.cpu(), torch.zeros(2, 7))
