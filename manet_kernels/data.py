@@ -34,6 +34,9 @@ from torch.utils.data import Dataset
 __all__ = ["DatasetInfo", "load_dataset", "AugmentedDataset", "sample_generator",
            "IMAGE_EXTENSIONS"]
 
+# What to run when an optional dependency of the training tools is missing.
+TRAIN_EXTRA = 'pip install "manet_kernels[train]"'
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp", ".gif")
 
@@ -187,9 +190,9 @@ def _digits(image_size: int, seed: int) -> DatasetInfo:
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - scikit-learn is a training dependency
-        raise ImportError("the bundled digits data needs scikit-learn "
-                          "(pip install scikit-learn)") from e
+    except ImportError as e:  # scikit-learn comes with the [train] extra
+        raise ImportError("the bundled digits data needs scikit-learn: "
+                          f"{TRAIN_EXTRA}") from e
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     if image_size != 8:

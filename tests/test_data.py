@@ -33,6 +33,16 @@ def test_digits_shapes_split_and_stats(digits16):
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-4
 
 
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    import sys
+
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import` then raises ImportError
+    with pytest.raises(ImportError, match=r'^the bundled digits data needs scikit-learn: '
+                                          r'pip install "manet_kernels\[train\]"$'):
+        load_dataset("digits", image_size=8)
+
+
 def test_digits_default_size_and_fixed_split():
     a = load_dataset(None)
     b = load_dataset("digits", image_size=32, seed=5)

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
-from manet_kernels.cli.train import RECIPES, _loss, _lr_factor, main
+import manet_kernels.cli.train as train_cli
+from manet_kernels.cli.train import (MAX_SKIPPED_IN_A_ROW, RECIPES, TrainingDiverged, _Dist,
+                                     _LossWatch, _loss, _lr_factor, _optimizer_step, main)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--limit-train", "48", "--limit-test", "24", "--batch-size",
@@ -54,7 +56,8 @@ def _trained(tmp_path_factory, arch: str, epochs: int = 1) -> Path:
 
 @pytest.fixture(scope="module")
 def resnet20_run(tmp_path_factory):
-    return _trained(tmp_path_factory, "resnet20")
+    """A finished 2-epoch run (do not resume it in place: tests share it)."""
+    return _trained(tmp_path_factory, "resnet20", epochs=2)
 
 
 def test_cli_writes_log_summary_checkpoints_and_maps(tmp_path, capsys):
@@ -156,17 +159,58 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert [[r[c] for c in EXACT] for r in ra] == [[r[c] for c in EXACT] for r in rb]
 
 
-def test_resume_explicit_path_and_finished_run(tmp_path, resnet20_run):
-    # Continuing a finished 1-epoch run to 2 epochs from an explicit checkpoint path.
-    out = tmp_path / "more"
-    assert main(["--arch", "resnet20", "--epochs", "2", "--out", str(out), "--resume",
-                 str(resnet20_run / "last.pt"), "--explain-images", "0", *TINY]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 2
-    # Resuming a run that is already complete trains nothing and still summarises.
-    assert main(["--arch", "resnet20", "--epochs", "2", "--out", str(out), "--resume",
-                 "auto", "--explain-images", "0", *TINY]) == 0
+def _resume(out: Path, ckpt, *extra) -> list[str]:
+    return ["--arch", "resnet20", "--out", str(out), "--resume", str(ckpt),
+            "--explain-images", "0", *TINY, *extra]
+
+
+def test_resuming_a_finished_run_reports_it_finished(tmp_path, capsys, resnet20_run):
+    ckpt = load_checkpoint(resnet20_run / "last.pt")
+    # From its checkpoint into a new folder: the summary is rebuilt from the checkpoint.
+    out = tmp_path / "copy"
+    assert main(_resume(out, resnet20_run / "last.pt", "--epochs", "1")) == 0
+    assert "finished all 2 epochs, nothing to train" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_test_acc"] is not None and summary["images_per_s"] is None
+    assert summary["epochs"] == 2 and summary["images_per_s"] is None
+    assert summary["final_test_acc"] == ckpt["test_acc"]
+    assert summary["best_test_acc"] == ckpt["best_acc"]
+    assert not (out / "last.pt").exists()  # nothing trained, nothing saved
+    # In its own folder, with the same or fewer epochs (or none): summary.json untouched.
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("last.pt", "summary.json", "log.csv"):
+        (own / name).write_bytes((resnet20_run / name).read_bytes())
+    before = (own / "summary.json").read_bytes()
+    for extra in (["--epochs", "2"], ["--epochs", "1"], []):
+        assert main(_resume(own, "auto", *extra)) == 0
+        assert (own / "summary.json").read_bytes() == before
+        assert load_checkpoint(own / "last.pt")["epoch"] == 2
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path, capsys, resnet20_run):
+    last = resnet20_run / "last.pt"
+    err = _error(capsys, _resume(tmp_path / "a", last, "--epochs", "3"))
+    assert "--epochs 3 differs from the checkpoint's --epochs 2" in err
+    assert "finished (2 epochs)" in err
+    err = _error(capsys, _resume(tmp_path / "b", last, "--schedule", "step"))
+    assert "--schedule step differs from the checkpoint's --schedule cosine" in err
+    # Other steps per epoch (--limit-train 32: 2 batches of 16 instead of 3).
+    err = _error(capsys, _resume(tmp_path / "c", last, "--limit-train", "32"))
+    assert "3 steps per epoch, this one 2" in err
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_unfinished_run_resumes_on_its_own_schedule(tmp_path, capsys, resnet20_run):
+    # The 2-epoch run's checkpoint as if its run had been planned for 3 epochs.
+    ckpt = load_checkpoint(resnet20_run / "last.pt")
+    ckpt["args"]["epochs"] = 3
+    save_checkpoint(ckpt, tmp_path / "part.pt")
+    err = _error(capsys, _resume(tmp_path / "x", tmp_path / "part.pt", "--epochs", "2"))
+    assert "--epochs 2 differs" in err and "stopped after epoch 2 of 3" in err
+    out = tmp_path / "rest"
+    assert main(_resume(out, tmp_path / "part.pt")) == 0  # --epochs left out: 3
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
 
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
@@ -294,6 +338,15 @@ def _error(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
+def _error_line(capsys, argv) -> str:
+    """The one line argparse prints after the usage text."""
+    err = _error(capsys, argv)
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("manet-train: error: ")
+    return line
+
+
 def test_bad_arguments_exit_with_a_clear_message(tmp_path, capsys):
     common = ["--epochs", "1", "--out", str(tmp_path / "o"), *TINY]
     err = _error(capsys, [*common, "--arch", "manet_resnet21"])
@@ -338,3 +391,101 @@ def test_help_documents_the_recipes(capsys):
     text = capsys.readouterr().out
     assert "--explain-images" in text and "--epochs 160" in text and "--epochs 90" in text
     assert "--limit-train" not in text
+
+
+def test_backend_errors_before_training(tmp_path, capsys, monkeypatch):
+    common = ["--epochs", "1", "--out", str(tmp_path / "o"), *TINY]
+    line = _error_line(capsys, [*common, "--backend", "nosuch"])
+    assert "argument --backend: invalid choice: 'nosuch'" in line and "--arch" not in line
+    if not torch.cuda.is_available():
+        line = _error_line(capsys, [*common, "--backend", "cuda"])
+        assert "--backend cuda needs a CUDA device, but no CUDA device is available" in line
+    line = _error_line(capsys, [*common, "--backend", "cuda", "--device", "cpu"])
+    assert "--backend cuda needs a CUDA device" in line
+    monkeypatch.setenv("MANET_KERNELS_BACKEND", "nosuch")
+    line = _error_line(capsys, common)
+    assert "$MANET_KERNELS_BACKEND must be one of" in line and "'nosuch'" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("missing, argv, words", [
+    (("sklearn", "sklearn.datasets", "sklearn.model_selection"), [],
+     ["--data digits (the default) needs scikit-learn"]),
+    (("PIL",), ["--explain-images", "2"], ["--explain-images 2", "needs pillow"]),
+])
+def test_missing_optional_dependency_is_one_line(tmp_path, capsys, monkeypatch, missing, argv,
+                                                 words):
+    for name in missing:  # None in sys.modules: `import name` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    line = _error_line(capsys, ["--epochs", "1", "--out", str(tmp_path / "o"), *TINY, *argv])
+    assert all(w in line for w in words) and line.endswith('pip install "manet_kernels[train]"')
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_progress_bar_without_tqdm(monkeypatch):
+    class Args:
+        no_progress = False
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert train_cli._want_progress(Args, _Dist())
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.warns(UserWarning, match=r"tqdm is not installed.*manet_kernels\[train\]"):
+        assert not train_cli._want_progress(Args, _Dist())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nonfinite_loss_stops_the_run(tmp_path, capsys, monkeypatch, bad):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's: must not survive this one
+    calls, real = [], _loss
+
+    def loss_going_bad(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * bad if len(calls) == 5 else loss  # epoch 2 (3 steps each), step 2
+
+    monkeypatch.setattr(train_cli, "_loss", loss_going_bad)
+    assert main(["--arch", "resnet20", "--epochs", "3", "--out", str(out),
+                 "--explain-images", "0", *TINY]) == 1
+    captured = capsys.readouterr()
+    assert "manet-train: error: epoch 2 step 2 of 3: the training loss is not finite" in \
+        captured.err
+    assert "epoch 2/3" not in captured.out and '"best_test_acc"' not in captured.out
+    assert not (out / "summary.json").exists()
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and len(_rows(out)) == 1
+
+
+def test_fp16_scaler_skips_are_tolerated_until_too_many():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    x = torch.randn(4, 3)
+    steps = MAX_SKIPPED_IN_A_ROW + 5
+    watch = _LossWatch(0, steps, torch.device("cpu"), _Dist())
+
+    def step(i, factor):
+        loss = model(x).pow(2).mean() * factor
+        w = model.weight.detach().clone()
+        stepped = _optimizer_step(loss, opt, sched, scaler)
+        watch.after_step(i, torch.isfinite(loss.detach()), stepped)
+        return stepped, torch.equal(w, model.weight)
+
+    assert step(0, 1.0) == (True, False)
+    # A loss that overflows: the scaler skips the step, the weights stay.
+    for i in range(1, MAX_SKIPPED_IN_A_ROW):
+        assert step(i, math.inf) == (False, True)
+    assert step(MAX_SKIPPED_IN_A_ROW, 1.0)[0]  # a good step ends the series
+    assert watch.skipped == MAX_SKIPPED_IN_A_ROW - 1
+    for i in range(MAX_SKIPPED_IN_A_ROW + 1, 2 * MAX_SKIPPED_IN_A_ROW):
+        step(i, math.nan)
+    with pytest.raises(TrainingDiverged, match=f"epoch 1 step {2 * MAX_SKIPPED_IN_A_ROW + 1} "
+                                               f"of {steps}.*skipped {MAX_SKIPPED_IN_A_ROW} "
+                                               "steps in a row"):
+        step(2 * MAX_SKIPPED_IN_A_ROW, math.nan)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from manet_kernels.data import TRAIN_EXTRA
+from manet_kernels.ops._common import BACKENDS, ENV_BACKEND, resolve_backend
 
 # Recipe defaults per kind of data; the command line overrides each one.
 # digits, threads=1: its 16x16 convolutions gain little from a second thread, and on
@@ -63,8 +68,24 @@ distributed: torchrun --nproc_per_node N -m manet_kernels.train ...
 """.format(d=RECIPES["digits"], c=RECIPES["cifar"], f=RECIPES["folder"])
 
 
+# The arguments that define a run's learning-rate schedule. On resume they default to
+# the checkpoint's, and another value is refused: the epochs already trained followed
+# the checkpoint's schedule, so no other schedule continues them exactly.
+SCHEDULE_ARGS = ("epochs", "batch_size", "schedule", "warmup_epochs")
+
+# With --amp fp16 a step whose loss overflowed is skipped by the grad scaler (the weights
+# stay as they were), like any overflow; this many in a row means the forward pass
+# itself overflows in fp16, which no loss scale can fix.
+MAX_SKIPPED_IN_A_ROW = 20
+
+
 class UsageError(Exception):
     """A bad argument or input: reported as 'manet-train: error: ...', exit status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: reported with its epoch and step, exit
+    status 1, and no summary (the epoch it happened in is not saved either)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,13 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wd", type=float, default=1e-4, help="weight decay")
     a("--momentum", type=float, default=0.9)
     a("--schedule", choices=["step", "cosine"], default=None)
-    a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up")
+    a("--warmup-epochs", type=float, default=None,
+      help="linear learning-rate warm-up (default: 0)")
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="data-loading processes per process")
     a("--out", default=None, help="output folder (default: runs/<arch>)")
     a("--kernels", choices=["fused", "reference"], default="fused",
       help="attention modules: the fused kernels or the pure-PyTorch reference")
-    a("--backend", default="auto", help="kernel backend for the fused modules")
+    a("--backend", choices=BACKENDS, default="auto",
+      help="kernel backend for the fused modules (default: auto)")
     a("--amp", choices=["none", "bf16", "fp16"], default="none",
       help="autocast dtype (fp16 needs a GPU; bf16 also runs on CPU)")
     a("--channels-last", action="store_true")
@@ -147,11 +170,12 @@ def _check_args(args) -> None:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.warmup_epochs < 0:
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
         raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
 
 
-def _resolve_defaults(args) -> None:
+def _resolve_defaults(args) -> str:
+    """Fill what the command line left out from the data's recipe; returns the data kind."""
     try:
         kind = _data_kind(args.data)
     except ValueError as e:
@@ -159,8 +183,76 @@ def _resolve_defaults(args) -> None:
     for key, value in RECIPES[kind].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.out is None:
-        args.out = str(Path("runs") / args.arch)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0.0
+    return kind
+
+
+def _require(module: str, package: str, what: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"{what} needs {package} ({e}): {TRAIN_EXTRA}") from e
+
+
+def _check_dependencies(args, kind: str) -> None:
+    """The optional packages this run cannot do without, checked before any training."""
+    if kind == "digits":
+        _require("sklearn", "scikit-learn", "--data digits (the default)")
+    elif kind == "folder":
+        _require("PIL", "pillow", f"--data {args.data} (an image folder)")
+    if args.explain_images:
+        _require("PIL", "pillow",
+                 f"--explain-images {args.explain_images} (attention maps; 0 skips them)")
+
+
+def _check_backend(args, device: torch.device) -> None:
+    """--backend against the device before training: the fused modules would only
+    fail inside the first training step."""
+    if args.kernels == "reference":
+        return  # the reference modules run anywhere and ignore the backend
+    backend, name = args.backend, f"--backend {args.backend}"
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto")
+        name = f"${ENV_BACKEND}={backend}"
+        if backend not in BACKENDS:
+            raise UsageError(f"${ENV_BACKEND} must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("cpu", "cuda") and device.type != backend:
+        possible = backend == "cpu" or torch.cuda.is_available()
+        why = f"this run is on {device}" if possible else "no CUDA device is available"
+        fix = "use --backend auto" if args.backend != "auto" else f"unset ${ENV_BACKEND}"
+        raise UsageError(f"{name} needs a {backend.upper()} device, but {why} ({fix}"
+                         + (f", or --device {backend})" if possible else ")"))
+    try:
+        # Mixed attention's kernel stands for the compiled library: every op is built
+        # into it for the same devices.
+        resolve_backend(backend, device, "mixed_attention_apply")
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"{name}: {e}") from e
+
+
+def _adopt_schedule(args, ckpt: dict, path: Path) -> bool:
+    """On resume: the schedule arguments left out come from the checkpoint, others must
+    match it. Returns whether the checkpoint's run is finished; such a run may be
+    resumed with the same or fewer --epochs, and then only reports itself finished."""
+    saved = ckpt.get("args") or {}
+    done = int(ckpt["epoch"])
+    planned = int(saved.get("epochs", args.epochs or done))
+    finished = done >= planned
+    for key in SCHEDULE_ARGS:
+        given = getattr(args, key)
+        if key not in saved or given is None:
+            setattr(args, key, saved.get(key, given))
+        elif given != saved[key] and not (key == "epochs" and finished and given <= planned):
+            flag = "--" + key.replace("_", "-")
+            state = (f"is finished ({planned} epochs)" if finished else
+                     f"stopped after epoch {done} of {planned}")
+            raise UsageError(f"--resume {path}: {flag} {given} differs from the checkpoint's "
+                             f"{flag} {saved[key]} (its run {state}); a resumed run keeps "
+                             f"its schedule: leave {flag} out, or start a new run")
+    if finished:
+        args.epochs = planned
+    return finished
 
 
 def _model_options(args) -> dict:
@@ -185,9 +277,9 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
         if self.enabled:
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
         return t
 
     def barrier(self) -> None:
@@ -307,8 +399,19 @@ def _tensorboard(out: Path):
             from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(out / "tb"))
     except Exception as e:  # tensorboard missing or broken: logging it is optional
-        warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})", stacklevel=2)
+        hint = f"; {TRAIN_EXTRA}" if isinstance(e, ImportError) else ""
+        warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e}{hint})",
+                      stacklevel=2)
         return None
+
+
+def _want_progress(args, dist: _Dist) -> bool:
+    if not dist.main or args.no_progress or not sys.stderr.isatty():
+        return False
+    if importlib.util.find_spec("tqdm") is None:  # the bar is optional: train without it
+        warnings.warn(f"no progress bar: tqdm is not installed ({TRAIN_EXTRA})", stacklevel=2)
+        return False
+    return True
 
 
 def _loader(dataset, sampler, batch_size, workers, device, drop_last):
@@ -358,18 +461,87 @@ def _prepare(x, device, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+class _LossWatch:
+    """Stops an epoch whose training loss is NaN or infinite, naming the first such step.
+
+    Without a grad scaler any non-finite loss stops the run. The flag stays on the
+    device and is read every step on CPU, every 10 steps on a GPU (a read waits for
+    the device), and at the end of the epoch on all processes together (one process
+    stopping alone would leave the others waiting). With the fp16 scaler, a step it
+    skips (non-finite gradients, which a non-finite loss gives) is normal and leaves
+    the weights as they were; MAX_SKIPPED_IN_A_ROW skips in a row, or a whole epoch of
+    them, stop the run. Skips agree across processes: the gradients are all-reduced.
+    """
+
+    def __init__(self, epoch: int, steps: int, device: torch.device, dist: _Dist):
+        self.epoch, self.steps, self.dist = epoch, steps, dist
+        self.first = torch.full((), steps, dtype=torch.int64, device=device)  # steps: none
+        self.every = 10 if device.type == "cuda" else 1
+        self.skipped = self.in_a_row = 0
+
+    def after_step(self, step: int, finite: torch.Tensor, stepped: bool) -> None:
+        if not stepped:
+            self.skipped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                self._fail(step, f"overflowed: the fp16 grad scaler skipped "
+                                 f"{self.in_a_row} steps in a row (try --amp bf16)")
+            return
+        self.in_a_row = 0
+        self.first = torch.minimum(self.first, torch.where(finite, self.steps, step))
+        if not self.dist.enabled and (step + 1) % self.every == 0:
+            self._check()
+
+    def end(self) -> None:
+        self._check(self.dist.all_reduce(self.first, "MIN"))
+        if self.skipped == self.steps:
+            self._fail(self.steps - 1, "overflowed: the fp16 grad scaler skipped every "
+                                       "step of the epoch (try --amp bf16)")
+
+    def _check(self, first: torch.Tensor | None = None) -> None:
+        step = int(self.first if first is None else first)
+        if step < self.steps:
+            self._fail(step, "is not finite (NaN or Inf)")
+
+    def _fail(self, step: int, what: str):
+        raise TrainingDiverged(
+            f"epoch {self.epoch + 1} step {step + 1} of {self.steps}: the training loss "
+            f"{what}; stopped without saving epoch {self.epoch + 1} (a lower --lr or "
+            "--warmup-epochs may help)")
+
+
+def _optimizer_step(loss, optimizer, scheduler, scaler) -> bool:
+    """Backward and optimizer step; False where the fp16 grad scaler skipped the step
+    (it found non-finite gradients, and lowered its scale)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return before is None or scaler.get_scale() >= before
+
+
+def _progress_bar(loader, args, epoch, progress):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                dynamic_ncols=True, file=sys.stderr)
+
+
 def _train_epoch(model, teacher, loader, optimizer, scheduler, scaler, args, device, dist,
                  epoch, progress):
+    """One epoch; returns (mean loss, accuracy, images/s, seconds, steps skipped by the
+    fp16 grad scaler). Raises TrainingDiverged on a non-finite loss."""
     from manet_kernels.models import logits_of
 
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   leave=False, dynamic_ncols=True, file=sys.stderr)
+    # loss*n over finite losses, correct, n, n of the finite losses
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    watch = _LossWatch(epoch, len(loader), device, dist)
+    bar = _progress_bar(loader, args, epoch, progress)
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         x = _prepare(x, device, args.channels_last)
@@ -381,23 +553,21 @@ def _train_epoch(model, teacher, loader, optimizer, scheduler, scaler, args, dev
         with _autocast(args, device):
             output = model(x)
             loss = _loss(output, y, t_logits, args)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        stepped = _optimizer_step(loss, optimizer, scheduler, scaler)
         with torch.no_grad():
-            n = y.shape[0]
+            n = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)
+            finite = torch.isfinite(loss.detach())
             correct = (logits_of(output).argmax(1) == y).sum()
-            sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            sums += torch.stack([torch.where(finite, loss.detach().double() * n, 0.0),
+                                 correct.double(), n, torch.where(finite, n, 0.0)])
+        watch.after_step(step, finite, stepped)
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == len(loader) - 1:
                 s = sums.tolist()
                 rate = s[2] * dist.world / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{100 * s[1] / s[2]:.2f}%",
-                                img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{s[0] / max(s[3], 1):.4f}",
+                                acc=f"{100 * s[1] / s[2]:.2f}%", img_s=f"{rate:.0f}")
         if args.debug_step_sleep:
             # Tests kill the run at a known point: they wait for this line.
             print(f"debug: epoch {epoch + 1} step {step + 1} done", flush=True)
@@ -407,9 +577,11 @@ def _train_epoch(model, teacher, loader, optimizer, scheduler, scaler, args, dev
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    watch.end()
     dist.all_reduce(sums)
-    loss_sum, correct, n = sums.tolist()
-    return loss_sum / max(n, 1), correct / max(n, 1), n / max(seconds, 1e-9), seconds
+    loss_sum, correct, n, n_loss = sums.tolist()
+    return (loss_sum / max(n_loss, 1), correct / max(n, 1), n / max(seconds, 1e-9), seconds,
+            watch.skipped)
 
 
 @torch.no_grad()
@@ -467,35 +639,105 @@ def _explain(raw_model, info, test_set, args, device, out: Path) -> list:
     return [str(p) for p in paths]
 
 
+# ---------------------------------------------------------------------------- resuming
+
+def _resume_path(args, out: Path) -> Path | None:
+    if args.resume == "auto":
+        return out / "last.pt" if (out / "last.pt").is_file() else None
+    if args.resume is None:
+        return None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: checkpoint {path} does not exist")
+    return path
+
+
+def _load_resume(path: Path, args) -> dict:
+    from manet_kernels.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--resume: {e}") from e
+    missing = [k for k in ("optimizer", "scheduler", "rng", "epoch") if k not in ckpt]
+    if missing:
+        raise UsageError(f"--resume {path}: not a training checkpoint "
+                         f"(lacks {', '.join(missing)})")
+    if ckpt["arch"] != args.arch:
+        raise UsageError(f"--resume {path}: trained as {ckpt['arch']}, not --arch {args.arch}")
+    return ckpt
+
+
+def _restore(ckpt: dict, path: Path, raw_model, optimizer, scheduler, scaler,
+             steps_per_epoch: int) -> None:
+    """Model, optimizer, schedule, scaler and random states from a training checkpoint."""
+    from manet_kernels.checkpoint import strip_prefix
+
+    # The scheduler counts steps: with another number of steps per epoch the schedule
+    # would continue at the wrong point.
+    done = int(ckpt["epoch"])
+    steps = ckpt["scheduler"].get("last_epoch")
+    if isinstance(steps, int) and steps != done * steps_per_epoch:
+        raise UsageError(f"--resume {path}: its run took {steps // max(done, 1)} steps per "
+                         f"epoch, this one {steps_per_epoch} (the data, --batch-size or the "
+                         "number of processes differ)")
+    raw_model.load_state_dict(strip_prefix(ckpt["model"]))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+
+
+def _finished_summary(out: Path, resume_path: Path, epochs: int, dist: _Dist) -> dict | None:
+    """The summary.json a finished run wrote, when it is resumed from its own folder:
+    reported as it is (None when there is none to trust; the caller then rebuilds it)."""
+    path = out / "summary.json"
+    if resume_path.resolve() != (out / "last.pt").resolve() or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("epochs") != epochs or summary.get("final_test_acc") is None:
+        return None
+    if dist.main:
+        print(f"{resume_path}: finished all {epochs} epochs, nothing to train; its "
+              f"summary ({path}):\n{json.dumps(summary, indent=2)}", flush=True)
+    return summary
+
+
 # -------------------------------------------------------------------------------- main
 
 def run(args) -> dict:
     """Train as ``args`` say; returns the summary dict (on every rank)."""
-    from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from manet_kernels.checkpoint import load_model, save_checkpoint
     from manet_kernels.data import load_dataset
     from manet_kernels.models import create
 
     wall_start = time.perf_counter()
     _check_args(args)
-    _resolve_defaults(args)
+    if args.out is None:
+        args.out = str(Path("runs") / args.arch)
+    out = Path(args.out)
+    resume_path = _resume_path(args, out)
+    ckpt = None if resume_path is None else _load_resume(resume_path, args)
+    finished = ckpt is not None and _adopt_schedule(args, ckpt, resume_path)
+    kind = _resolve_defaults(args)
     dist = _Dist()
     device = _pick_device(args, dist)
     if args.sync_bn and dist.enabled and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device (use --amp bf16 on CPU)")
+    _check_backend(args, device)
+    if finished:
+        kept = _finished_summary(out, resume_path, args.epochs, dist)
+        if kept is not None:
+            return kept
+    _check_dependencies(args, kind)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-
-    resume_path = None
-    if args.resume == "auto":
-        if (out / "last.pt").is_file():
-            resume_path = out / "last.pt"
-    elif args.resume is not None:
-        resume_path = Path(args.resume)
-        if not resume_path.is_file():
-            raise UsageError(f"--resume: checkpoint {resume_path} does not exist")
 
     if dist.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -580,36 +822,22 @@ def run(args) -> dict:
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
         start_epoch, best_acc, rows = 0, None, []
-        if resume_path is not None:
-            try:
-                ckpt = load_checkpoint(resume_path, map_location="cpu")
-            except (FileNotFoundError, ValueError) as e:
-                raise UsageError(f"--resume: {e}") from e
-            missing = [k for k in ("optimizer", "scheduler", "rng", "epoch") if k not in ckpt]
-            if missing:
-                raise UsageError(f"--resume {resume_path}: not a training checkpoint "
-                                 f"(lacks {', '.join(missing)})")
-            if ckpt["arch"] != args.arch:
-                raise UsageError(f"--resume {resume_path}: trained as {ckpt['arch']}, "
-                                 f"not --arch {args.arch}")
-            from manet_kernels.checkpoint import strip_prefix
-
-            raw_model.load_state_dict(strip_prefix(ckpt["model"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"])
-            start_epoch = int(ckpt["epoch"])
-            best_acc = ckpt.get("best_acc")
+        if ckpt is not None:
+            _restore(ckpt, resume_path, raw_model, optimizer, scheduler, scaler,
+                     steps_per_epoch)
+            start_epoch, best_acc = int(ckpt["epoch"]), ckpt.get("best_acc")
             rows = _read_log(out / "log.csv", start_epoch)
             if dist.main:
-                print(f"resumed from {resume_path} at epoch {start_epoch}", flush=True)
+                print(f"{resume_path}: finished all {args.epochs} epochs, nothing to train"
+                      if finished else f"resumed from {resume_path} at epoch {start_epoch}",
+                      flush=True)
 
-        progress = dist.main and not args.no_progress and sys.stderr.isatty()
+        progress = _want_progress(args, dist)
         writer = None
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
+            if not finished:  # a summary of an earlier run must not outlive this one
+                (out / "summary.json").unlink(missing_ok=True)
             writer = _tensorboard(out)
             print(f"manet-train: {args.arch} ({args.kernels} kernels) on {info.name} "
                   f"{info.image_size}x{info.image_size}, {len(train_set)} train / "
@@ -622,7 +850,7 @@ def run(args) -> dict:
             augmented.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             epoch_start = time.perf_counter()
-            train_loss, train_acc, img_s, _ = _train_epoch(
+            train_loss, train_acc, img_s, _, skipped = _train_epoch(
                 model, teacher, train_loader, optimizer, scheduler, scaler, args, device,
                 dist, epoch, progress)
             test_loss, test_acc = _evaluate(model, test_loader, args, device, dist)
@@ -645,7 +873,8 @@ def run(args) -> dict:
                 print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss "
                       f"{train_loss:.4f} acc {100 * train_acc:.2f}%  test loss "
                       f"{test_loss:.4f} acc {100 * test_acc:.2f}%  {img_s:.0f} img/s  "
-                      f"{seconds:.1f} s", flush=True)
+                      f"{seconds:.1f} s" + (f"  ({skipped} steps skipped by the fp16 grad "
+                                            "scaler)" if skipped else ""), flush=True)
                 ckpt = {
                     "model": raw_model.state_dict(), "arch": args.arch,
                     "num_classes": info.num_classes, "in_channels": info.in_channels,
@@ -666,8 +895,8 @@ def run(args) -> dict:
 
         if writer is not None:
             writer.close()
-        if test_acc is None and rows:  # resumed after the last epoch: nothing to train
-            test_acc = float(rows[-1]["test_acc"])
+        if finished:  # nothing trained: the checkpoint holds the last epoch's accuracy
+            test_acc = ckpt.get("test_acc")
 
         summary = {
             "arch": args.arch, "kernels": args.kernels, "backend": args.backend,
@@ -702,6 +931,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except UsageError as e:
         parser.error(str(e))  # prints 'manet-train: error: ...' and exits with status 2
+    except TrainingDiverged as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
