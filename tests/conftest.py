@@ -31,3 +31,18 @@ requires_ext = pytest.mark.skipif(not _ext.HAS_EXT,
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 references in IEEE fp32 on a GPU: cuDNN convolutions take TF32 by default
+    (and matmuls may be set to), which would make the reference the less accurate side
+    of a comparison with kernels that compute in fp32. Harmless without a GPU. (Not
+    monkeypatch: torch.backends.cuda.matmul's attributes are not plain ones.)"""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = old

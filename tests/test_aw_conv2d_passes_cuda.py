@@ -84,15 +84,8 @@ def _out_hw(hw, k, s, p, d):
     return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # The reference's fp32 convolutions must be fp32 (cuDNN takes TF32 by default).
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+# The reference's fp32 convolutions in IEEE fp32 (cuDNN takes TF32 by default).
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def _inputs(cfg, dtype, layout, seed=0, g_layout=None):

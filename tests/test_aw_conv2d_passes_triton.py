@@ -35,26 +35,13 @@ if not (INTERPRETING or HAS_GPU):
                 "run pytest with TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
-pytestmark = [pytest.mark.triton] + ([pytest.mark.gpu] if HAS_GPU else [])
+# no_tf32: the reference's fp32 convolutions in IEEE fp32 on a GPU.
+pytestmark = ([pytest.mark.triton, pytest.mark.usefixtures("no_tf32")]
+              + ([pytest.mark.gpu] if HAS_GPU else []))
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device (bf16 and big shapes are GPU-only)")
 interp_only = pytest.mark.skipif(not INTERPRETING, reason="interpreter-only check")
 
 LAYOUTS = ["nchw", "channels_last"]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # The reference's fp32 convolutions must be fp32 on a GPU too (cuDNN takes
-    # TF32 by default), or they would be the less accurate side.
-    if not torch.cuda.is_available():
-        yield
-        return
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # Relative to the bound: outputs in the activation dtype (y, dx) carry one

@@ -7,13 +7,17 @@ import math
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
-from helpers import LAYOUTS, LOW_PRECISION, assert_matches, make_x
+from helpers import (LOW_PRECISION, OP_LAYOUTS, STRIDED_COPIED, assert_matches, layouts_differ,
+                     make_x)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import manet_kernels as mk
 from manet_kernels import nn as mknn
 from manet_kernels import reference
+
+# The fp32 references' convolutions and matmuls in IEEE fp32 on a GPU (conftest.no_tf32).
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 def make_pair(channels, dtype, device, backend, *, reduction=4, kernel_size=7, mlp_bias=True,
@@ -53,9 +57,10 @@ def upstream_for(shape, device):
             torch.randn(n, 1, h, w, dtype=torch.float64, device=device))
 
 
-def check_against_reference(backend, device, dtype, layout, shape, **opts):
+def check_against_reference(backend, device, dtype, layout, shape, x=None, **opts):
+    """``x``: the input (else a random one of ``shape`` in ``layout``)."""
     ref, fused = make_pair(shape[1], dtype, device, backend, **opts)
-    x = make_x(shape, dtype, device, layout)
+    x = make_x(shape, dtype, device, layout) if x is None else x
     up = upstream_for(shape, device)
     out = run(fused, x, up)
     # fp32 and fp64 compare with the reference in the same dtype; low precision with
@@ -72,6 +77,8 @@ def check_against_reference(backend, device, dtype, layout, shape, **opts):
     assert out["y"].dtype == dtype and out["grad_x"].dtype == dtype
     if layout == "channels_last":
         assert out["y"].is_contiguous(memory_format=torch.channels_last)
+        # only where the layouts differ did the kernels run their channels_last path
+        assert out["y"].is_contiguous() == (not layouts_differ(shape))
     assert_matches(out, r, r_low, dtype)
     if opts.get("spatial_norm") and opts.get("train", True):
         torch.testing.assert_close(fused.bn.running_mean, ref_hi.bn.running_mean.to(dtype))
@@ -85,7 +92,7 @@ CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @requires_ext
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", OP_LAYOUTS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_cpu_matches_reference(shape, layout, dtype):
     check_against_reference("cpu", "cpu", dtype, layout, shape)
@@ -122,9 +129,59 @@ def test_triton_interpreter_matches_reference(shape, layout, dtype):
 @pytest.mark.triton
 @pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
                     reason="Triton interpreter tests run on CPU-only machines")
-def test_triton_interpreter_cbam_flavour():
-    check_against_reference("triton", "cpu", torch.float32, "strided", (2, 6, 3, 4),
+@pytest.mark.parametrize("opts", FLAVOURS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_triton_interpreter_module_flavours(opts):
+    check_against_reference("triton", "cpu", torch.float32, "channels_last", (2, 8, 3, 4), **opts)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
+                    reason="Triton interpreter tests run on CPU-only machines")
+def test_triton_interpreter_strided_copied_cbam_flavour():
+    check_against_reference("triton", "cpu", torch.float32, STRIDED_COPIED, (2, 6, 3, 4),
                             pool_order="max_avg", spatial_norm=True, train=True)
+
+
+# --------------------------------------------------------------------------- avg / max routing
+# The shared MLP's avg and max rows get different gradients only when avg != max and the
+# MLP has several hidden units: with C // reduction = 1 (C < 8) and a bias both rows
+# share one hidden unit's gradient up to the ReLU mask, so a swap of the two rows'
+# gradients hides. Here 16 // 4 = 4 hidden units, max - avg > 0.5 in every channel.
+ROUTING_SHAPE = (2, 16, 5, 6)
+# (backend, device); the interpreter runs on CPU-only machines.
+ROUTING_BACKENDS = [("cpu", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def skip_unless_available(backend, device, dtype=None):
+    if device == "cuda" and not HAS_GPU:
+        pytest.skip("needs a CUDA device")
+    if device == "cpu" and backend == "triton" and HAS_GPU:
+        pytest.skip("Triton interpreter tests run on CPU-only machines")
+    if backend not in backends_for(device):
+        pytest.skip(f"backend {backend} not available on {device}")
+    if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+        pytest.skip("bf16 arithmetic is wrong under the Triton interpreter")
+
+
+def distinct_avg_max(shape, dtype, device):
+    """A channels_last x whose max exceeds its mean by at least 1 - 1/P >= 0.5 in every
+    (n, c) (before rounding to dtype): one random position of each is raised to max + 1."""
+    n, c, h, w = shape
+    x = torch.randn(n, c, h * w, dtype=torch.float64, device=device)
+    x.scatter_(2, torch.randint(0, h * w, (n, c, 1), device=device), x.amax(2, keepdim=True) + 1)
+    x = x.reshape(shape).contiguous(memory_format=torch.channels_last).to(dtype)
+    assert (x.double().amax((2, 3)) - x.double().mean((2, 3))).min() > 0.4
+    return x
+
+
+@pytest.mark.parametrize("backend,device", ROUTING_BACKENDS,
+                         ids=[f"{b}-{d}" for b, d in ROUTING_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_mlp_routes_avg_and_max_gradients(backend, device, dtype):
+    skip_unless_available(backend, device, dtype)
+    x = distinct_avg_max(ROUTING_SHAPE, dtype, device)
+    check_against_reference(backend, device, dtype, "channels_last", ROUTING_SHAPE, x=x)
 
 
 GPU_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 3), (2, 64, 7, 7), (3, 257, 13, 11), (2, 256, 56, 56)]
@@ -134,7 +191,7 @@ GPU_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 3), (2, 64, 7, 7), (3, 257, 13, 11), (2, 2
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", OP_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_matches_reference(backend, shape, layout, dtype):
     if backend not in backends_for("cuda"):
@@ -155,7 +212,7 @@ def test_gpu_module_flavours(backend, opts):
 @requires_ext
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 4), c=st.integers(1, 40), h=st.integers(1, 12), w=st.integers(1, 12),
-       layout=st.sampled_from(LAYOUTS), reduction=st.sampled_from([1, 2, 16]),
+       layout=st.sampled_from(OP_LAYOUTS), reduction=st.sampled_from([1, 2, 16]),
        k=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 2**31 - 1))
 def test_cpu_random_shapes(n, c, h, w, layout, reduction, k, seed):
     torch.manual_seed(seed)
@@ -180,6 +237,21 @@ def test_gradcheck_cpu(bias):
             for a in functional_args((2, 5, 3, 4), k=3, bias=bias)]
     assert torch.autograd.gradcheck(
         lambda *a: mk.mixed_attention(*a, backend="cpu", return_maps=True), args)
+
+
+@pytest.mark.parametrize("backend,device", ROUTING_BACKENDS,
+                         ids=[f"{b}-{d}" for b, d in ROUTING_BACKENDS])
+def test_gradcheck_several_hidden_units(backend, device):
+    """fp64, 2 hidden units, distinct avg and max. The interpreter is too slow for the
+    full Jacobian (DESIGN.md): there fast mode (random projections of it)."""
+    skip_unless_available(backend, device)
+    shape = (2, 8, 2, 3)
+    args = list(functional_args(shape, device=device, k=3))
+    args[0] = distinct_avg_max(shape, torch.float64, device)
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(
+        lambda *a: mk.mixed_attention(*a, backend=backend, return_maps=True), args,
+        fast_mode=backend == "triton" and device == "cpu")
 
 
 @requires_ext
