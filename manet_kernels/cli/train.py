@@ -6,7 +6,8 @@ writes ``<out>/last.pt`` (and ``best.pt``), a row of ``<out>/log.csv`` and Tenso
 scalars; the end writes ``<out>/summary.json`` and attention-map figures in
 ``<out>/maps/``. ``--resume`` continues bit for bit: the data order and the
 augmentation of every epoch are functions of (seed, epoch), and the checkpoint holds
-every random-number state.
+every random-number state; a resumed run keeps its checkpoint's schedule. A NaN or
+infinite training loss stops the run (exit status 1) naming the epoch and step.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ recipe defaults (each overridable):
       (random resized crop + flip; test: resize + centre crop)
   always: SGD momentum 0.9, --lr 0.1, --wd 1e-4; step = x0.1 at 50% and 75% of
   the epochs; ABN/MANet loss = CE(attention branch) + CE(perception branch).
+
+resume: --epochs, --batch-size, --schedule and --warmup-epochs default to the
+  checkpoint's and must match it; a finished run resumed with the same or fewer
+  --epochs reports itself finished (its summary.json as it was).
 
 distributed: torchrun --nproc_per_node N -m manet_kernels.train ...
   (NCCL on GPU, gloo on CPU; --batch-size is per process)
@@ -119,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action="store_true")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--resume", default=None, metavar="CKPT|auto",
-      help="continue from a checkpoint; 'auto' = <out>/last.pt if it exists")
+      help="continue from a checkpoint, on its schedule; 'auto' = <out>/last.pt if it "
+           "exists")
     a("--teacher", default=None, metavar="CKPT",
       help="distil from this checkpoint: loss = alpha*CE + (1-alpha)*T^2*KL(teacher||student)")
     a("--alpha", type=float, default=0.5, help="weight of the label loss with --teacher")
