@@ -6,13 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
-from helpers import LOW_PRECISION, assert_matches, make_x
-from hypothesis import HealthCheck, given, settings
+from helpers import LOW_PRECISION, OP_LAYOUTS, assert_matches, layouts_differ, make_x
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import manet_kernels as mk
 from manet_kernels import reference
 from manet_kernels.reference import aw_conv2d as ref_ops
+
+# The references' fp32 convolutions in IEEE fp32 on a GPU (conftest.no_tf32): the Triton
+# and CUDA kernels compute in fp32, cuDNN takes TF32 by default.
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 # (C1, C2, k, stride, padding, dilation, groups, H, W)
 CONFIGS = [
@@ -57,25 +61,33 @@ def run(fn, tensors, upstream):
     return out
 
 
+def check_against(fused, oracle, tensors, dtype, layout):
+    """``fused(*tensors)`` against ``oracle`` (the per-sample F.conv2d loop): output and
+    every gradient; low precision against the oracle in fp64 and in that dtype."""
+    x = tensors[0]
+    up = torch.randn(oracle(*[t.double() if t is not None else None for t in tensors]).shape,
+                     dtype=torch.float64, device=x.device)
+    out = run(fused, tensors, up)
+    ref_dtype = torch.float64 if dtype in LOW_PRECISION else dtype
+    ref = run(oracle, [t.to(ref_dtype) if t is not None else None for t in tensors], up)
+    low = run(oracle, tensors, up) if dtype in LOW_PRECISION else None
+    assert out["y"].dtype == dtype
+    if layout == "channels_last" and layouts_differ(x.shape) and layouts_differ(out["y"].shape):
+        # the kernels ran their channels_last path (the ops give y x's layout)
+        assert out["y"].is_contiguous(memory_format=torch.channels_last)
+        assert not out["y"].is_contiguous()
+    assert_matches(out, ref, low, dtype)
+
+
 def check_aw(backend, device, dtype, layout, cfg, n=3, full_attn=False, bias=True):
     x, weight, attn, b, conf = make_case(cfg, n, dtype, device, layout, full_attn, bias)
-    y_shape = ref_ops.aw_conv2d(x.double(), weight.double(), attn.double(), None, **conf).shape
-    up = torch.randn(y_shape, dtype=torch.float64, device=device)
-    out = run(lambda *t: mk.aw_conv2d(*t, **conf, backend=backend), (x, weight, attn, b), up)
-    ref_dtype = torch.float64 if dtype in LOW_PRECISION else dtype
-    ref = run(lambda *t: ref_ops.aw_conv2d(*t, **conf),
-              [t.to(ref_dtype) if t is not None else None for t in (x, weight, attn, b)], up)
-    low = (run(lambda *t: ref_ops.aw_conv2d(*t, **conf), (x, weight, attn, b), up)
-           if dtype in LOW_PRECISION else None)
-    assert out["y"].dtype == dtype
-    if layout == "channels_last" and min(out["y"].shape[1:]) > 1:
-        assert out["y"].is_contiguous(memory_format=torch.channels_last)
-    assert_matches(out, ref, low, dtype)
+    check_against(lambda *t: mk.aw_conv2d(*t, **conf, backend=backend),
+                  lambda *t: ref_ops.aw_conv2d(*t, **conf), (x, weight, attn, b), dtype, layout)
 
 
 @requires_ext
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", OP_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_aw_matches_reference(cfg, layout, dtype):
     check_aw("cpu", "cpu", dtype, layout, cfg)
@@ -101,8 +113,8 @@ def test_cpu_aw_batch_sizes(n):
        p=st.integers(0, 2), d=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
        full=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_cpu_random_configs(n, g, c1g, c2g, k, s, p, d, h, w, full, seed):
-    if h + 2 * p < d * (k - 1) + 1 or w + 2 * p < d * (k - 1) + 1:
-        return  # empty output: rejected by the argument checks (tested below)
+    # an empty output is rejected by the argument checks (tested below)
+    assume(h + 2 * p >= d * (k - 1) + 1 and w + 2 * p >= d * (k - 1) + 1)
     torch.manual_seed(seed)
     cfg = (c1g * g, c2g * g, k, s, p, d, g, h, w)
     check_aw("cpu", "cpu", torch.float64, "contiguous", cfg, n=n, full_attn=full)
@@ -136,26 +148,68 @@ def test_gpu_aw_matches_reference(backend, cfg, layout, dtype):
 
 # --------------------------------------------------------------------------- per-sample conv
 
-@requires_ext
-@pytest.mark.parametrize("cfg", CONFIGS[:5], ids=ids)
-@pytest.mark.parametrize("bias_kind", ["none", "shared", "per_sample"])
-def test_cpu_per_sample_matches_reference(cfg, bias_kind):
+BIAS_KINDS = ("none", "shared", "per_sample")
+
+
+def check_per_sample(backend, device, dtype, layout, cfg, bias_kind, n=3):
     c1, c2, k, stride, padding, dilation, groups, h, w = cfg
-    n = 3
-    x = torch.randn(n, c1, h, w, dtype=torch.float64)
-    weights = torch.randn(n, c2, c1 // groups, k, k, dtype=torch.float64)
-    bias = {"none": None, "shared": torch.randn(c2, dtype=torch.float64),
-            "per_sample": torch.randn(n, c2, dtype=torch.float64)}[bias_kind]
+    x = make_x((n, c1, h, w), dtype, device, layout)
+    weights = (torch.randn(n, c2, c1 // groups, k, k, dtype=torch.float64, device=device)
+               / (c1 // groups * k * k) ** 0.5).to(dtype)
+    bias = {"none": None, "shared": (c2,), "per_sample": (n, c2)}[bias_kind]
+    if bias is not None:
+        bias = torch.randn(bias, dtype=torch.float64, device=device).to(dtype)
     conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    y_ref = ref_ops.per_sample_conv2d(x, weights, bias, **conf)
-    up = torch.randn_like(y_ref)
-    out = run(lambda *t: mk.per_sample_conv2d(*t, **conf, backend="cpu"), (x, weights, bias), up)
-    ref = run(lambda *t: ref_ops.per_sample_conv2d(*t, **conf), (x, weights, bias), up)
-    out = {k.replace("grad_weight", "grad_weights"): v for k, v in out.items()}
-    ref = {k.replace("grad_weight", "grad_weights"): v for k, v in ref.items()}
-    assert_matches(out, ref, None, torch.float64)
-    # the grouped-conv baseline computes the same thing
-    torch.testing.assert_close(ref_ops.grouped_conv_trick(x, weights, bias, **conf), y_ref)
+    check_against(lambda *t: mk.per_sample_conv2d(*t, **conf, backend=backend),
+                  lambda *t: ref_ops.per_sample_conv2d(*t, **conf), (x, weights, bias), dtype,
+                  layout)
+
+
+# Every config (groups, strides, a 1x1 map), each bias kind and layout in turn.
+PER_SAMPLE_CASES = [pytest.param(cfg, BIAS_KINDS[i % 3], OP_LAYOUTS[j], id=f"{ids(cfg)}-"
+                                 f"{BIAS_KINDS[i % 3]}-{OP_LAYOUTS[j]}")
+                    for i, cfg in enumerate(CONFIGS) for j in ((i % 3), (i + 1) % 3)]
+
+
+@requires_ext
+@pytest.mark.parametrize("cfg,bias_kind,layout", PER_SAMPLE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_per_sample_matches_reference(cfg, bias_kind, layout, dtype):
+    check_per_sample("cpu", "cpu", dtype, layout, cfg, bias_kind)
+
+
+@requires_ext
+@pytest.mark.parametrize("bias_kind", BIAS_KINDS)
+def test_grouped_conv_trick_matches_the_per_sample_loop(bias_kind):
+    c1, c2, k, stride, padding, dilation, groups, h, w = CONFIGS[2]
+    x = torch.randn(3, c1, h, w, dtype=torch.float64)
+    weights = torch.randn(3, c2, c1 // groups, k, k, dtype=torch.float64)
+    bias = {"none": None, "shared": torch.randn(c2, dtype=torch.float64),
+            "per_sample": torch.randn(3, c2, dtype=torch.float64)}[bias_kind]
+    conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    torch.testing.assert_close(ref_ops.grouped_conv_trick(x, weights, bias, **conf),
+                               ref_ops.per_sample_conv2d(x, weights, bias, **conf))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu") or HAS_GPU,
+                    reason="Triton interpreter tests run on CPU-only machines")
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_interpreter_per_sample(cfg, dtype):
+    check_per_sample("triton", "cpu", dtype, "channels_last", cfg, "per_sample", n=2)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_per_sample_matches_reference(backend, cfg, layout, dtype):
+    if backend not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    check_per_sample(backend, "cuda", dtype, layout, cfg, "shared", n=2)
 
 
 @requires_ext
@@ -224,8 +278,13 @@ def test_autograd_functions_dropin():
     for a, b_ in zip(torch.autograd.grad(y, args, g), torch.autograd.grad(y_ref, args, g)):
         torch.testing.assert_close(a, b_)
     ws = (weight[None] * (1 + attn)).detach().requires_grad_()
-    y2 = mk.PerSampleConv2dFunction.apply(x, ws, None, 2, 1, 1, 2)
-    torch.testing.assert_close(y2, ref_ops.per_sample_conv2d(x, ws, None, 2, 1, 1, 2))
+    args = [x, ws, b]
+    y2 = mk.PerSampleConv2dFunction.apply(*args, 2, 1, 1, 2)
+    y2_ref = ref_ops.per_sample_conv2d(*args, 2, 1, 1, 2)
+    torch.testing.assert_close(y2, y2_ref)
+    g = torch.randn_like(y2)
+    for a, b_ in zip(torch.autograd.grad(y2, args, g), torch.autograd.grad(y2_ref, args, g)):
+        torch.testing.assert_close(a, b_)
 
 
 @requires_ext
