@@ -53,9 +53,15 @@ if "$PY" scripts/build_stamp.py check; then
 else
   # --no-build-isolation: use the setuptools here; --no-deps: never touch torch.
   MANET_KERNELS_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  mkdir -p build
   rm -f manet_kernels/_C.*.so  # a library from other sources or switches must not survive
   if [ "${MANET_KERNELS_NO_EXT:-}" != "1" ]; then
-    MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace
+    echo "setup: compiling the extension (log: build/build_ext.log)"
+    if ! MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py build_ext --inplace > build/build_ext.log 2>&1; then
+      tail -n 40 build/build_ext.log
+      echo "setup: building the extension failed (whole log: build/build_ext.log)" >&2
+      exit 1
+    fi
   fi
   "$PY" scripts/build_stamp.py write
 fi

@@ -1,5 +1,6 @@
 """The build produced what was asked of it."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -119,3 +120,48 @@ def test_metadata_without_torch(tmp_path):
     out = _setup_without_torch(tmp_path, "egg_info", "--egg-base", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "manet_kernels.egg-info" / "PKG-INFO").is_file()
+
+
+def _load_build_stamp():
+    spec = importlib.util.spec_from_file_location(
+        "build_stamp", os.path.join(ROOT, "scripts", "build_stamp.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def stamp_root(tmp_path):
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "op.cpp").write_text("int f();\n")
+    (tmp_path / "setup.py").write_text("setup()\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "README.md").write_text("docs\n")
+    return tmp_path
+
+
+def test_stamp_changes_with_every_build_input(stamp_root, monkeypatch):
+    """scripts/setup.sh skips the build only when nothing the build reads changed."""
+    bs = _load_build_stamp()
+    env = {"MANET_KERNELS_CUDA": "0"}
+    bs.write_stamp(str(stamp_root), env)
+    assert bs.stamp_matches(str(stamp_root), env)
+    (stamp_root / "README.md").write_text("other docs\n")  # not a build input
+    os.utime(stamp_root / "csrc" / "cpu" / "op.cpp")  # touched, same contents
+    assert bs.stamp_matches(str(stamp_root), env)
+    for var in bs.SWITCHES:
+        assert not bs.stamp_matches(str(stamp_root), {**env, var: "changed"}), var
+    edits = [("csrc/cpu/op.cpp", "int g();\n"), ("csrc/cuda/new.cu", "\n"),
+             ("setup.py", "setup(x=1)\n"), ("pyproject.toml", "[project]\nname='x'\n")]
+    for rel, text in edits:
+        bs.write_stamp(str(stamp_root), env)
+        (stamp_root / rel).parent.mkdir(exist_ok=True)
+        (stamp_root / rel).write_text(text)
+        assert not bs.stamp_matches(str(stamp_root), env), rel
+    bs.write_stamp(str(stamp_root), env)
+    monkeypatch.setattr(bs, "_torch_version", lambda: "2.99.0 at /elsewhere")
+    assert not bs.stamp_matches(str(stamp_root), env)
+
+
+def test_no_stamp_means_rebuild(stamp_root):
+    assert not _load_build_stamp().stamp_matches(str(stamp_root), {})
