@@ -70,10 +70,13 @@ def test_cam_is_the_fc_weighted_feature_sum(name):
     with torch.no_grad():
         torch.testing.assert_close(logits, logits_of(model(x)))  # f is what fc reads
     pred = logits.argmax(1)
-    want = torch.stack([(model.fc.weight[pred[n], :, None, None] * f[n]).sum(0)
-                        for n in range(len(x))])
+    terms = torch.stack([model.fc.weight[pred[n], :, None, None] * f[n] for n in range(len(x))])
     got = explain.cam(model, x, normalize=False)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # A float32 sum over channels in another order: the error scales with the summands'
+    # magnitude, not with the (cancelling, near-zero) sum, so bound it by a few ulps of it.
+    bound = 4 * torch.finfo(torch.float32).eps * terms.abs().sum(1)
+    want = terms.sum(1)
+    assert ((got - want).abs() <= bound).all()
     # Explicit targets: one class for all, one per image.
     want2 = torch.einsum("c,nchw->nhw", model.fc.weight[2], f)
     torch.testing.assert_close(explain.cam(model, x, 2, normalize=False), want2,
@@ -223,7 +226,10 @@ def test_save_attention_maps_png_layout(tmp_path, name, methods, titles):
     assert paths == [tmp_path / "maps" / "ep1_attention_maps.png"]
     img = np.asarray(Image.open(paths[0]).convert("RGB"))
     tile, pad, head, cap = 128, 4, 18, 16  # 16x16 inputs drawn 8x
-    assert img.shape == (head + 3 * (tile + cap + pad) + pad, len(titles) * (tile + pad) + pad, 3)
+    # Heat-map columns (attention, CAM, Grad-CAM) put a colour bar in a footer.
+    foot = FOOT if {"attention", "CAM", "Grad-CAM"} & set(titles) else 0
+    assert img.shape == (head + 3 * (tile + cap + pad) + foot + pad,
+                         len(titles) * (tile + pad) + pad, 3)
     # Row 1's first tile is the (upscaled) input; the other tiles are overlays of it.
     disp = overlay._resize_rgb(explain.to_display(x, [0.5], [0.25]), (tile, tile))
     y0 = head + 1 * (tile + cap + pad)
@@ -231,6 +237,58 @@ def test_save_attention_maps_png_layout(tmp_path, name, methods, titles):
     for j in range(1, len(titles)):
         x0 = pad + j * (tile + pad)
         assert not np.array_equal(img[y0:y0 + tile, x0:x0 + tile], disp[1])
+
+
+FOOT = overlay._BAR + 16 + 4  # the colour-bar footer: bar, tick labels, padding
+
+
+def test_colour_bars_under_heat_map_columns(tmp_path):
+    model, x = _model("manet_resnet20"), _images(2)
+    [path] = explain.save_attention_maps(model, x, tmp_path, mean=[0.5], std=[0.25])
+    img = np.asarray(Image.open(path).convert("RGB"))
+    tile, pad, head, cap = 128, 4, 18, 16
+    y = head + 2 * (tile + cap + pad)  # the footer starts under the last row
+    bar = img[y:y + overlay._BAR]
+    # input | attention | CAM | Grad-CAM: no bar under the input, jet 0..1 under the others.
+    assert (bar[:, pad:pad + tile] == 255).all()
+    expected = explain.jet(np.linspace(0.0, 1.0, tile))
+    for j in (1, 2, 3):
+        x0 = pad + j * (tile + pad)
+        np.testing.assert_array_equal(bar[:, x0:x0 + tile],
+                                      np.broadcast_to(expected, (overlay._BAR, tile, 3)))
+    # The attention column is labelled on the sigmoid's own scale: ticks are drawn.
+    labels = img[y + overlay._BAR + 1:y + FOOT - 4, pad + tile + pad:pad + 2 * tile + pad]
+    assert (labels < 128).any()
+    assert overlay.SIGMOID_TICKS[0] == "0" and overlay.SIGMOID_TICKS[-1] == "1"
+
+
+def test_many_images_are_written_as_sheets(tmp_path):
+    assert overlay.sheet_names(16, 16) == ["attention_maps.png"]
+    assert overlay.sheet_names(17, 16, "p_") == ["p_attention_maps_01.png",
+                                                 "p_attention_maps_02.png"]
+    assert overlay.sheet_names(1000, 1)[-1] == "attention_maps_1000.png"
+    model, x = _model("manet_resnet20"), _images(5)
+    paths = explain.save_attention_maps(model, x, tmp_path, mean=[0.5], std=[0.25],
+                                        labels=[0, 1, 2, 3, 4], rows_per_sheet=2)
+    assert [p.name for p in paths] == ["attention_maps_01.png", "attention_maps_02.png",
+                                       "attention_maps_03.png"]
+    tile, pad, head, cap = 128, 4, 18, 16
+    sheets = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    assert [s.shape[0] for s in sheets] == [head + r * (tile + cap + pad) + FOOT + pad
+                                            for r in (2, 2, 1)]
+    # The last sheet's one row is image 4 as in a figure of all five: input and attention
+    # exact; CAM / Grad-CAM within one grey level (conv sums round differently at batch
+    # 1 and 5, and each map is min-max scaled before the uint8 rounding).
+    [whole] = explain.save_attention_maps(model, x, tmp_path / "one", mean=[0.5], std=[0.25],
+                                          labels=[0, 1, 2, 3, 4])
+    whole = np.asarray(Image.open(whole).convert("RGB")).astype(int)
+    y4 = head + 4 * (tile + cap + pad)
+    row, ref = sheets[2][head:head + tile + cap].astype(int), whole[y4:y4 + tile + cap]
+    split = pad + 2 * (tile + pad)
+    np.testing.assert_array_equal(row[:, :split], ref[:, :split])
+    assert np.abs(row[:, split:] - ref[:, split:]).max() <= 1
+    with pytest.raises(ValueError, match="rows_per_sheet must be a positive int"):
+        explain.save_attention_maps(model, x, tmp_path, mean=[0.5], std=[0.25], rows_per_sheet=0)
 
 
 # ------------------------------------------------------------------------ stability
@@ -289,9 +347,21 @@ def _ckpt(path, arch, seed=0, test_acc=0.5, **extra):
     return str(save_checkpoint(obj, path))
 
 
-def _run(capsys, *argv):
+def _strict(text):
+    """JSON as the standard defines it: NaN / Infinity are not JSON."""
+    def refuse(const):
+        raise ValueError(f"not JSON: {const}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _run_with_stderr(capsys, *argv):
     assert explain_main([str(a) for a in argv]) == 0
-    return json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    return _strict(captured.out), captured.err
+
+
+def _run(capsys, *argv):
+    return _run_with_stderr(capsys, *argv)[0]
 
 
 def test_cli_maps_stability_sparsity(tmp_path, capsys):
@@ -302,7 +372,7 @@ def test_cli_maps_stability_sparsity(tmp_path, capsys):
     out = _run(capsys, "maps", a, "--n", 3, "--device", "cpu")
     png = tmp_path / "a" / "explain" / "attention_maps.png"
     assert out["files"] == [str(png)]
-    assert Image.open(png).size == (4 * 132 + 4, 18 + 3 * 148 + 4)
+    assert Image.open(png).size == (4 * 132 + 4, 18 + 3 * 148 + FOOT + 4)
 
     out = _run(capsys, "stability", a, b, "--n", 4, "--out", tmp_path / "st", "--device", "cpu")
     data = json.loads((tmp_path / "st" / "stability.json").read_text())
@@ -336,6 +406,7 @@ def test_cli_errors(tmp_path, capsys):
         (["sparsity", plain, "--n", "2"], "not a BR-NPA-head model"),
         (["stability", plain, brnpa, "--n", "2"], "share one architecture"),
         (["maps", plain, "--n", "0"], "--n must be at least 1"),
+        (["maps", plain, "--per-sheet", "0"], "--per-sheet must be at least 1"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -344,6 +415,40 @@ def test_cli_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "manet-explain: error:" in err
         assert re.search(message, err), (argv, err)
+
+
+def test_cli_maps_more_images_than_the_data_has(tmp_path, capsys):
+    a = _ckpt(tmp_path / "a" / "best.pt", "resnet20")
+    out, err = _run_with_stderr(capsys, "maps", a, "--n", 100000, "--per-sheet", 128,
+                                "--methods", "cam", "--device", "cpu", "--out", tmp_path / "m")
+    n = out["images"]  # every digits test image, on three sheets
+    assert 256 < n <= 384
+    assert out["files"] == [str(tmp_path / "m" / f"attention_maps_0{k}.png") for k in (1, 2, 3)]
+    last_rows = n - 256
+    assert Image.open(out["files"][2]).size[1] == 18 + last_rows * 148 + FOOT + 4
+    assert f"note: --n 100000 asks for more than the {n} test images of 'digits': using all {n}" \
+        in err
+
+
+def test_cli_sparsity_of_a_nan_model_is_valid_json(tmp_path, capsys):
+    torch.manual_seed(1)
+    model = create("resnet20_brnpa", 10, in_channels=1)
+    state = model.state_dict()
+    state["conv1.weight"] = torch.full_like(state["conv1.weight"], float("nan"))  # diverged
+    path = _ckpt(tmp_path / "nan.pt", "resnet20_brnpa", seed=1, model=state)
+    out, err = _run_with_stderr(capsys, "sparsity", path, "--n", 3, "--out", tmp_path / "sp",
+                                "--device", "cpu")
+    assert out["mean_sparsity"] is None and out["std_sparsity"] is None
+    assert "warning: sparsity is not finite for 3 of 3 images" in err
+    saved = _strict((tmp_path / "sp" / "sparsity.json").read_text())
+    assert saved["sparsity"] == [None, None, None] and saved["mean_sparsity"] is None
+
+
+def test_json_text_writes_null_for_non_finite_numbers(capsys):
+    from manet_kernels.cli.explain import json_text
+    text = json_text({"a": 1.5, "b": [float("nan"), 2], "c": {"d": float("inf")}})
+    assert _strict(text) == {"a": 1.5, "b": [None, 2], "c": {"d": None}}
+    assert "non-finite values written as null: b[0], c.d" in capsys.readouterr().err
 
 
 def test_python_m_entry_point():

@@ -1,6 +1,7 @@
 """``manet-explain``: attention-map figures, stability and sparsity of trained models.
 
     manet-explain maps CKPT [--data SPEC] [--n 8] [--out DIR] [--methods attention cam gradcam]
+                      [--per-sheet 16]
     manet-explain stability CKPT CKPT ... [--data SPEC] [--n 64] [--out DIR] [--method auto]
     manet-explain sparsity CKPT [--data SPEC] [--n 64] [--out DIR]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,38 @@ class UsageError(Exception):
     """A bad argument or input file: reported as ``manet-explain: error: ...``."""
 
 
+def warn(text: str) -> None:
+    """A one-line warning on stderr (stdout carries only the JSON summary)."""
+    print(f"manet-explain: warning: {text}", file=sys.stderr, flush=True)
+
+
+def finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (``NaN``/``Infinity`` are not JSON): non-finite numbers become null,
+    with a warning naming where they were."""
+    found: list[str] = []
+
+    def clean(v, where):
+        if isinstance(v, float) and not math.isfinite(v):
+            found.append(where)
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+    out = clean(obj, "")
+    if found:
+        warn(f"non-finite values written as null: {', '.join(found[:5])}"
+             + (f" and {len(found) - 5} more" if len(found) > 5 else ""))
+    return json.dumps(out, indent=2, allow_nan=False) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from manet_kernels.explain.overlay import METHODS
+    from manet_kernels.explain.overlay import METHODS, ROWS_PER_SHEET
     from manet_kernels.explain.stability import STABILITY_METHODS
 
     p = argparse.ArgumentParser(
@@ -57,14 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=64, help="images per forward")
 
     m = sub.add_parser("maps", help="figure of attention maps / CAM / Grad-CAM on test images",
-                       description="One PNG: a row per image with the input and the overlays "
-                       "of each method that applies to the model.")
+                       description="PNG sheets: a row per image with the input and the "
+                       "overlays of each method that applies to the model, colour bars under "
+                       "the heat maps (attention: its raw sigmoid value, 0..1; CAM / Grad-CAM: "
+                       "min..max of each image).")
     m.add_argument("checkpoint")
     common(m, 8, "output folder (default: <checkpoint folder>/explain)")
     m.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                    help="methods to draw (default: every one the model supports); asking for "
                    "one the model lacks is an error")
     m.add_argument("--prefix", default="", help="file-name prefix")
+    m.add_argument("--per-sheet", type=int, default=ROWS_PER_SHEET, metavar="K",
+                   help=f"images per PNG (default {ROWS_PER_SHEET}); more images are written as "
+                   "numbered sheets attention_maps_01.png, _02, ...")
 
     s = sub.add_parser("stability", help="IoU of thresholded maps against the most accurate "
                        "model (MANet §5.3.1)",
@@ -128,6 +165,9 @@ def dataset_images(ckpt: dict, args):
     n = min(args.n, len(info.test))
     if n == 0:
         raise UsageError(f"data {spec!r} has no test images")
+    if n < args.n:
+        print(f"manet-explain: note: --n {args.n} asks for more than the {n} test images of "
+              f"{spec!r}: using all {n}", file=sys.stderr, flush=True)
     items = [info.test[i] for i in range(n)]
     images = torch.stack([x for x, _ in items])
     labels = torch.tensor([int(y) for _, y in items])
@@ -158,6 +198,8 @@ def cmd_maps(args) -> dict:
                                            has_grad_cam)
     from manet_kernels.explain.overlay import METHODS, save_attention_maps
 
+    if args.per_sheet < 1:
+        raise UsageError(f"--per-sheet must be at least 1, got {args.per_sheet}")
     model, ckpt = load(args.checkpoint, args)
     images, labels, info = dataset_images(ckpt, args)
     if args.methods is not None:
@@ -171,7 +213,8 @@ def cmd_maps(args) -> dict:
     methods = tuple(args.methods) if args.methods is not None else METHODS
     paths = save_attention_maps(model, images, _out_dir(args, args.checkpoint),
                                 mean=info.mean, std=info.std, labels=labels,
-                                class_names=info.classes, methods=methods, prefix=args.prefix)
+                                class_names=info.classes, methods=methods, prefix=args.prefix,
+                                rows_per_sheet=args.per_sheet)
     return {"arch": ckpt["arch"], "images": len(images), "files": [str(p) for p in paths]}
 
 
@@ -193,7 +236,7 @@ def cmd_stability(args) -> dict:
     out = _out_dir(args, args.checkpoints[0])
     out.mkdir(parents=True, exist_ok=True)
     summary = result.to_dict()
-    (out / "stability.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "stability.json").write_text(json_text(summary))
     plot = plot_stability(result, out / "stability.png")
     return {"reference": summary["reference_name"], "method": result.method,
             "mean_iou": dict(zip(result.names, summary["mean_iou"])),
@@ -206,14 +249,19 @@ def cmd_sparsity(args) -> dict:
 
     model, ckpt = load(args.checkpoint, args)
     images, _, _ = dataset_images(ckpt, args)
-    s = model_sparsity(model, images, batch_size=args.batch_size)
+    s = model_sparsity(model, images, batch_size=args.batch_size).double()
+    bad = int((~torch.isfinite(s)).sum())
+    if bad:  # e.g. a diverged training: NaN features give NaN maps
+        warn(f"sparsity is not finite for {bad} of {len(s)} images (NaN/inf in the model's "
+             "part maps or features): those values, the mean and the std are null")
     result = {"checkpoint": str(args.checkpoint), "arch": ckpt["arch"], "images": len(images),
-              "mean_sparsity": float(s.mean()), "std_sparsity": float(s.std()) if len(s) > 1
-              else 0.0, "sparsity": [float(v) for v in s]}
+              "mean_sparsity": finite_or_none(float(s.mean())),
+              "std_sparsity": finite_or_none(float(s.std())) if len(s) > 1 else 0.0,
+              "sparsity": [finite_or_none(float(v)) for v in s]}
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sparsity.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "sparsity.json").write_text(json_text(result))
         result["files"] = [str(out / "sparsity.json")]
     return result
 
@@ -233,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.command == "sparsity":
         summary = {k: v for k, v in summary.items() if k != "sparsity"}
-    print(json.dumps(summary, indent=2), flush=True)
+    print(json_text(summary), end="", flush=True)
     return 0
 
 

@@ -137,19 +137,38 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
-def compose_grid(columns: list[tuple[str, np.ndarray]], captions: Sequence[str] | None = None,
+_BAR = 10  # colour-bar height (pixels) in a figure's footer
+
+
+def _colour_bar(draw, canvas, x: int, y: int, width: int, ticks: Sequence[str], font) -> None:
+    """The jet scale from 0 to 1 across ``width`` pixels, ``ticks`` spread evenly under it."""
+    from PIL import Image
+    strip = jet(np.linspace(0.0, 1.0, width))[None].repeat(_BAR, axis=0)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (x, y))
+    for k, text in enumerate(ticks):
+        frac = k / max(1, len(ticks) - 1)
+        anchor = "lt" if k == 0 else "rt" if k == len(ticks) - 1 else "mt"
+        draw.text((x + frac * (width - 1), y + _BAR + 2), text, fill=(0, 0, 0), font=font,
+                  anchor=anchor)
+
+
+def compose_grid(columns: list[tuple], captions: Sequence[str] | None = None,
                  *, pad: int = 4) -> np.ndarray:
-    """Lay out ``columns`` (title, ``uint8 (N, H, W, 3)``) side by side, one row per
-    image, titles on top and ``captions[i]`` under row ``i``'s first tile."""
+    """Lay out ``columns`` (title, ``uint8 (N, H, W, 3)``[, ticks]) side by side, one row
+    per image, titles on top and ``captions[i]`` under row ``i``'s first tile. A column
+    with ``ticks`` (labels of its heat-map scale, e.g. ``("0", "0.5", "1")``) gets a
+    jet colour bar under its last row."""
     from PIL import Image, ImageDraw
     n, h, w = columns[0][1].shape[:3]
     font = _font(12)
     head, cap = 18, (16 if captions is not None else 0)
+    scaled = [(j, col[2]) for j, col in enumerate(columns) if len(col) > 2 and col[2]]
+    foot = _BAR + 16 + pad if scaled else 0
     width = len(columns) * (w + pad) + pad
-    height = head + n * (h + cap + pad) + pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    body = head + n * (h + cap + pad)
+    canvas = Image.new("RGB", (width, body + foot + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for j, (title, tiles) in enumerate(columns):
+    for j, (title, tiles, *_) in enumerate(columns):
         x = pad + j * (w + pad)
         draw.text((x + w / 2, head / 2), _fit(draw, title, font, w), fill=(0, 0, 0),
                   font=font, anchor="mm")
@@ -160,6 +179,8 @@ def compose_grid(columns: list[tuple[str, np.ndarray]], captions: Sequence[str] 
             y = head + i * (h + cap + pad) + h + cap / 2
             draw.text((pad, y), _fit(draw, text, font, width - 2 * pad), fill=(0, 0, 0),
                       font=font, anchor="lm")
+    for j, ticks in scaled:
+        _colour_bar(draw, canvas, pad + j * (w + pad), body, w, ticks, font)
     return np.asarray(canvas)
 
 
@@ -174,21 +195,79 @@ def _class_text(idx: int, class_names: Sequence[str] | None) -> str:
     return str(idx)
 
 
+# The ABN/MANet map is a sigmoid output, drawn on its own 0..1 scale; CAM and Grad-CAM
+# are min-max scaled per image, so their bar runs from each image's min to its max.
+SIGMOID_TICKS = ("0", "0.25", "0.5", "0.75", "1")
+RELATIVE_TICKS = ("min", "max")
+ROWS_PER_SHEET = 16  # images per PNG: a 128-px-tile sheet stays under ~2400 px tall
+
+
+def _columns(model: nn.Module, images: Tensor, methods: Sequence[str], base: np.ndarray
+             ) -> tuple[list[tuple], Tensor]:
+    """The figure's columns for one sheet of images, and the predicted classes."""
+    want_cam = "cam" in methods and has_cam(model)
+    want_grad = "gradcam" in methods and has_grad_cam(model)
+    fwd = explain_forward(model, images, need_grad=want_grad,
+                          need_features=want_cam or want_grad)
+    preds = logits_of(fwd.output).detach().argmax(1)
+    columns: list[tuple] = [("input", base)]
+    if "attention" in methods:
+        maps = attention_maps_of(fwd.output)
+        if maps is not None and is_part_output(fwd.output):
+            columns.append(("BR-NPA parts", parts_overlay(maps, fwd.output.features, base)))
+        elif maps is not None:
+            att = maps.detach().float()[:, 0].clamp(0, 1)
+            columns.append(("attention", heatmap_overlay(base, att), SIGMOID_TICKS))
+    if want_cam:
+        raw = cam_from_features(fwd.features, fc_of(model), preds)
+        columns.append(("CAM", heatmap_overlay(base, normalize_maps(raw.float())),
+                        RELATIVE_TICKS))
+    if want_grad:
+        raw = grad_cam_from_forward(fwd, preds).detach()
+        columns.append(("Grad-CAM", heatmap_overlay(base, normalize_maps(raw.float())),
+                        RELATIVE_TICKS))
+    return columns, preds
+
+
+def _captions(preds: Tensor, labels: list[int] | None,
+              class_names: Sequence[str] | None) -> list[str]:
+    captions = []
+    for i, pr in enumerate(preds.tolist()):
+        text = f"pred {_class_text(pr, class_names)}"
+        if labels is not None:
+            text = f"true {_class_text(int(labels[i]), class_names)} / " + text
+        captions.append(text)
+    return captions
+
+
+def sheet_names(n_images: int, rows_per_sheet: int, prefix: str = "") -> list[str]:
+    """File names of the sheets for ``n_images``: ``<prefix>attention_maps.png`` when
+    one sheet holds them, else ``<prefix>attention_maps_01.png``, ``_02``, ..."""
+    count = math.ceil(n_images / rows_per_sheet)
+    if count == 1:
+        return [f"{prefix}attention_maps.png"]
+    digits = max(2, len(str(count)))
+    return [f"{prefix}attention_maps_{k + 1:0{digits}d}.png" for k in range(count)]
+
+
 def save_attention_maps(model: nn.Module, images: Tensor, out_dir: str | os.PathLike, *,
                         mean: Sequence[float], std: Sequence[float],
                         labels: Sequence[int] | Tensor | None = None,
                         class_names: Sequence[str] | None = None,
-                        methods: Sequence[str] = METHODS, prefix: str = "") -> list[Path]:
-    """Write one PNG figure of the model's explanations and return its path(s).
+                        methods: Sequence[str] = METHODS, prefix: str = "",
+                        rows_per_sheet: int = ROWS_PER_SHEET) -> list[Path]:
+    """Write PNG figures of the model's explanations and return their paths.
 
     One row per image: the input, then one overlay per method that applies to the
     model, like the papers' figures. ``methods``: any of ``"attention"`` (the ABN/MANet
-    attention map, or the BR-NPA part maps in RGB), ``"cam"`` (models with a linear
-    ``fc``) and ``"gradcam"`` (models with a ``cam_layer``); methods that do not apply
-    are skipped. CAM and Grad-CAM explain the predicted class. ``images``: normalised
-    ``(N, C, H, W)`` as the dataset yields them (moved to the model's device);
-    ``mean``/``std`` undo the normalisation for display. The file is
-    ``out_dir/<prefix>attention_maps.png``.
+    attention map on its raw sigmoid scale, or the BR-NPA part maps in RGB), ``"cam"``
+    (models with a linear ``fc``) and ``"gradcam"`` (models with a ``cam_layer``);
+    methods that do not apply are skipped. CAM and Grad-CAM explain the predicted
+    class, min-max scaled per image. Heat-map columns carry a colour bar. ``images``:
+    normalised ``(N, C, H, W)`` as the dataset yields them (moved to the model's
+    device); ``mean``/``std`` undo the normalisation for display. At most
+    ``rows_per_sheet`` images per file (each sheet one forward): the file is
+    ``out_dir/<prefix>attention_maps.png``, or numbered sheets (:func:`sheet_names`).
     """
     if isinstance(methods, str):
         methods = (methods,)
@@ -198,46 +277,23 @@ def save_attention_maps(model: nn.Module, images: Tensor, out_dir: str | os.Path
     check_images(images)
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one image")
+    if not isinstance(rows_per_sheet, int) or rows_per_sheet < 1:
+        raise ValueError(f"rows_per_sheet must be a positive int, got {rows_per_sheet!r}")
     if labels is not None:
         labels = torch.as_tensor(labels).flatten().tolist()
         if len(labels) != images.shape[0]:
             raise ValueError(f"labels must hold {images.shape[0]} class indices (one per "
                              f"image), got {len(labels)}")
     p = next(model.parameters(), None)
-    if p is not None:
-        images = images.to(p.device)
-
-    want_cam = "cam" in methods and has_cam(model)
-    want_grad = "gradcam" in methods and has_grad_cam(model)
-    fwd = explain_forward(model, images, need_grad=want_grad,
-                               need_features=want_cam or want_grad)
-    logits = logits_of(fwd.output)
-    preds = logits.detach().argmax(1)
-
-    base = to_display(images, mean, std)
-    size = _display_size(*base.shape[1:3])
-    base = _resize_rgb(base, size)
-    columns: list[tuple[str, np.ndarray]] = [("input", base)]
-    if "attention" in methods:
-        maps = attention_maps_of(fwd.output)
-        if maps is not None and is_part_output(fwd.output):
-            columns.append(("BR-NPA parts", parts_overlay(maps, fwd.output.features, base)))
-        elif maps is not None:
-            # The ABN/MANet map is a sigmoid output: shown on its own [0, 1] scale.
-            att = maps.detach().float()[:, 0].clamp(0, 1)
-            columns.append(("attention", heatmap_overlay(base, att)))
-    if want_cam:
-        raw = cam_from_features(fwd.features, fc_of(model), preds)
-        columns.append(("CAM", heatmap_overlay(base, normalize_maps(raw.float()))))
-    if want_grad:
-        raw = grad_cam_from_forward(fwd, preds).detach()
-        columns.append(("Grad-CAM", heatmap_overlay(base, normalize_maps(raw.float()))))
-
-    captions = []
-    for i, pr in enumerate(preds.tolist()):
-        text = f"pred {_class_text(pr, class_names)}"
-        if labels is not None:
-            text = f"true {_class_text(int(labels[i]), class_names)} / " + text
-        captions.append(text)
-    grid = compose_grid(columns, captions)
-    return [save_png(grid, Path(out_dir) / f"{prefix}attention_maps.png")]
+    paths = []
+    for k, name in enumerate(sheet_names(images.shape[0], rows_per_sheet, prefix)):
+        part = images[k * rows_per_sheet:(k + 1) * rows_per_sheet]
+        part = part.to(p.device) if p is not None else part
+        base = to_display(part, mean, std)
+        base = _resize_rgb(base, _display_size(*base.shape[1:3]))
+        columns, preds = _columns(model, part, methods, base)
+        sheet_labels = None if labels is None else \
+            labels[k * rows_per_sheet:(k + 1) * rows_per_sheet]
+        grid = compose_grid(columns, _captions(preds, sheet_labels, class_names))
+        paths.append(save_png(grid, Path(out_dir) / name))
+    return paths
