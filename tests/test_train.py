@@ -489,3 +489,13 @@ def test_fp16_scaler_skips_are_tolerated_until_too_many():
                                                f"of {steps}.*skipped {MAX_SKIPPED_IN_A_ROW} "
                                                "steps in a row"):
         step(2 * MAX_SKIPPED_IN_A_ROW, math.nan)
+
+
+@pytest.mark.parametrize("arch, given, expected", [
+    ("resnet20_brnpa", None, 1.0), ("aw_resnet20_brnpa", None, 1.0), ("resnet20", None, 0.0),
+    ("resnet20_brnpa", "0", 0.0)])
+def test_warmup_default_per_arch(arch, given, expected):
+    argv = ["--arch", arch] + ([] if given is None else ["--warmup-epochs", given])
+    args = train_cli.build_parser().parse_args(argv)
+    train_cli._resolve_defaults(args)
+    assert args.warmup_epochs == expected
