@@ -7,7 +7,7 @@ each fused backend, in forward / backward / full (forward + backward) mode.
 Backward and full differentiate ``(v * gv).sum() + (m * gm).sum()`` with fixed
 random ``gv``, ``gm``: both outputs carry gradient, as in training with a loss on
 the part maps; the time is that of the gradient of ``x``.
-GB/s counts the traffic the fused design needs (DESIGN.md section 3: 1 + n_parts
+GB/s counts the traffic the fused design needs (docs/design.md §3: 1 + n_parts
 passes forward, 3 backward, their sum both), whatever a provider really moves.
 Rows are appended to benchmarks/results/brnpa.csv, except by smoke runs
 (--quick) and --no-save runs.

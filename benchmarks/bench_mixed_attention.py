@@ -4,7 +4,7 @@ each fused backend, in forward / backward / full (forward + backward) mode.
     python benchmarks/bench_mixed_attention.py --device cpu --quick
     python benchmarks/bench_mixed_attention.py --device cuda --out /tmp/bench
 
-GB/s counts the traffic the fused design needs (DESIGN.md section 1: 4 passes
+GB/s counts the traffic the fused design needs (docs/design.md §1: 4 passes
 forward, 5 backward, 9 both), whatever a provider really moves, so it reads as
 "how fast against the ideal": a provider doing 20 passes shows a low number.
 Rows are appended to benchmarks/results/mixed_attention.csv, except by smoke runs

@@ -14,7 +14,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(manet_kernels, m) {
-  // Mixed attention (DESIGN.md section 1). x, g: (N,C,H,W), NCHW- or NHWC-contiguous.
+  // Mixed attention (docs/design.md §1). x, g: (N,C,H,W), NCHW- or NHWC-contiguous.
   // Small tensors are contiguous in the accumulation dtype (float64 for double x,
   // float32 otherwise); index tensors are int32.
   m.def("mixed_attention_channel_pool(Tensor x) -> (Tensor avg, Tensor mx, Tensor im)");
@@ -32,13 +32,13 @@ TORCH_LIBRARY(manet_kernels, m) {
       "mixed_attention_spatial_conv_bwd(Tensor dz, Tensor sa, Tensor sm, Tensor weight, "
       "bool has_bias) -> (Tensor dsa, Tensor dsm, Tensor dweight, Tensor dbias)");
 
-  // BR-NPA (DESIGN.md section 3); definitions in manet_kernels/reference/passes.py.
+  // BR-NPA (docs/design.md §3); definitions in manet_kernels/reference/passes.py.
   m.def("brnpa_norms(Tensor x) -> Tensor");
   m.def("brnpa_step(Tensor x, Tensor inv_nrm, Tensor idx) -> (Tensor s, Tensor sv)");
   m.def("brnpa_bwd_reduce(Tensor x, Tensor inv_nrm, Tensor dv, Tensor dmap) -> (Tensor dw, Tensor u, Tensor t)");
   m.def("brnpa_bwd_dx(Tensor x, Tensor a, Tensor m, Tensor c) -> Tensor");
 
-  // AW-convolution (DESIGN.md section 2); definitions in manet_kernels/reference/passes.py.
+  // AW-convolution (docs/design.md §2); definitions in manet_kernels/reference/passes.py.
   m.def(
       "per_sample_conv2d_fwd(Tensor x, Tensor weights, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");

@@ -117,7 +117,7 @@ def test_deterministic(device):
 @pytest.mark.parametrize("signed", [False, True], ids=["positive", "signed"])
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_gradcheck_cpu(variant, signed):
-    """Signed features too: the backward leaves out DESIGN.md's
+    """Signed features too: the backward leaves out docs/design.md's
     -(sum_i ds_i s_i) r / (nrm_r ||r||), which is identically 0 (ops/brnpa.py)."""
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     x = (x if signed else x.abs().add(0.1)).requires_grad_()

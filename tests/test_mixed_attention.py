@@ -243,7 +243,7 @@ def test_gradcheck_cpu(bias):
                          ids=[f"{b}-{d}" for b, d in ROUTING_BACKENDS])
 def test_gradcheck_several_hidden_units(backend, device):
     """fp64, 2 hidden units, distinct avg and max. The interpreter is too slow for the
-    full Jacobian (DESIGN.md): there fast mode (random projections of it)."""
+    full Jacobian (docs/design.md): there fast mode (random projections of it)."""
     skip_unless_available(backend, device)
     shape = (2, 8, 2, 3)
     args = list(functional_args(shape, device=device, k=3))

@@ -1,4 +1,4 @@
-// CPU kernels for AW-convolution and per-sample convolution (DESIGN.md section 2).
+// CPU kernels for AW-convolution and per-sample convolution (docs/design.md §2).
 // The contract, including dtypes and output memory format, is
 // manet_kernels/reference/passes.py.
 //

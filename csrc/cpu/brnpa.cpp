@@ -1,4 +1,4 @@
-// CPU kernels for the BR-NPA passes (DESIGN.md section 3). The contract, dtypes and
+// CPU kernels for the BR-NPA passes (docs/design.md §3). The contract, dtypes and
 // output memory format included, is the brnpa_* functions of
 // manet_kernels/reference/passes.py.
 //

@@ -1,4 +1,4 @@
-// CPU kernels for the mixed-attention passes (DESIGN.md section 1). The contract,
+// CPU kernels for the mixed-attention passes (docs/design.md §1). The contract,
 // including dtypes, tie-breaking and output memory format, is
 // manet_kernels/reference/passes.py.
 //

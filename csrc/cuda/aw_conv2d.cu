@@ -1,4 +1,4 @@
-// CUDA kernels for AW-convolution and per-sample convolution (DESIGN.md section 2).
+// CUDA kernels for AW-convolution and per-sample convolution (docs/design.md §2).
 // The contract, dtypes and output memory formats included, is
 // manet_kernels/reference/passes.py.
 //

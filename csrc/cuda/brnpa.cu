@@ -1,4 +1,4 @@
-// CUDA kernels for the four BR-NPA passes (DESIGN.md section 3). The contract, dtypes
+// CUDA kernels for the four BR-NPA passes (docs/design.md §3). The contract, dtypes
 // and shapes included, is manet_kernels/reference/passes.py.
 //
 // A pass views x as (B, R, L) with L its contiguous axis: (B, C, P) for NCHW and

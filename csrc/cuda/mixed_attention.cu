@@ -1,4 +1,4 @@
-// CUDA kernels for the six mixed-attention passes (DESIGN.md section 1).
+// CUDA kernels for the six mixed-attention passes (docs/design.md §1).
 // The contract, dtypes and index semantics included, is manet_kernels/reference/passes.py.
 //
 // Every pass views the activation as (N, R, L) with L its contiguous axis:

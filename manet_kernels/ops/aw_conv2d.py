@@ -2,7 +2,7 @@
 
 ``aw_conv2d`` with ``attn`` broadcast over input channels runs the fused kernels,
 which scale the shared weight by ``1 + attn[n]`` as it is loaded and never build the
-``(N, C2, C1/g, kh, kw)`` per-sample weights (DESIGN.md section 2). ``attn`` of full
+``(N, C2, C1/g, kh, kw)`` per-sample weights (docs/design.md §2). ``attn`` of full
 shape is already that size: it goes through ``per_sample_conv2d``.
 """
 

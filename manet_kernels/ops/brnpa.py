@@ -3,7 +3,7 @@
 Forward = one pass for the norms, then one pass per part (similarities and the
 weighted sum of the features from the same read); backward = two passes (one read
 for every part's ``<f_i, dv_k>`` and the two C-vector sums, one read + one write for
-``dx``). DESIGN.md section 3 has the formulas. Tiny (B, K, P) / (B, K, C) work
+``dx``). docs/design.md §3 has the formulas. Tiny (B, K, P) / (B, K, C) work
 stays in PyTorch between the passes.
 """
 
@@ -93,7 +93,7 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
     q = (u - ck[..., None] * t[:, None]) / total[..., None]  # sum_i ds_i f_i / nrm_i
     r = x.flatten(2).gather(2, idx[:, None, :].expand(b, c, k)).transpose(1, 2).to(acc)  # (B, K, C)
     inv_r = inv.gather(1, idx)
-    # DESIGN.md's dr also has -(sum_i ds_i s_i) r / (nrm_r ||r||), through the
+    # docs/design.md's dr also has -(sum_i ds_i s_i) r / (nrm_r ||r||), through the
     # representative's own norm. That sum is 0: w = s / S does not change when s is
     # scaled, so sum_i ds_i s_i = sum_i (dw_i - c_k) w_i = c_k - c_k (sum_i w_i = 1; and
     # ds = 0 for a part with S = 0). Computed, it is only rounding noise.

@@ -1,6 +1,6 @@
 """Fused mixed attention: public function, torch.library ops, autograd.
 
-Forward = 3 fused passes over ``x`` (DESIGN.md section 1) with the tiny parts
+Forward = 3 fused passes over ``x`` (docs/design.md §1) with the tiny parts
 (shared MLP, k x k conv on the 2-channel map, optional BatchNorm, sigmoids) in
 PyTorch between them; backward = 3 fused passes. The whole forward is one
 registered op (``manet_kernels::mixed_attention``) and so is the whole backward

@@ -115,7 +115,7 @@ def mixed_attention_spatial_conv_bwd(dz: Tensor, sa: Tensor, sm: Tensor, weight:
 
 
 # ---------------------------------------------------------------------------
-# BR-NPA (DESIGN.md section 3). f_i = x[n, :, i] is the C-vector at position i;
+# BR-NPA (docs/design.md §3). f_i = x[n, :, i] is the C-vector at position i;
 # small tensors are (B, H, W), (B, C), (B, K, C) or (B, K, H, W) in acc dtype.
 
 def brnpa_norms(x: Tensor) -> Tensor:
@@ -157,7 +157,7 @@ def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# AW-convolution (DESIGN.md section 2). ``x (N, C1, H, W)``, ``g (N, C2, Ho, Wo)``;
+# AW-convolution (docs/design.md §2). ``x (N, C1, H, W)``, ``g (N, C2, Ho, Wo)``;
 # ``stride``, ``padding``, ``dilation`` are int pairs. Weights are in ``x``'s dtype
 # (the caller casts); ``scale`` and ``bias`` are contiguous in acc dtype; gradients
 # of weights/scales are returned in acc dtype, ``dx``/``y`` in ``x``'s dtype and

@@ -1,4 +1,4 @@
-"""Triton kernels for the AW-convolution passes (DESIGN.md section 2).
+"""Triton kernels for the AW-convolution passes (docs/design.md §2).
 
 Each launcher has the signature and return values of the function of the same
 name in ``manet_kernels/reference/passes.py``, which is the contract.

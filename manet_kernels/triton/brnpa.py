@@ -1,4 +1,4 @@
-"""Triton kernels for the four BR-NPA passes (DESIGN.md section 3).
+"""Triton kernels for the four BR-NPA passes (docs/design.md §3).
 
 Each launcher has the signature and return values of the function of the same
 name in ``manet_kernels/reference/passes.py``, which is the contract.

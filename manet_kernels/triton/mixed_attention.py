@@ -1,4 +1,4 @@
-"""Triton kernels for the six mixed-attention passes (DESIGN.md section 1).
+"""Triton kernels for the six mixed-attention passes (docs/design.md §1).
 
 Each launcher has the signature and return values of the function of the same
 name in ``manet_kernels/reference/passes.py``, which is the contract.
