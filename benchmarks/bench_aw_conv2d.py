@@ -312,16 +312,7 @@ def run(args) -> int:
                     "matmul_tflops": {bu.dtype_name(d): v for d, v in mm.items()},
                     "compile_mode": compile_mode or "default", "args": vars(args)})
 
-    providers = []
-    for p in args.providers:
-        why = unavailable(p, device)
-        if why:
-            sink.note(f"skip provider {p}: {why}")
-        else:
-            providers.append(p)
-    busy = bu.busy_note(device)
-    if busy:
-        sink.note(busy)
+    providers = bu.usable_providers(args.providers, unavailable, device, sink)
 
     # Two sweeps: eager and our backends over every configuration first, then
     # torch.compile (max-autotune tunes conv templates: minutes), so a time budget

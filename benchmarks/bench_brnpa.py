@@ -193,16 +193,7 @@ def run(args) -> int:
                    {"op": OP, "env": env, "copy_gbps": copy,
                     "compile_mode": compile_mode or "default", "args": vars(args)})
 
-    providers = []
-    for p in args.providers:
-        why = unavailable(p, device)
-        if why:
-            sink.note(f"skip provider {p}: {why}")
-        else:
-            providers.append(p)
-    busy = bu.busy_note(device)
-    if busy:
-        sink.note(busy)
+    providers = bu.usable_providers(args.providers, unavailable, device, sink)
 
     # Two sweeps: reference and our backends over every configuration first, then
     # torch.compile, so a time budget cuts the compile rows, not ours.

@@ -576,3 +576,19 @@ class Sink:
             print(f"wrote {self.json_path}")
         if self.notes:
             print("notes:\n  " + "\n  ".join(self.notes))
+
+
+def usable_providers(names, unavailable, device, sink) -> list[str]:
+    """The providers of ``names`` that can run on ``device`` (``unavailable(p, device)``
+    returns why not, or None); each skipped one and a busy machine noted in ``sink``."""
+    providers = []
+    for p in names:
+        why = unavailable(p, device)
+        if why:
+            sink.note(f"skip provider {p}: {why}")
+        else:
+            providers.append(p)
+    busy = busy_note(device)
+    if busy:
+        sink.note(busy)
+    return providers
