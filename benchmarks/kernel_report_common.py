@@ -9,6 +9,7 @@ reserves, at most 64 warps and 32 CTAs per SM. Nothing here needs a GPU.
 from __future__ import annotations
 
 import math
+import re
 
 # NVIDIA H100 SXM (sm_90): the device the GPU targets are set on.
 H100 = {
@@ -88,3 +89,25 @@ def record(**fields) -> dict:
         if extra in fields:
             row[extra] = fields[extra]
     return row
+
+
+_PTXAS_ENTRY = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_verbose(text: str) -> dict[str, dict]:
+    """``ptxas -v`` (or ``nvcc -Xptxas -v``) output -> per function
+    ``{"regs", "stack", "spill_stores", "spill_loads"}`` (bytes per thread)."""
+    out: dict[str, dict] = {}
+    name = None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            name = m.group(1)
+            out.setdefault(name, {"regs": None, "stack": 0, "spill_stores": 0, "spill_loads": 0})
+        elif name is not None and (m := _PTXAS_FRAME.search(line)):
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                             spill_loads=int(m.group(3)))
+        elif name is not None and (m := _PTXAS_USED.search(line)):
+            out[name]["regs"] = int(m.group(1))
+    return out
