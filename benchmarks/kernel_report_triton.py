@@ -15,10 +15,11 @@ What is read from the compile (``analyse``):
   binary and flags triton uses for this target; triton 3.9 picks
   ``ptxas-blackwell`` for sm_90); shared memory: the launch's dynamic shared memory;
 * ``mma``: ``wgmma`` or ``mma.sync`` in the PTX, with the largest N of its shapes;
-* ``pipelined``: some ``scf.for`` of the TTGIR carries an ``!ttg.async.token`` among
-  its loop-carried values, i.e. an asynchronous global->shared copy issued in one
-  iteration is waited for in a later one (num_stages=2 keeps one copy in flight,
-  3 two); None when the kernel has no loop;
+* ``pipelined``: some loop of the TTGIR keeps global loads in flight while it
+  computes: an asynchronous global->shared copy issued in one iteration is waited for
+  in a later one (an ``!ttg.async.token`` among the loop-carried values), and the loop
+  never drains to zero before issuing the next copy (an ``async_wait`` with num > 0,
+  or a ``warp_group_dot_wait`` with pendings > 0, inside it); None without a loop;
 * ``vec16_load_share``: of the global load instructions in the PTX (static count:
   ``ld.global*``, ``cp.async`` global->shared, ``cp.async.bulk`` TMA/bulk copies),
   the share that moves 16 bytes or more per thread (``.v4.b32``, ``.v2.b64``,
@@ -351,16 +352,44 @@ def mma_info(ptx: str) -> tuple[str | None, int | None]:
 
 
 _SCF_FOR = re.compile(r"=\s*scf\.for\b")
+_ASYNC_WAIT = re.compile(r"\bttg\.async_wait\b.*\{num = (\d+)")
+_DOT_WAIT = re.compile(r"\bwarp_group_dot_wait\b.*\{pendings = (\d+)")
+
+
+def loops(ttgir: str) -> list[tuple[str, list[str]]]:
+    """Each ``scf.for`` of the TTGIR: its header line and its body's lines (nested
+    loops included). MLIR prints one op per line, attribute braces balanced on it."""
+    lines = ttgir.splitlines()
+    out = []
+    for i, header in enumerate(lines):
+        if not _SCF_FOR.search(header):
+            continue
+        depth, body = header.count("{") - header.count("}"), []
+        for line in lines[i + 1:]:
+            depth += line.count("{") - line.count("}")
+            if depth <= 0:
+                break
+            body.append(line)
+        out.append((header, body))
+    return out
 
 
 def pipelined(ttgir: str) -> bool | None:
-    """Whether some loop keeps an asynchronous copy in flight across iterations: an
-    ``scf.for`` whose loop-carried values include an ``!ttg.async.token``. None when
-    the kernel has no loop."""
-    loops = [line for line in ttgir.splitlines() if _SCF_FOR.search(line)]
-    if not loops:
+    """Whether some loop overlaps its global loads with its compute: it carries an
+    ``!ttg.async.token`` (an asynchronous global->shared copy issued in one iteration is
+    waited for in a later one), and inside it a wait leaves work in flight
+    (``ttg.async_wait {num > 0}``: later copies still loading, or
+    ``warp_group_dot_wait {pendings > 0}``: the MMA still running while the next copy
+    is issued). A loop that waits every copy and every MMA to zero before issuing the
+    next copy is not. None when the kernel has no loop."""
+    found = loops(ttgir)
+    if not found:
         return None
-    return any("!ttg.async.token" in line for line in loops)
+
+    def overlaps(body):
+        return any(int(m.group(1)) > 0 for line in body
+                   for m in (_ASYNC_WAIT.search(line), _DOT_WAIT.search(line)) if m)
+    return any("!ttg.async.token" in header and overlaps(body) for header, body in found)
 
 
 _LD_GLOBAL = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
