@@ -11,7 +11,7 @@
 #   bash benchmarks/run_device.sh --record device_run.tar.gz [CSV]
 #                      # append a fetched run's step times to benchmarks/results/device_steps.csv
 #
-# The plan. Caps are seconds; a step gets min(cap, time left), and a step with under
+# The plan (the `add` lines below; --dry-run prints it with checks). Caps are seconds; a step gets min(cap, time left), and a step with under
 # MIN_STEP_S left is skipped. Lane B runs beside lane A (it needs no extension, and the
 # build leaves most of the 16 cores idle: 7 translation units), with WORKERS=8 xdist
 # workers each, and is joined before anything is timed. Caps are first estimates (no
@@ -43,8 +43,9 @@
 # Outputs ($OUT holds at most 8 files): device_run.tar.gz (every step's log, steps.csv,
 # summary.txt, the benchmarks' CSV/JSON rows, profile.txt), and as plain files
 # steps.csv (date_utc,commit,device,run,step,seconds,limit,rc; rc 124 = hit its limit),
-# summary.txt, and after a build the extension (_C*.so, _C.stamp) to carry to a later
-# call as PREBUILT. Benchmarks run with --no-save: their rows are the tarball's <op>.csv.
+# summary.txt, and after a build extension.tar.gz (the stripped _C*.so and its _C.stamp)
+# to carry to a later call as PREBUILT (on a warm machine the in-place build is reused).
+# Benchmarks run with --no-save: their rows are the tarball's <op>.csv files.
 #
 # Knobs (environment):
 #   RUN           which run of the plan (1, 2, 3)
@@ -54,9 +55,9 @@
 #   WORKERS       xdist workers per test lane (default 8)
 #   BENCH_ARGS    extra arguments to every benchmark; BENCH_ARGS_<op> to one
 #   BENCH_DIR     where the benchmark scripts are (default benchmarks)
-#   PREBUILT      a folder with _C*.so and _C.stamp from an earlier call: used when its
-#                 stamp (sources, Python, torch) matches, else the extension is built
-#   SAVE_SO=0     do not copy a freshly built extension to $OUT
+#   PREBUILT      an extension.tar.gz from an earlier call: used when its stamp (sources,
+#                 Python, torch) matches these, else the extension is built
+#   SAVE_SO=0     do not save a freshly built extension to $OUT/extension.tar.gz
 #   DRY_RUN=1     as --dry-run; DRY_RUN_QUICK=1 checks files and budget only
 #   MANET_KERNELS_COMMIT  the commit to record (the device copy has no .git)
 
@@ -137,29 +138,41 @@ build_stamp() {
 }
 
 build_ext() {
-    local want so
+    local want
     want=$(build_stamp)
     if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]] && ext_check; then
         echo "reusing the extension built here from the same sources"
         return 0
     fi
-    if [[ -n $PREBUILT && -f $PREBUILT/_C.stamp && $(cat "$PREBUILT/_C.stamp") == "$want" ]]; then
-        cp "$PREBUILT"/_C*.so manet_kernels/ && ext_check && echo "$want" > "$STAMP" && return 0
-        echo "PREBUILT extension does not load: building"
-    elif [[ -n $PREBUILT ]]; then
-        echo "PREBUILT=$PREBUILT has no _C.stamp matching these sources: building"
-    fi
+    [[ -n $PREBUILT ]] && use_prebuilt "$want" && return 0
     rm -f manet_kernels/_C*.so "$STAMP"
     # against the machine's torch, in place: never (re)install torch there
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
         MANET_KERNELS_CUDA=${MANET_KERNELS_CUDA:-1} "$PY" setup.py build_ext --inplace || return
     mkdir -p build && echo "$want" > "$STAMP"
-    if [[ $SAVE_SO == 1 ]]; then
-        for so in manet_kernels/_C*.so; do
-            strip --strip-debug -o "$OUT/$(basename "$so")" "$so" 2>/dev/null || cp "$so" "$OUT/"
-        done
-        cp "$STAMP" "$OUT/_C.stamp"
+    if [[ $SAVE_SO == 1 ]]; then save_extension; fi
+}
+
+use_prebuilt() {  # STAMP_WANTED
+    local dir
+    dir=$(mktemp -d)
+    if ! tar xzf "$PREBUILT" -C "$dir" 2>/dev/null || [[ $(cat "$dir/_C.stamp" 2>/dev/null) != "$1" ]]; then
+        echo "PREBUILT=$PREBUILT holds no extension built from these sources: building"
+        return 1
     fi
+    cp "$dir"/_C*.so manet_kernels/ && ext_check && mkdir -p build && echo "$1" > "$STAMP"
+}
+
+# The stripped extension (~21 MB for sm_90, ~5 MB gzipped: one file back is at most
+# 16 MiB) with its stamp, for PREBUILT on a later call.
+save_extension() {
+    local dir so
+    dir=$(mktemp -d)
+    for so in manet_kernels/_C*.so; do
+        strip --strip-debug -o "$dir/$(basename "$so")" "$so" 2>/dev/null || cp "$so" "$dir/"
+    done
+    cp "$STAMP" "$dir/_C.stamp"
+    tar czf "$OUT/extension.tar.gz" -C "$dir" .
 }
 
 ext_check() {
@@ -195,9 +208,13 @@ step_command() {  # KIND LIMIT WORDS...
             shift
             "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$WORKERS")
             "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout=150)
-            CMD=("$PY" -m pytest "${xdist[@]}" -v -rfE --tb=short -p no:cacheprovider -k "$k" "$@") ;;
+            # lane B runs in the background, where SIGINT starts ignored and a shell cannot
+            # restore it: Python can, for the pytest it then becomes
+            CMD=("$PY" -c "$DEFAULT_INT" -m pytest "${xdist[@]}" -v -rfE --tb=short
+                 -p no:cacheprovider -k "$k" "$@") ;;
     esac
 }
+DEFAULT_INT='import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); os.execv(sys.executable, [sys.executable] + sys.argv[1:])'
 
 keyword() { if [[ -n ${PYTEST_K:-} ]]; then echo "($1) and ($PYTEST_K)"; else echo "$1"; fi; }
 
@@ -209,6 +226,20 @@ selected() {  # RUN
         [[ ${f[0]} == "$1" ]] || continue
         [[ -z ${STEPS:-} || ${f[4]} == join || " $STEPS " == *" ${f[2]} "* ]] || continue
         printf '%s\n' "$e"
+    done
+}
+
+# The words of STEPS that name no step of the runs given.
+unknown_steps() {  # RUN...
+    local w e f found words
+    read -r -a words <<< "${STEPS:-}"
+    for w in "${words[@]}"; do
+        found=0
+        for e in "${PLAN[@]}"; do
+            IFS=$'\t' read -r -a f <<< "$e"
+            [[ " $* " == *" ${f[0]} "* && ${f[2]} == "$w" ]] && found=1
+        done
+        (( found )) || echo "$w"
     done
 }
 
@@ -244,6 +275,8 @@ if [[ ${1:-} == --record ]]; then
 fi
 
 if [[ ${1:-} == --dry-run || ${DRY_RUN:-0} == 1 ]]; then
+    bad=$(unknown_steps 1 2 3)
+    [[ -z $bad ]] || { echo "STEPS names no step of the plan:" "${bad//$'\n'/ }" >&2; exit 1; }
     plan=$(mktemp /tmp/manet_plan.XXXXXX)
     for r in 1 2 3; do
         while IFS= read -r e; do
@@ -270,6 +303,11 @@ if [[ ${1:-} == --dry-run || ${DRY_RUN:-0} == 1 ]]; then
     exit $rc
 fi
 
+bad=$(unknown_steps "$RUN")
+[[ -z $bad ]] || { echo "STEPS names no step of run $RUN:" "${bad//$'\n'/ }" >&2; exit 2; }
+mapfile -t steps < <(selected "$RUN")
+(( ${#steps[@]} )) || { echo "no run $RUN in the plan" >&2; exit 2; }
+
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -289,7 +327,9 @@ finish() {
     {
         column -s, -t < "$RAW/steps.csv" 2>/dev/null || cat "$RAW/steps.csv"
         for log in "$RAW"/tests-*.log; do
-            [[ -f $log ]] && echo "$(basename "$log" .log): $(grep -E '(passed|failed|error|no tests ran)' "$log" | tail -n 1)"
+            [[ -f $log ]] || continue
+            echo "$(basename "$log" .log): $(grep -E '^=+ .*(passed|failed|error|deselected|no tests ran)' "$log" | tail -n 1)"
+            grep -E '^(FAILED|ERROR) ' "$log" | head -n 30
         done
         for log in "$RAW"/bench-*.log; do
             [[ -f $log ]] || continue
@@ -305,8 +345,6 @@ finish() {
 }
 trap finish EXIT
 
-mapfile -t steps < <(selected "$RUN")
-(( ${#steps[@]} )) || { echo "no steps: RUN=$RUN STEPS=${STEPS:-}" >&2; exit 2; }
 for e in "${steps[@]}"; do
     IFS=$'\t' read -r -a f <<< "$e"
     if [[ ${f[1]} == B ]]; then

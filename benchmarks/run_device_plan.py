@@ -189,12 +189,15 @@ def note_collection_error(step: Step, path: str, message: str) -> None:
         step.errors.append(f"collecting {path}: {message[-400:]}")
 
 
-def check_budget(steps: list[Step], total: int, reserve: int) -> list[str]:
+def check_budget(steps: list[Step], total: int, reserve: int, last: dict[str, dict]
+                 ) -> list[str]:
     """Per run: lane A in sequence plus the packing reserve fits ``total``; lane B
     starts where its first step stands in lane A's order and ends by the join."""
     errors = []
     for run in dict.fromkeys(s.run for s in steps):
         a_time, b_start, b_sum, joined_at = 0, None, 0, None
+        recorded = [int(last[s.name]["seconds"]) for s in steps
+                    if s.run == run and s.lane == "A" and s.name in last]
         for s in (s for s in steps if s.run == run):
             if s.lane == "B":
                 b_start = a_time if b_start is None else b_start
@@ -214,7 +217,9 @@ def check_budget(steps: list[Step], total: int, reserve: int) -> list[str]:
                               f"join at {joined_at}s")
         print(f"run {run}: lane A {a_time}s + {reserve}s to pack of {total}s"
               + (f"; lane B {b_start}..{b_start + b_sum}s, joined at {joined_at}s"
-                 if b_start is not None else ""))
+                 if b_start is not None else "")
+              + (f"; last recorded lane A steps took {sum(recorded)}s ({len(recorded)} steps)"
+                 if recorded else ""))
     return errors
 
 
@@ -243,15 +248,16 @@ def check(args) -> int:
         present = check_files(s)
         if s.kind in ("py", "bench") and present and not args.quick:
             scripts.setdefault(s.words[0], []).append(s)
+    # the scripts' --help runs (each imports torch) overlap the test collection
     with ThreadPoolExecutor(max_workers=4) as pool:
-        helps = dict(zip(scripts, pool.map(lambda p: script_help(args.python, p), scripts)))
-    for script, users in scripts.items():
-        for s in users:
-            check_options(s, *helps[script])
-    if not args.quick:
-        check_selections(steps)
-    budget_errors = check_budget(steps, args.total, args.reserve)
+        helps = {p: pool.submit(script_help, args.python, p) for p in scripts}
+        if not args.quick:
+            check_selections(steps)
+        for script, users in scripts.items():
+            for s in users:
+                check_options(s, *helps[script].result())
     last = last_recorded(args.csv)
+    budget_errors = check_budget(steps, args.total, args.reserve, last)
     print(f"\n{'run':>3} {'lane':4} {'step':32} {'cap':>5}  last recorded / checks")
     for s in steps:
         if s.kind == "join":

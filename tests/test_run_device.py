@@ -75,6 +75,29 @@ def test_dry_run_fails_when_the_caps_exceed_the_budget():
     assert "run 1: lane A caps 470s + 10s to pack exceed the 300s budget" in p.stdout
 
 
+def test_unknown_step_names_are_refused(tmp_path):
+    p = run_script("--dry-run", STEPS="env no-such-step")
+    assert p.returncode == 1 and "STEPS names no step of the plan: no-such-step" in p.stderr
+    p = run_script(OUT=str(tmp_path / "out"), RUN="3", STEPS="build")
+    assert p.returncode == 2 and "STEPS names no step of run 3: build" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_last_recorded_time(tmp_path):
+    record = tmp_path / "record.csv"
+    record.write_text(",".join(HEADER) + "\n"
+                      "2026-12-07T01:00:00Z,abc1234,NVIDIA H100 80GB HBM3,1,build,97,180,0\n"
+                      "2026-12-07T02:00:00Z,def5678,NVIDIA H200,1,build,88,180,0\n"
+                      "2026-12-07T02:00:00Z,def5678,NVIDIA H200,1,ext,0,15,skipped\n")
+    p = run_script("--dry-run", RECORD_CSV=str(record), DRY_RUN_QUICK="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"1 A\s+build\s+180s  88s \(rc 0, limit 180, NVIDIA H200, def5678, "
+                     r"2026-12-07\)", p.stdout)
+    assert re.search(r"1 A\s+ext\s+15s  no recorded run", p.stdout)
+    assert "run 1: lane A 470s + 10s to pack of 480s; lane B 15..295s, joined at 360s; " \
+           "last recorded lane A steps took 88s (1 steps)" in p.stdout
+
+
 def test_selection_that_collects_nothing_fails(tmp_path):
     tests = tmp_path / "test_sample.py"
     tests.write_text("def test_matches():\n    pass\n\n\ndef test_other():\n    pass\n")
@@ -138,27 +161,29 @@ def test_committed_record_has_the_header():
 
 
 def test_a_run_without_a_gpu_still_packs_its_steps(tmp_path):
-    """The device-side runner: the env step (which needs a GPU) fails, one lane-B test
-    step runs one test and is joined, and the tarball's steps.csv is what --record takes."""
+    """The device-side runner on CPU: the env step (it needs a GPU) fails, a lane-B test
+    step is stopped by its time box with pytest's summary, the lane is joined, and the
+    tarball's steps.csv is what --record takes."""
     out = tmp_path / "out"
-    p = run_script(OUT=str(out), STEPS="env tests-triton-rest",
-                   PYTEST_K="test_cpu_tensors_need_the_interpreter and mixed_attention",
-                   TOTAL_S="240", MANET_KERNELS_COMMIT="abc1234")
+    p = run_script(OUT=str(out), STEPS="env tests-triton-fp32", TOTAL_S="28", RESERVE_S="5",
+                   MIN_STEP_S="1", MANET_KERNELS_COMMIT="abc1234")
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(os.listdir(out)) == ["device_run.tar.gz", "steps.csv", "summary.txt"]
     rows = read_rows(out / "steps.csv")
     assert rows[0] == HEADER
-    assert [r[4] for r in rows[1:]] == ["env", "tests-triton-rest"]
+    assert [r[4] for r in rows[1:]] == ["env", "tests-triton-fp32"]
     env, tests = rows[1:]
     assert env[1] == "abc1234" and env[3] == "1"
     if not torch.cuda.is_available():
         assert env[7] != "0"  # nvidia-smi and the device name need a GPU
-    assert tests[7] == "0" and int(tests[5]) <= int(tests[6])
-    summary = (out / "summary.txt").read_text()
-    assert re.search(r"tests-triton-rest: .*1 passed", summary)
+    # SIGINT at the limit (10 s more before SIGKILL): pytest reports what it ran
+    assert tests[7] == "124" and int(tests[5]) <= int(tests[6]) + 10
     with tarfile.open(out / "device_run.tar.gz") as tar:
-        names = {os.path.basename(n) for n in tar.getnames()}
-    assert {"steps.csv", "summary.txt", "env.log", "tests-triton-rest.log"} <= names
+        logs = {os.path.basename(m.name): m for m in tar.getmembers()}
+        assert {"steps.csv", "summary.txt", "env.log"} <= set(logs)
+        log = tar.extractfile(logs["tests-triton-fp32.log"]).read().decode()
+    assert "KeyboardInterrupt" in log
+    assert "tests-triton-fp32: " in (out / "summary.txt").read_text()
     record = tmp_path / "record.csv"
     shutil.copy(RECORD, record)
     p = run_script("--record", str(out / "device_run.tar.gz"), str(record))
