@@ -31,8 +31,9 @@ So ``x.view(...)``, ``x.contiguous()`` of a contiguous ``x``, ``x.to(x.dtype)`` 
 measurement: a few ATen ops launch more than one kernel on a GPU (cuDNN's
 ``convolution_backward``, ``index_put_`` with accumulation), which count 1 here.
 
-The step runs on the calling thread (CPU autograd runs the backward there, and the
-profiler records every thread anyway), with one intra-op thread so that nothing
+The profiler records the calling thread, where CPU autograd also runs the backward
+(the autograd engine's own threads inherit the profiler too); work started on other
+Python threads is not seen. The step runs with one intra-op thread so that nothing
 depends on the machine's core count.
 """
 
