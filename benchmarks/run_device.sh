@@ -11,12 +11,14 @@
 #   bash benchmarks/run_device.sh --record device_run.tar.gz [CSV]
 #                      # append a fetched run's step times to benchmarks/results/device_steps.csv
 #
-# The plan (the `add` lines below; --dry-run prints it with checks). Caps are seconds; a step gets min(cap, time left), and a step with under
-# MIN_STEP_S left is skipped. Lane B runs beside lane A (it needs no extension, and the
-# build leaves most of the 16 cores idle: 7 translation units), with WORKERS=8 xdist
-# workers each, and is joined before anything is timed. Caps are first estimates (no
-# step of this plan has been timed on a GPU yet): the dry run prints the last recorded
-# time of each step from benchmarks/results/device_steps.csv; retune them from there.
+# The plan (the `add` lines below; --dry-run prints it with its checks). Caps are
+# seconds; a step gets min(cap, time left), and a step with under MIN_STEP_S left is
+# skipped. Lane B runs beside lane A (it needs no extension, and the build leaves most
+# of the 16 cores idle: 7 translation units), with WORKERS=8 xdist workers each, and is
+# joined before anything is timed. Caps are first estimates (no step of this plan has
+# been timed on a GPU yet; the slowest .cu file took 4-6 min to compile on the 2-core
+# CPU machine while other builds ran): the dry run prints the last recorded time of
+# each step from benchmarks/results/device_steps.csv; retune the caps from there.
 #
 #   run 1 (lane A 470 s + 10 s packing)          lane B, from t=15 s (ends by 295 s)
 #     env                  15  nvidia-smi,         tests-triton-fp32 110  Triton pass tests
@@ -120,7 +122,8 @@ add 2 A tests-ops 90 pytest "gpu or cuda" "${OPS[@]}" tests/test_models.py tests
 add 2 A bench-train_step 120 bench "$BENCH_DIR/bench_train_step.py"
 
 add 3 A env 15 fn env_info
-add 3 A bench-compile-mixed_attention 180 bench "$BENCH_DIR/bench_mixed_attention.py" "${COMPILE[@]}"
+add 3 A bench-compile-mixed_attention 180 bench "$BENCH_DIR/bench_mixed_attention.py" \
+    "${COMPILE[@]}"
 add 3 A bench-compile-aw_conv2d 140 bench "$BENCH_DIR/bench_aw_conv2d.py" "${COMPILE[@]}"
 add 3 A bench-compile-brnpa 135 bench "$BENCH_DIR/bench_brnpa.py" "${COMPILE[@]}"
 
@@ -156,7 +159,8 @@ build_ext() {
 use_prebuilt() {  # STAMP_WANTED
     local dir
     dir=$(mktemp -d)
-    if ! tar xzf "$PREBUILT" -C "$dir" 2>/dev/null || [[ $(cat "$dir/_C.stamp" 2>/dev/null) != "$1" ]]; then
+    if ! tar xzf "$PREBUILT" -C "$dir" 2>/dev/null \
+            || [[ $(cat "$dir/_C.stamp" 2>/dev/null) != "$1" ]]; then
         echo "PREBUILT=$PREBUILT holds no extension built from these sources: building"
         return 1
     fi

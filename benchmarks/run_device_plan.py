@@ -66,14 +66,8 @@ def read_plan(path: str) -> list[Step]:
 def check_files(step: Step) -> list[str]:
     """The files a step names: fn steps list theirs, py/bench steps start with the
     script, pytest steps give ``-k`` then the test files."""
-    if step.kind == "pytest":
-        files = step.words[1:]
-    elif step.kind in ("py", "bench"):
-        files = step.words[:1]
-    elif step.kind == "fn":
-        files = step.words[1:]
-    else:
-        files = []
+    files = {"fn": step.words[1:], "pytest": step.words[1:], "py": step.words[:1],
+             "bench": step.words[:1]}.get(step.kind, [])
     missing = [f for f in files if not os.path.exists(os.path.join(ROOT, f))]
     for f in missing:
         step.errors.append(f"missing file {f}")
