@@ -181,7 +181,8 @@ def recording(module, extra_patches=()):
 
 @contextlib.contextmanager
 def _deterministic(on: bool):
-    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(on)
     try:
         yield
@@ -393,7 +394,9 @@ def pipelined(ttgir: str) -> bool | None:
 
 
 _LD_GLOBAL = re.compile(r"\bld\.global((?:\.[\w:]+)*)")
-_CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\w+)")
+# cp.async.{ca,cg}.shared.global [dst], [src], cp-size: the size is the third operand.
+_CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global\S*"
+                       r"\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\w+)")
 _CP_BULK = re.compile(r"\bcp\.async\.bulk\.(?!prefetch)\S*global")
 _VEC = re.compile(r"\.v(\d+)\b")
 _BITS = re.compile(r"\.[bfsu](\d+)\b")
@@ -456,7 +459,8 @@ def _record(op, shape, dtype, layout, launch: Launch, cfg) -> dict:
     try:
         facts = analyse(compile_launch(launch, cfg))
     except Exception as e:  # a config that does not compile is a finding, not a crash
-        return krc.record(**base, grid=krc.grid_size(grid), note=f"compile failed: {type(e).__name__}: {e}"[:300])
+        note = f"compile failed: {type(e).__name__}: {e}"[:300]
+        return krc.record(**base, grid=krc.grid_size(grid), note=note)
     ctas = krc.ctas_per_sm(facts["regs"], facts["threads"], facts["smem_bytes"])
     note = None
     if ctas == 0:
