@@ -37,10 +37,10 @@
 #     bench-brnpa          20  (copy-bandwidth probe in the same run, as mixed attention)
 #   run 2 (470 s): env 15, build 180, ext 15, tests-cuda-rest 50 (fp16/fp64/no dtype),
 #     tests-ops 90 (op, model and eager-path GPU tests), bench-train_step 120
-#   run 3 (470 s, no build: eager and compiled references only): env 15,
+#   run 3 (470 s, no build): env 15,
 #     bench-compile-{mixed_attention 180, aw_conv2d 140, brnpa 135}: the reference
-#     against torch.compile(mode="max-autotune"), full mode; the time budget drops what
-#     does not fit
+#     eager and under torch.compile(mode="max-autotune") beside triton (and cuda where
+#     the extension is there), full mode; the time budget drops what does not fit
 #
 # Outputs ($OUT holds at most 8 files): device_run.tar.gz (every step's log, steps.csv,
 # summary.txt, the benchmarks' CSV/JSON rows, profile.txt), and as plain files
@@ -89,7 +89,9 @@ OPS=(tests/test_mixed_attention.py tests/test_aw_conv2d.py tests/test_brnpa.py)
 NEVER_K="spatial_conv or bad_ or mixed_devices or name_the_argument"
 REST_K="not float32 and not bfloat16 and not spatial_conv and not bad_ and not name_the_argument"
 OURS=(--modes full)
-COMPILE=(--providers reference reference_compile --modes full)
+# ours beside the compiled reference, so its ratio is side by side in one run (cuda only
+# where an earlier call's build is still there or PREBUILT; skipped with a note otherwise)
+COMPILE=(--providers reference reference_compile triton cuda --modes full)
 
 PLAN=()
 # add RUN LANE STEP CAP KIND WORDS...: KIND fn (a function of this script, then the
