@@ -48,15 +48,14 @@
 #include <utility>
 
 #include "../check.h"
+#include "aw_conv2d_plan.h"
 
 namespace manet_kernels {
 namespace {
 
 using at::Tensor;
-
-// 8 warps: the 64x64 tile as 16 4x4 FMA sub-tiles per warp row, or as 8 warp tiles of
-// 16x32 for WMMA (not measured yet).
-constexpr int kThreads = 256;
+// kThreads, the tile sizes, Geo and the launch plans: aw_conv2d_plan.h.
+using namespace aw_plan;
 
 // ---------------------------------------------------------------------------------------
 // Tile engines. Both keep the A tile (BM x BK) and B tile (BK x BN) in shared memory in
@@ -70,7 +69,7 @@ template <typename acc_t_>
 struct FmaCore {
   using acc_t = acc_t_;
   using comp_t = acc_t_;
-  static constexpr int BM = 64, BN = 64, BK = 16;
+  static constexpr int BM = FmaTile::BM, BN = FmaTile::BN, BK = FmaTile::BK;
   static constexpr int kALd = BM;       // A stored k-major: [BK][BM]
   static constexpr int kBLd = BN;       // B stored [BK][BN]
   static constexpr int kCLd = BN + 4;   // +4: the epilogues' row walks hit distinct banks
@@ -135,7 +134,7 @@ template <typename comp_t_>
 struct WmmaCore {
   using acc_t = float;
   using comp_t = comp_t_;
-  static constexpr int BM = 64, BN = 64, BK = 32;
+  static constexpr int BM = WmmaTile::BM, BN = WmmaTile::BN, BK = WmmaTile::BK;
   static constexpr int kALd = BK + 8;   // A stored row-major [BM][BK + 8]; the pad
   static constexpr int kBLd = BN + 8;   // staggers rows across banks
   static constexpr int kCLd = BN + 4;
@@ -251,12 +250,6 @@ __device__ __forceinline__ void gemm_k_loop(Core& core, const Smem<Core>& sm, in
 
 // ---------------------------------------------------------------------------------------
 // Kernel arguments. Sizes fit int32 (checked on the host); element offsets are int64.
-
-struct Geo {
-  int n, c1, h, w, c2, kh, kw, ho, wo;
-  int groups, c1g, c2g, taps;
-  int sh, sw, ph, pw, dh, dw;
-};
 
 struct Strides {
   int64_t n, c, h, w;
@@ -685,26 +678,7 @@ Checked check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
                   dl[1] * kw <= kIntMax / 4,
               "x: sizes ", x.sizes(), " with ", wname, " ", wsizes,
               " exceed the CUDA kernels' 32-bit per-sample indexing");
-  Geo& g = ck.geo;
-  g.n = static_cast<int>(n);
-  g.c1 = static_cast<int>(c1);
-  g.h = static_cast<int>(h);
-  g.w = static_cast<int>(w);
-  g.c2 = static_cast<int>(c2);
-  g.kh = static_cast<int>(kh);
-  g.kw = static_cast<int>(kw);
-  g.ho = static_cast<int>(ho);
-  g.wo = static_cast<int>(wo);
-  g.groups = static_cast<int>(groups);
-  g.c1g = static_cast<int>(c1g);
-  g.c2g = static_cast<int>(c2g);
-  g.taps = static_cast<int>(kh * kw);
-  g.sh = static_cast<int>(st[0]);
-  g.sw = static_cast<int>(st[1]);
-  g.ph = static_cast<int>(pd[0]);
-  g.pw = static_cast<int>(pd[1]);
-  g.dh = static_cast<int>(dl[0]);
-  g.dw = static_cast<int>(dl[1]);
+  ck.geo = make_geo(n, c1, h, w, c2, kh, kw, st.data(), pd.data(), dl.data(), groups);
   return ck;
 }
 
@@ -771,12 +745,10 @@ bool use_tensor_cores() {
   if constexpr (!is_16bit<scalar_t>()) {
     return false;
   } else {
-    const int major = at::cuda::getCurrentDeviceProperties()->major;
-    return std::is_same_v<scalar_t, c10::Half> ? major >= 7 : major >= 8;
+    return tensor_cores_for(true, std::is_same_v<scalar_t, c10::Half>,
+                            at::cuda::getCurrentDeviceProperties()->major);
   }
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t checked_blocks(int64_t blocks, const char* op) {
   MK_CHECK(blocks <= kIntMax, op, ": problem too large for one launch (", blocks,
@@ -816,10 +788,10 @@ struct ConvLaunch {
     a.bias = bias != nullptr ? bias->const_data_ptr<acc_t>() : nullptr;
     a.out = out.mutable_data_ptr<scalar_t>();
     a.out_s = strides_of(out);
-    const int64_t rows = kDx ? int64_t{g.h} * g.w : int64_t{g.ho} * g.wo;
-    a.n_mt = static_cast<int>(ceil_div(rows, Core::BM));
-    a.n_nt = static_cast<int>(ceil_div(kDx ? g.c1g : g.c2g, Core::BN));
-    const int64_t blocks = checked_blocks(int64_t{a.n_mt} * a.n_nt * g.groups * g.n,
+    const ConvGrid cg = conv_grid(g, kDx, Core::BM, Core::BN);
+    a.n_mt = cg.n_mt;
+    a.n_nt = cg.n_nt;
+    const int64_t blocks = checked_blocks(cg.blocks,
                                           kScaled ? "aw_conv2d" : "per_sample_conv2d");
     if (blocks == 0) return;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -833,39 +805,6 @@ struct ConvLaunch {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
-
-// Split plan for the weight-grad kernel: enough blocks to fill the GPU a few times
-// over (4 per SM, not measured yet), position chunks of at least 4 K steps, and
-// partial buffers capped at 256 MiB (or the output's own size if that is larger).
-struct WgradPlan {
-  int n_chunk, q_chunk, s_n, s_q;
-};
-
-WgradPlan plan_wgrad(const Geo& g, int64_t base_blocks, int bk, bool aw, int64_t acc_size) {
-  const int64_t target = 4 * static_cast<int64_t>(
-                                 at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t P = int64_t{g.ho} * g.wo;
-  const int64_t wbytes = int64_t{g.c2} * g.c1g * g.taps * acc_size;
-  const int64_t cap_bytes = std::max<int64_t>(int64_t{256} << 20, aw ? wbytes : wbytes * g.n);
-  int64_t s_n = 1;
-  if (aw) {
-    s_n = std::clamp<int64_t>(ceil_div(target, base_blocks), 1, g.n);
-    s_n = std::min<int64_t>(s_n, std::max<int64_t>(1, cap_bytes / wbytes));
-  } else {
-    s_n = g.n;  // one sample per block: G_n is an output
-  }
-  const int64_t n_chunk = ceil_div(g.n, s_n);
-  s_n = ceil_div(g.n, n_chunk);
-  const int64_t q_steps = ceil_div(P, bk);
-  int64_t s_q = std::clamp<int64_t>(ceil_div(target, base_blocks * s_n), 1,
-                                    std::max<int64_t>(1, q_steps / 4));
-  const int64_t per_q = aw ? s_n * wbytes : g.n * wbytes;  // partial bytes per position split
-  s_q = std::min<int64_t>(s_q, std::max<int64_t>(1, cap_bytes / per_q));
-  const int64_t q_chunk = ceil_div(q_steps, s_q) * bk;
-  s_q = ceil_div(P, q_chunk);
-  return {static_cast<int>(n_chunk), static_cast<int>(q_chunk), static_cast<int>(s_n),
-          static_cast<int>(s_q)};
-}
 
 // aw: (dweight (C2, C1/g, kh, kw), dscale (N, C2, kh, kw)); per-sample:
 // (dweights (N, C2, C1/g, kh, kw), undefined). Outputs are in the accumulation dtype.
@@ -883,21 +822,23 @@ struct WgradLaunch {
     a.g_s = strides_of(gy);
     a.x = x.const_data_ptr<scalar_t>();
     a.x_s = strides_of(x);
-    a.n_mt = static_cast<int>(ceil_div(g.c2g, Core::BM));
-    a.n_nt = static_cast<int>(ceil_div(g.c1g, Core::BN));
-    const int64_t base = int64_t{a.n_mt} * a.n_nt * g.taps * g.groups;
-    if (base == 0) {  // no output or no input channels: every G_n is empty
+    const WgradGrid wg =
+        wgrad_grid(g, Core::BM, Core::BN, Core::BK, kAw, sizeof(acc_t),
+                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    a.n_mt = wg.n_mt;
+    a.n_nt = wg.n_nt;
+    if (wg.base == 0) {  // no output or no input channels: every G_n is empty
       dw = at::zeros(kAw ? at::IntArrayRef({g.c2, g.c1g, g.kh, g.kw})
                          : at::IntArrayRef({g.n, g.c2, g.c1g, g.kh, g.kw}), opts);
       if (kAw) ds = at::zeros({g.n, g.c2, g.kh, g.kw}, opts);
       return;
     }
-    const WgradPlan pl = plan_wgrad(g, base, Core::BK, kAw, sizeof(acc_t));
+    const WgradPlan& pl = wg.pl;
     a.n_chunk = pl.n_chunk;
     a.q_chunk = pl.q_chunk;
     a.s_n = pl.s_n;
     a.s_q = pl.s_q;
-    const int64_t blocks = checked_blocks(base * pl.s_n * pl.s_q,
+    const int64_t blocks = checked_blocks(wg.blocks,
                                           kAw ? "aw_conv2d_bwd" : "per_sample_conv2d_bwd");
     Tensor dw_part, ds_part;
     if constexpr (kAw) {

@@ -34,36 +34,14 @@
 #include <type_traits>
 
 #include "../check.h"
+#include "brnpa_plan.h"
 
 namespace manet_kernels {
 namespace {
 
-// 8 warps: enough warps for latency hiding at 2 blocks per SM, and a cross-warp
-// reduction of one shared-memory step (not measured yet).
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// kThreads, kWarps, the tile constants, Mode and the launch plans: brnpa_plan.h.
+using namespace brnpa_plan;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Probes / weights handled per sweep of a tile in bwd_reduce: 4 keeps the register
-// tiles under 128 registers with 16-byte loads (not measured yet).
-constexpr int kBwdGroup = 4;
-// At most 16 probes per bwd_reduce launch: more are chunked into further launches,
-// one read of x each (K <= 16 is the supported single-read range).
-constexpr int kMaxProbes = 16;
-// A position tile of ~64 KiB: 264 resident blocks (2 per SM) keep ~17 MB live, well
-// inside H100's 50 MB L2, so phase 2 re-reads hit cache (not measured yet).
-constexpr int64_t kTileBytes = 64 * 1024;
-// Tiles of at most 256 positions bound the per-tile weight and reduction buffers
-// (not measured yet).
-constexpr int kMaxTileP = 256;
-// channels_last phase 2 with small C: at most 8192 partial accumulators per block
-// (32 KiB in fp32), whatever the number of position subsets (not measured yet).
-constexpr int64_t kSubAccElems = 8192;
-// bwd_dx: rows per thread, and the shared-memory budget for staged coefficients
-// (not measured yet).
-constexpr int kDxRows = 4;
-constexpr int64_t kDxSmemBudget = 40 * 1024;
-
-enum Mode : int { kNorms, kStep, kBwd };
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -624,27 +602,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------
 // Host side
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int log2_of(int v) {
-  int l = 0;
-  while ((1 << l) < v) ++l;
-  return l;
-}
-
-// Widest vector (16, then 8 bytes) that divides L and every pointer's alignment.
-template <typename scalar_t>
-int pick_vec(int64_t L, std::initializer_list<const void*> ptrs) {
-  for (int bytes : {16, 8}) {
-    const int v = bytes / static_cast<int>(sizeof(scalar_t));
-    if (v <= 1 || L % v != 0) continue;
-    bool aligned = true;
-    for (const void* p : ptrs) aligned = aligned && reinterpret_cast<uintptr_t>(p) % bytes == 0;
-    if (aligned) return v;
-  }
-  return 1;
-}
-
 // Calls f(std::integral_constant<int, VEC>) for the vec pick_vec chose.
 template <typename scalar_t, typename F>
 void with_vec(int vec, F&& f) {
@@ -661,65 +618,6 @@ void with_vec(int vec, F&& f) {
     }
   }
   f(std::integral_constant<int, 1>{});
-}
-
-struct ReducePlan {
-  int vec = 1;
-  int log2l = 0;
-  int TP = 1;
-  int nsub = 1;
-  int64_t ntiles = 1;
-  size_t smem = 0;
-};
-
-// Tile shape of one reduce launch; nw weights, G probes per sweep.
-ReducePlan plan_reduce(bool cl, int64_t C, int64_t P, int vec, int elem, int acc_bytes, int nw,
-                       int G) {
-  ReducePlan pl;
-  pl.vec = vec;
-  if (!cl) {
-    // Row segments of at least one 32-byte sector, no wider than the map, then widened
-    // while the tile stays within kTileBytes (not measured yet).
-    int lanes_lo = 1;
-    while (lanes_lo < 32 && lanes_lo * vec * elem < 32) lanes_lo <<= 1;
-    int lanes_hi = 1;
-    while (lanes_hi < 32 && static_cast<int64_t>(lanes_hi) * vec < P) lanes_hi <<= 1;
-    int lanes = std::min(lanes_lo, lanes_hi);
-    while (lanes * 2 <= lanes_hi &&
-           static_cast<int64_t>(lanes) * 2 * vec * C * elem <= kTileBytes) {
-      lanes <<= 1;
-    }
-    pl.log2l = log2_of(lanes);
-    pl.TP = lanes * vec;
-    pl.nsub = 1;
-    pl.smem = static_cast<size_t>(static_cast<int64_t>(nw) * C + static_cast<int64_t>(nw) * pl.TP +
-                                  static_cast<int64_t>(kWarps) * G * pl.TP) *
-              acc_bytes;
-  } else {
-    // One team of lanes spans a position's channels (up to a warp); teams stack into
-    // tiles of up to kTileBytes and kMaxTileP positions (not measured yet).
-    int lanes = 1;
-    while (lanes < 32 && static_cast<int64_t>(lanes) * vec < C) lanes <<= 1;
-    const int teams = kThreads / lanes;
-    int passes = 1;
-    while (teams * passes * 2 <= kMaxTileP && static_cast<int64_t>(teams) * passes < P &&
-           static_cast<int64_t>(teams) * passes * 2 * C * elem <= kTileBytes) {
-      passes <<= 1;
-    }
-    pl.log2l = log2_of(lanes);
-    pl.TP = teams * passes;
-    const int64_t nch = ceil_div(C, vec);
-    // Small C: several threads per channel chunk, each over a subset of the positions.
-    int64_t nsub = nch >= kThreads ? 1 : kThreads / std::max<int64_t>(nch, 1);
-    nsub = std::min<int64_t>(nsub, pl.TP);
-    if (nw > 0) nsub = std::min<int64_t>(nsub, std::max<int64_t>(1, kSubAccElems / (nw * C)));
-    pl.nsub = static_cast<int>(nsub);
-    pl.smem = static_cast<size_t>(static_cast<int64_t>(pl.nsub) * nw * C +
-                                  static_cast<int64_t>(nw) * pl.TP) *
-              acc_bytes;
-  }
-  pl.ntiles = ceil_div(P, pl.TP);
-  return pl;
 }
 
 size_t smem_limit() {
@@ -748,11 +646,8 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
       int per_sm = 0;
       C10_CUDA_CHECK(
           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, pl.smem));
-      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-      // One resident wave of blocks split evenly over the samples: partials stay ~1% of
-      // x's bytes at the target shapes (not measured yet).
-      const int64_t capacity = std::max<int64_t>(1, per_sm) * sms;
-      const int64_t nblk = std::clamp<int64_t>(capacity / B, 1, pl.ntiles);
+      const int64_t nblk = reduce_blocks_per_sample(
+          per_sm, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, B, pl.ntiles);
       MK_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(), op,
                   ": expected x to have fewer than 2^31 samples, got ", B);
       a.nblk = static_cast<int>(nblk);
@@ -771,7 +666,7 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
       launch(_brnpa_reduce_kernel<scalar_t, VEC, MODE, false>);
     }
   });
-  if (MODE != kNorms && a.nblk > 1 && a.nw > 0) {
+  if (reduce_finalizes(MODE, a.nblk, a.nw)) {
     const int64_t rows = B * a.nw;
     MK_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
                 ": expected x to have fewer samples, got B = ", B);
@@ -879,7 +774,7 @@ std::tuple<at::Tensor, at::Tensor> brnpa_step_cuda(const at::Tensor& x, const at
     // r in acc dtype, contiguous: the probe every position is dotted with
     at::Tensor r = at::empty({d.B, d.C}, opts);
     const int64_t total = d.B * d.C;
-    const int gblocks = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 1 << 16));
+    const int gblocks = gather_blocks(total);
     _brnpa_gather_kernel<scalar_t><<<gblocks, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), r.data_ptr<acc_t>(), d.B,
         d.C, d.P, cl);
@@ -935,19 +830,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = pick_vec<scalar_t>(cl ? d.C : d.P, {x.const_data_ptr()});
-    int64_t chunk = std::min<int64_t>(K, kMaxProbes);
-    int64_t k0 = 0;
-    do {
-      int64_t nk = std::min(chunk, K - k0);
-      const bool with_t = k0 == 0;
-      ReducePlan pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t),
-                                  static_cast<int>(nk + with_t), kBwdGroup);
-      // Wide C: fewer probes per launch, so u's accumulators fit in shared memory.
-      while (pl.smem > smem_limit() && nk > 1) {
-        chunk = nk = std::max<int64_t>(1, nk / 2);
-        pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t),
-                         static_cast<int>(nk + with_t), kBwdGroup);
-      }
+    for (const BwdChunk& ch : plan_bwd_chunks(cl, d.C, d.P, vec, sizeof(scalar_t),
+                                              sizeof(acc_t), K, smem_limit())) {
+      const ReducePlan& pl = ch.pl;
       MK_CHECK(pl.smem <= smem_limit(), op, ": expected x to have fewer channels (C = ", d.C,
                   "): two accumulators per channel must fit in shared memory (",
                   smem_limit(), " bytes)");
@@ -961,12 +846,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
       a.C = d.C;
       a.P = d.P;
       a.Ktot = K;
-      a.k0 = k0;
-      a.nk = static_cast<int>(nk);
-      a.nw = static_cast<int>(nk + with_t);
+      a.k0 = ch.k0;
+      a.nk = static_cast<int>(ch.nk);
+      a.nw = static_cast<int>(ch.nk + ch.with_t);
       run_reduce<scalar_t, kBwd>(op, x, cl, a, d.B, pl);
-      k0 += nk;
-    } while (k0 < K);
+    }
   });
   return {dw, u, t};
 }
@@ -991,23 +875,12 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t R = cl ? d.P : d.C;
     const int64_t L = cl ? d.C : d.P;
     const int vec = pick_vec<scalar_t>(L, {x.const_data_ptr(), df.const_data_ptr()});
-    // 16 lanes along L: row segments of 16 * 16 B = 256 B, tiles near square in bytes
-    // for the coefficient staging (not measured yet).
-    int lanes = 1;
-    while (lanes < 16 && static_cast<int64_t>(lanes) * vec < L) lanes <<= 1;
-    const int tcol = lanes * vec;
-    const int trow = (kThreads / lanes) * kDxRows;
-    const int64_t pad = 16 / sizeof(acc_t);
-    const int64_t per_j = tcol + trow + 2 * pad;
-    const int jc = static_cast<int>(std::clamp<int64_t>(
-        kDxSmemBudget / static_cast<int64_t>(sizeof(acc_t)) / per_j, 1, 32));
-    const int64_t npos = cl ? trow : tcol;
-    const size_t smem = static_cast<size_t>(ceil_div(jc * tcol, pad) * pad +
-                                            ceil_div(jc * trow, pad) * pad + npos) *
-                        sizeof(acc_t);
+    const DxPlan pl = plan_dx(cl, d.B, d.C, d.P, vec, sizeof(acc_t));
+    const int lanes = pl.lanes;
+    const int jc = pl.jc;
+    const size_t smem = pl.smem;
     DxArgs<acc_t> args;
     args.col = (cl ? m : a).const_data_ptr<acc_t>();
     args.row = (cl ? a : m).const_data_ptr<acc_t>();
@@ -1017,9 +890,9 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
     args.J = J;
     args.log2l = log2_of(lanes);
     args.jc = jc;
-    const int64_t nrt = ceil_div(R, trow);
-    const int64_t nlt = ceil_div(L, tcol);
-    const int64_t blocks = d.B * nrt * nlt;
+    const int64_t nrt = pl.nrt;
+    const int64_t nlt = pl.nlt;
+    const int64_t blocks = pl.blocks;
     MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
                 ": expected x small enough for one launch (", blocks, " tiles)");
     args.nrt = static_cast<int>(nrt);

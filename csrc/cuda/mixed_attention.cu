@@ -29,37 +29,13 @@
 
 #include "../check.h"
 #include "../spatial_conv_checks.h"
+#include "mixed_attention_plan.h"
 
 namespace manet_kernels {
 namespace {
 
-enum OpKind : int { kChannelPool, kSpatialPool, kApply, kBwdReduce, kBwdChannel, kBwdDx };
-
-// 8 warps: enough warps per block to hide latency with few blocks per tile row, and
-// a cross-warp reduction small enough for one shared-memory step (not measured yet).
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-
-template <int OP, bool CL>
-struct OpTraits {
-  static constexpr bool kOverP = OP == kChannelPool || OP == kBwdReduce || OP == kBwdChannel;
-  static constexpr bool kOverC = OP == kSpatialPool || OP == kBwdReduce;
-  static constexpr bool kRowRed = CL ? kOverC : kOverP;
-  static constexpr bool kColRed = CL ? kOverP : kOverC;
-  static constexpr bool kMax = OP == kChannelPool || OP == kSpatialPool;
-  static constexpr bool kTwoInputs = OP == kBwdReduce;
-  static constexpr bool kWrites = OP == kApply || OP == kBwdDx;
-  // small tensors indexed by c (mc, d_avg, d_mx, im) and by p (ms, da_s, dm_s, ic)
-  static constexpr bool kCData = OP == kSpatialPool || OP == kApply || OP == kBwdReduce ||
-                                 OP == kBwdDx;
-  static constexpr bool kPData = OP == kApply || OP == kBwdReduce || OP == kBwdChannel ||
-                                 OP == kBwdDx;
-  static constexpr bool kRowData = CL ? kPData : kCData;
-  static constexpr bool kColData = CL ? kCData : kPData;
-  // Column data and column accumulators are held in registers for the whole tile, so
-  // only an op with neither may sweep several chunks of a row in one tile.
-  static constexpr bool kMultiChunk = !kColRed && !kColData && !kWrites;
-};
+// OpKind, OpTraits, kWarps, kThreads, the tile plan: csrc/cuda/mixed_attention_plan.h.
+using namespace ma_plan;
 
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
@@ -452,75 +428,6 @@ __global__ void __launch_bounds__(kThreads) _mixed_attention_finalize_kernel(
 // ---------------------------------------------------------------------------------------
 // Host side
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct Plan {
-  int vec = 1;
-  int log2tl = 5;
-  int kl = 1;
-  int64_t RT = 1, nRT = 1, nLT = 1;
-};
-
-// Tile shape for one pass. The aim is one read of the activation at full bandwidth:
-// teams wide enough that a row segment is >= 64 B (coalesced), few idle lanes at a
-// row's end, >= 4 blocks per SM, and partial buffers at most a few % of the activation.
-// None of these constants has been measured yet.
-Plan make_plan(bool multi_chunk, bool row_red, bool col_red, int64_t N, int64_t R, int64_t L,
-               int vec, int elem_bytes) {
-  Plan pl;
-  pl.vec = vec;
-  const int64_t chunks = ceil_div(L, vec);
-  int hi = 0;
-  while (hi < 5 && (int64_t{1} << hi) < chunks) ++hi;
-  int lo = 0;
-  while (lo < 5 && (vec * elem_bytes << lo) < 64) ++lo;
-  lo = std::min(lo, hi);
-  auto waste = [&](int t) { return ceil_div(chunks, int64_t{1} << t) * (int64_t{1} << t) - chunks; };
-  int log2tl = hi;
-  // Row results split over column tiles need partials: keep those tiles wide.
-  if (multi_chunk || !row_red) {
-    for (int t = hi - 1; t >= lo; --t) {
-      if (waste(t) < waste(log2tl)) log2tl = t;
-    }
-  }
-  pl.log2tl = log2tl;
-  const int64_t tl = int64_t{1} << log2tl;
-  const int64_t rows_per_pass = kWarps * (32 / tl);
-  const int64_t u = vec * elem_bytes >= 8 ? 4 : 8;  // the kernel's U
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target = 4 * static_cast<int64_t>(sms);
-  if (multi_chunk) {
-    pl.RT = rows_per_pass * u;
-    pl.nRT = ceil_div(R, pl.RT);
-    const int64_t steps = ceil_div(chunks, tl);
-    const int64_t want = std::clamp<int64_t>(ceil_div(target, N * pl.nRT), 1, steps);
-    pl.kl = static_cast<int>(ceil_div(steps, want));
-    pl.nLT = ceil_div(steps, pl.kl);
-  } else {
-    pl.kl = 1;
-    pl.nLT = ceil_div(chunks, tl);
-    // Column partials cost 4-12 B per column per tile: keep >= 256 rows per tile.
-    const int64_t max_split = col_red ? ceil_div(R, 256) : ceil_div(R, rows_per_pass * u);
-    const int64_t want =
-        std::clamp<int64_t>(ceil_div(target, N * pl.nLT), 1, std::max<int64_t>(1, max_split));
-    pl.RT = ceil_div(ceil_div(R, want), rows_per_pass) * rows_per_pass;
-    pl.nRT = ceil_div(R, pl.RT);
-  }
-  return pl;
-}
-
-template <typename scalar_t>
-int pick_vec(int64_t L, std::initializer_list<const void*> ptrs) {
-  for (int bytes : {16, 8}) {
-    const int v = bytes / static_cast<int>(sizeof(scalar_t));
-    if (v <= 1 || L % v != 0) continue;
-    bool aligned = true;
-    for (const void* p : ptrs) aligned = aligned && reinterpret_cast<uintptr_t>(p) % bytes == 0;
-    if (aligned) return v;
-  }
-  return 1;
-}
-
 template <typename acc_t>
 struct Result {  // where a reduction's (N, K) results go
   acc_t* sum = nullptr;
@@ -534,7 +441,7 @@ void launch_finalize(const at::Tensor& psum, const at::Tensor& pmax, const at::T
                      const Result<acc_t>& out, int64_t N, int64_t S, int64_t K, bool with_max,
                      cudaStream_t stream) {
   const int64_t total = N * K;
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 1 << 16));
+  const int blocks = finalize_blocks(total);
   if (with_max) {
     _mixed_attention_finalize_kernel<acc_t, true><<<blocks, kThreads, 0, stream>>>(
         psum.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), pidx.data_ptr<int32_t>(), out.sum,
@@ -582,11 +489,12 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
               Result<at::opmath_type<scalar_t>> over_p, Result<at::opmath_type<scalar_t>> over_c) {
   using acc_t = at::opmath_type<scalar_t>;
   using T = OpTraits<OP, CL>;
-  const int64_t R = CL ? P : C;
-  const int64_t L = CL ? C : P;
-  const int vec = pick_vec<scalar_t>(L, act_ptrs);
-  const Plan pl = make_plan(T::kMultiChunk, T::kRowRed, T::kColRed, N, R, L, vec,
-                            static_cast<int>(sizeof(scalar_t)));
+  const PassPlan pp = plan_pass<OP, CL>(
+      N, C, P, static_cast<int>(sizeof(scalar_t)), plan_util::addr_bits(act_ptrs),
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t R = pp.R;
+  const int64_t L = pp.L;
+  const Plan& pl = pp.tile;
   a.R = R;
   a.L = L;
   a.RT = pl.RT;
@@ -596,7 +504,7 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
   a.kl = pl.kl;
   a.inv_c = acc_t(1) / static_cast<acc_t>(C);
   a.inv_p = acc_t(1) / static_cast<acc_t>(P);
-  const int64_t blocks = N * pl.nRT * pl.nLT;
+  const int64_t blocks = pp.blocks;
   MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
               "mixed_attention: activation too large for one launch (", blocks, " tiles)");
 
@@ -644,10 +552,10 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_tile_vec<scalar_t, OP, CL>(a, pl.vec, blocks, stream);
-  if (T::kRowRed && pl.nLT > 1) {
+  if (pp.row_fin > 0) {
     launch_finalize<acc_t>(rps, rpm, rpi, row_out, N, pl.nLT, R, T::kMax, stream);
   }
-  if (T::kColRed && pl.nRT > 1) {
+  if (pp.col_fin > 0) {
     launch_finalize<acc_t>(cps, cpm, cpi, col_out, N, pl.nRT, L, T::kMax, stream);
   }
 }
@@ -917,8 +825,6 @@ at::Tensor bwd_dx_cuda(const at::Tensor& g, const at::Tensor& mc, const at::Tens
 // the kernels are plain: one thread per output or input element, and for dweight/dbias
 // one block column per tap with fixed-order reductions (no atomics): deterministic.
 
-constexpr int kConvThreads = 256;
-
 // z[n,y,x] = bias + sum_{c,i,j} w[c,i,j] * in_c[n, y+i-r, x+j-r]: the bias first, then
 // taps in (c, i, j) order, as the CPU kernel adds them. Only taps inside the map.
 template <typename T>
@@ -1079,10 +985,6 @@ int64_t check_spatial_conv(const at::Tensor& sa, const at::Tensor& sm, const at:
   return k;
 }
 
-int conv_blocks(int64_t total) {
-  return static_cast<int>(std::min<int64_t>(ceil_div(total, kConvThreads), int64_t{1} << 20));
-}
-
 at::Tensor spatial_conv_cuda(const at::Tensor& sa_in, const at::Tensor& sm_in,
                              const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
@@ -1134,9 +1036,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda
   // dweight/dbias: `taps` block columns, each split into S chunks of >= 2048 positions,
   // about 4 blocks per SM in all; then one ordered sum of the S partials per tap.
   const int64_t taps = kk + (has_bias ? 1 : 0);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t S = std::clamp<int64_t>(ceil_div(4 * static_cast<int64_t>(sms), taps), 1,
-                                        std::max<int64_t>(1, ceil_div(P, 2048)));
+  const int64_t S =
+      conv_dw_splits(P, taps, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   const int64_t chunk = ceil_div(P, S);
   at::Tensor part = at::empty({taps, S}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
