@@ -88,6 +88,25 @@ def tie_free(shape, g: torch.Generator) -> torch.Tensor:
     return (vals / 64).reshape(shape)
 
 
+def distinct_along(shape, dims, device) -> torch.Tensor:
+    """float64 values drawn on ``device``, pairwise distinct along ``dims`` (the reduced
+    axes) and exact in fp16, bf16 and fp32: no ties for a maximum to break, at sizes
+    too big for ``tie_free``."""
+    m = torch.arange(128, 256, dtype=torch.float64)  # 8 significant bits
+    e = torch.arange(-6, 8, dtype=torch.float64)
+    pool = (m[None] * torch.pow(2.0, e)[:, None]).flatten()
+    pool = torch.cat([-pool.flip(0), pool]).to(device)  # sorted, 3584 values
+    perm = [0] + [d for d in (1, 2, 3) if d not in dims] + list(dims)
+    k = 1
+    for d in dims:
+        k *= shape[d]
+    lines = torch.rand(shape[0] * shape[1] * shape[2] * shape[3] // k, k, device=device)
+    lines = lines.argsort(1)
+    lines = lines + torch.randint(0, pool.numel() - k + 1, (lines.shape[0], 1), device=device)
+    return pool[lines].reshape([shape[d] for d in perm]).permute(
+        *[perm.index(i) for i in range(4)])
+
+
 def act(t, dtype, layout, device="cpu"):
     """An activation: ``t``'s values in ``dtype`` on ``device``, in ``layout``."""
     return to_layout(t.to(device=device, dtype=dtype), layout)
@@ -138,6 +157,17 @@ def assert_equal(out, expect, what):
     assert torch.equal(out, expect), (
         f"{what}: {int((out != expect).sum())} of {out.numel()} differ, "
         f"first at {(out != expect).nonzero()[0].tolist()}")
+
+
+def assert_exact(out, expect, what):
+    """Maxima and indices: the same values, NaN where the contract has NaN."""
+    assert out.dtype == expect.dtype and out.shape == expect.shape, what
+    assert out.is_contiguous(), what
+    if out.is_floating_point():
+        torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(out, expect), (what, (out != expect).nonzero()[:8].tolist())
 
 
 def assert_ulp_close(out, expect, what):
