@@ -126,6 +126,58 @@ def as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
+class Seeded:
+    """A test's inputs as float64 draws from a seeded CPU generator, cast and moved to
+    ``device`` (the CPU and Triton tests). ``scale``: positive factors (attention maps),
+    ``normal``: gradients, ``index``: int32 indices below ``high``."""
+
+    def __init__(self, seed, device):
+        self.g, self.device = gen(seed), device
+
+    def tie_free(self, shape, dims, dtype, layout):
+        return act(tie_free(shape, self.g), dtype, layout, self.device)
+
+    def act(self, shape, dtype, layout):
+        return act(randn(shape, self.g), dtype, layout, self.device)
+
+    def scale(self, shape, dtype):
+        return small(shape, self.g, dtype, self.device, unit=True)
+
+    def normal(self, shape, dtype):
+        return small(shape, self.g, dtype, self.device)
+
+    def index(self, high, shape):
+        return torch.randint(0, high, shape, generator=self.g, dtype=torch.int32).to(self.device)
+
+
+class OnDevice(Seeded):
+    """The same inputs drawn on the GPU by the global generator (the CUDA tests, at sizes
+    too big to draw on the CPU); ``tie_free`` has no ties along the reduced axes only."""
+
+    def __init__(self, seed, device):
+        self.device = device
+
+    def tie_free(self, shape, dims, dtype, layout):
+        return to_layout(distinct_along(shape, dims, self.device).to(dtype), layout)
+
+    def act(self, shape, dtype, layout):
+        return to_layout(torch.randn(shape, device=self.device).to(dtype), layout)
+
+    def scale(self, shape, dtype):
+        return torch.randn(shape, device=self.device, dtype=dtype).abs() + 0.5
+
+    def normal(self, shape, dtype):
+        return torch.randn(shape, device=self.device, dtype=dtype)
+
+    def index(self, high, shape):
+        return torch.randint(0, high, shape, device=self.device, dtype=torch.int32)
+
+
+def source(b, seed: int):
+    """The inputs of backend ``b``'s tests: CUDA's drawn on the GPU, the others seeded."""
+    return (OnDevice if b.name == "cuda" else Seeded)(seed, b.device)
+
+
 # --------------------------------------------------------------------------- tolerance rules
 
 # error <= SUM_ULPS * eps(acc) * sum|terms|: generous for fp32 sums of a few thousand

@@ -25,6 +25,8 @@ from passes_common import (
     LAYOUTS,
     SUM_ULPS,
     Backend,
+    OnDevice,
+    Seeded,
     acc_dtype,
     act,
     amax,
@@ -35,12 +37,11 @@ from passes_common import (
     assert_sum_close,
     backend_params,
     backends,
-    distinct_along,
     gen,
     param_id,
     randn,
     small,
-    tie_free,
+    source,
     to_layout,
 )
 
@@ -94,55 +95,6 @@ SIGS = {
 PASSES = [name.removeprefix("mixed_attention_") for name in SIGS]
 
 # --------------------------------------------------------------------------- inputs
-
-
-class Seeded:
-    """CPU and Triton inputs: float64 draws from a seeded CPU generator, cast and moved."""
-
-    def __init__(self, seed, device):
-        self.g, self.device = gen(seed), device
-
-    def tie_free(self, shape, dims, dtype, layout):
-        return act(tie_free(shape, self.g), dtype, layout, self.device)
-
-    def act(self, shape, dtype, layout):
-        return act(randn(shape, self.g), dtype, layout, self.device)
-
-    def scale(self, shape, dtype):  # mc, ms: sigmoid outputs
-        return small(shape, self.g, dtype, self.device, unit=True)
-
-    def normal(self, shape, dtype):
-        return small(shape, self.g, dtype, self.device)
-
-    def index(self, high, shape):
-        return torch.randint(0, high, shape, generator=self.g, dtype=torch.int32).to(self.device)
-
-
-class OnDevice(Seeded):
-    """CUDA inputs, drawn on the GPU (ResNet-sized tensors), with no ties along the
-    reduced axes in any dtype."""
-
-    def __init__(self, seed, device):
-        self.device = device
-
-    def tie_free(self, shape, dims, dtype, layout):
-        return to_layout(distinct_along(shape, dims, self.device).to(dtype), layout)
-
-    def act(self, shape, dtype, layout):
-        return to_layout(torch.randn(shape, device=self.device).to(dtype), layout)
-
-    def scale(self, shape, dtype):
-        return torch.randn(shape, device=self.device, dtype=dtype).abs() + 0.5
-
-    def normal(self, shape, dtype):
-        return torch.randn(shape, device=self.device, dtype=dtype)
-
-    def index(self, high, shape):
-        return torch.randint(0, high, shape, device=self.device, dtype=torch.int32)
-
-
-def source(b: Backend, seed: int):
-    return (OnDevice if b.name == "cuda" else Seeded)(seed, b.device)
 
 
 def pass_inputs(src, shape, dtype, layout, tie_dims=()):
