@@ -637,7 +637,7 @@ def test_composed_forward_backward_match_torch_passes(bk, variant_paper, layout,
 
 @pytest.mark.parametrize("bk,dtype,layout", cases({
     "cpu": grid((F32, F64, BF16, F16)), "cuda": grid((F32, F16, BF16, F64)),
-    "triton": grid(TRITON_DTYPES)}))
+    "triton": grid(TRITON_DTYPES), "torch": grid((F32, F64))}))
 def test_empty_batch(bk, dtype, layout):
     n, c, h, w, k = 0, 5, 7, 3, 2
     draw = Draw(bk, 24)

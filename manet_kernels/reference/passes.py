@@ -143,7 +143,8 @@ def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
     b, c, h, w = x.shape
     f = x.to(inv_nrm.dtype).reshape(b, c, h * w)
     inv = inv_nrm.reshape(b, 1, h * w)
-    dw = torch.einsum("bci,bkc->bki", f, dv) + dmap.reshape(b, -1, h * w)
+    # K from dv, not dmap.reshape(b, -1, ...): that cannot infer K when b == 0.
+    dw = torch.einsum("bci,bkc->bki", f, dv) + dmap.reshape(b, dv.shape[1], h * w)
     fn = f * inv
     return dw.reshape(dmap.shape), torch.einsum("bki,bci->bkc", dw, fn), fn.sum(2)
 
