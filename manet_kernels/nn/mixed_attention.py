@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from manet_kernels.ops.mixed_attention import SpatialNorm, _check_args, _run
+from manet_kernels.ops.mixed_attention import SpatialNorm, check_args, fused
 from manet_kernels.reference import mixed_attention as _reference
 
 
@@ -26,8 +26,8 @@ class MixedAttention(_reference.MixedAttention):
         if self.pool_order == "max_avg":
             conv_w = conv_w.flip(1)  # the kernels always produce [mean, max]
         fc1, fc2 = self.fc1, self.fc2
-        backend = _check_args(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                              self.conv.bias, self.backend)
+        backend = check_args(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
+                             self.conv.bias, self.backend)
         if backend == "reference":
             return super().forward(x, return_maps)
         norm = None
@@ -36,8 +36,8 @@ class MixedAttention(_reference.MixedAttention):
             batch_stats = self.training or bn.running_mean is None
             norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                batch_stats, bn.eps)
-        y, mc, ms, stats = _run(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                                self.conv.bias, norm, backend)
+        y, mc, ms, stats = fused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
+                                 self.conv.bias, norm, backend)
         if bn is not None and self.training and bn.track_running_stats:
             self._update_running_stats(stats, x.shape[0] * x.shape[2] * x.shape[3])
         return (y, mc, ms) if return_maps else y

@@ -51,21 +51,8 @@ def resolve_backend(backend: str, device: torch.device, kernel: str,
                 return "cuda"
             return "triton" if triton_available() else "reference"
         return "cpu" if _ext.has_kernel(kernel, device.type) else "reference"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-        if not _ext.HAS_EXT:
-            raise RuntimeError(_ext.missing_message("backend='cpu'"))
-        if not _ext.has_kernel(kernel, "cpu"):
-            raise RuntimeError(f"backend='cpu': this build has no CPU kernel for {kernel}")
-    elif backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-        if not _ext.HAS_EXT:
-            raise RuntimeError(_ext.missing_message("backend='cuda'"))
-        if not _ext.has_kernel(kernel, "cuda"):
-            raise RuntimeError(f"backend='cuda': this build has no CUDA kernel for {kernel} "
-                               "(reinstall with nvcc available, MANET_KERNELS_CUDA=1)")
+    if backend in ("cpu", "cuda"):
+        _check_compiled(backend, device, kernel)
     elif backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package")
@@ -75,6 +62,19 @@ def resolve_backend(backend: str, device: torch.device, kernel: str,
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' does not support device {device}")
     return backend
+
+
+def _check_compiled(backend: str, device: torch.device, kernel: str) -> None:
+    """``backend`` "cpu" or "cuda": tensors on that device and a kernel built for it."""
+    if device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend.upper()} tensors, got tensors "
+                         f"on {device}")
+    if not _ext.HAS_EXT:
+        raise RuntimeError(_ext.missing_message(f"backend={backend!r}"))
+    if not _ext.has_kernel(kernel, backend):
+        hint = " (reinstall with nvcc available, MANET_KERNELS_CUDA=1)" if backend == "cuda" else ""
+        raise RuntimeError(f"backend={backend!r}: this build has no {backend.upper()} kernel "
+                           f"for {kernel}{hint}")
 
 
 def check_dtype(name: str, t: Tensor, backend: str) -> None:
@@ -93,7 +93,8 @@ def check_same_device(device: torch.device, **tensors: Tensor | None) -> None:
                              "all tensors must be on one device")
 
 
-def check_shape(name: str, t: Tensor | None, shape: tuple[int, ...], optional: bool = False) -> None:
+def check_shape(name: str, t: Tensor | None, shape: tuple[int, ...],
+                optional: bool = False) -> None:
     if t is None:
         if optional:
             return
@@ -121,6 +122,19 @@ class CppPasses:
 
 
 CPP_PASSES = CppPasses()
+
+
+def pass_kernels(backend: str, op: str):
+    """The pass kernels of ``op`` for a backend, as a namespace; ``"torch"`` is the
+    pure-PyTorch pass contract (it tests the composition alone)."""
+    if backend in ("cpu", "cuda"):
+        return CPP_PASSES
+    if backend == "triton":
+        return importlib.import_module(f"manet_kernels.triton.{op}")
+    if backend == "torch":
+        from manet_kernels.reference import passes
+        return passes
+    raise ValueError(f"no pass kernels for backend {backend!r}")
 
 
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())

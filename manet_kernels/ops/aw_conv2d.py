@@ -1,4 +1,4 @@
-"""AW-convolution and per-sample convolution: public functions, ops, autograd.
+"""AW-convolution and per-sample convolution: public functions, checks, op bodies.
 
 ``aw_conv2d`` with ``attn`` broadcast over input channels runs the fused kernels,
 which scale the shared weight by ``1 + attn[n]`` as it is loaded and never build the
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
-                                       check_same_device, eager_ok, resolve_backend)
+from manet_kernels.ops._boundary import Boundary, drop_in_function
+from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
+                                       pass_kernels, resolve_backend)
 from manet_kernels.reference import aw_conv2d as _reference
-from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
 
 __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2dFunction"]
@@ -25,14 +25,7 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _passes(backend: str):
-    if backend in ("cpu", "cuda"):
-        return CPP_PASSES
-    if backend == "triton":
-        from manet_kernels.triton import aw_conv2d as tri
-        return tri
-    if backend == "torch":
-        return _torch_passes
-    raise ValueError(f"no pass kernels for backend {backend!r}")
+    return pass_kernels(backend, "aw_conv2d")
 
 
 def _out_shape(x, kh, kw, c2, stride, padding, dilation):
@@ -46,161 +39,98 @@ def _empty_out(x, shape):
         memory_format=activation_format(x))
 
 
-# ----------------------------------------------------------------------------- aw_conv2d op
+# ------------------------------------------------------------------------------- op bodies
 
-def _aw_forward_impl(x, weight, scale, bias, stride, padding, dilation, groups, backend):
+def _aw_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                backend: str) -> Tensor:
+    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias)``, ``scale (N, C2, kh, kw)``."""
     x = x.contiguous(memory_format=activation_format(x))
     acc = acc_dtype(x.dtype)
     if x.shape[0] == 0:
-        return _empty_out(x, _out_shape(x, *weight.shape[2:], weight.shape[0], stride, padding,
-                                        dilation))
+        return _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
     return _passes(backend).aw_conv2d_fwd(x, weight.to(x.dtype).contiguous(),
                                           scale.to(acc).contiguous(), b, stride, padding,
                                           dilation, groups)
 
 
-@torch.library.custom_op("manet_kernels::aw_conv2d", mutates_args=())
-def _aw_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, stride: list[int],
-           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
-    """``y[n] = conv2d(x[n], weight * scale[n][:, None], bias)``, ``scale (N, C2, kh, kw)``."""
-    return _aw_forward_impl(x, weight, scale, bias, stride, padding, dilation, groups, backend)
-
-
-@_aw_op.register_fake
-def _(x, weight, scale, bias, stride, padding, dilation, groups, backend):
+def _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend):
     return _empty_out(x, _out_shape(x, *weight.shape[2:], weight.shape[0], stride, padding,
                                     dilation))
 
 
-def _aw_backward_impl(g, x, weight, scale, stride, padding, dilation, groups, backend,
-                      has_bias):
+def _aw_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, backend: str,
+                 has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)`` (empty without a bias)."""
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     g = g.to(x.dtype).contiguous(memory_format=fmt)
     acc = acc_dtype(x.dtype)
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
-                weight.new_zeros(weight.shape[0] if has_bias else 0))
+                weight.new_zeros(weight.shape[0]) if has_bias else None)
     dx, dw, ds = _passes(backend).aw_conv2d_bwd(g, x, weight.to(x.dtype).contiguous(),
                                                scale.to(acc).contiguous(), stride, padding,
                                                dilation, groups)
-    db = g.sum((0, 2, 3), dtype=acc) if has_bias else weight.new_empty(0)
-    return dx, dw.to(weight.dtype), ds.to(scale.dtype), db.to(weight.dtype)
+    db = g.sum((0, 2, 3), dtype=acc).to(weight.dtype) if has_bias else None
+    return dx, dw.to(weight.dtype), ds.to(scale.dtype), db
 
 
-@torch.library.custom_op("manet_kernels::aw_conv2d_backward", mutates_args=())
-def _aw_backward_op(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int, backend: str,
-                    has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dweight, dscale, dbias)``; ``dbias`` is ``(C2,)`` (empty without a bias)."""
-    return _aw_backward_impl(g, x, weight, scale, stride, padding, dilation, groups, backend,
-                             has_bias)
-
-
-@_aw_backward_op.register_fake
-def _(g, x, weight, scale, stride, padding, dilation, groups, backend, has_bias):
+def _aw_backward_fake(g, x, weight, scale, stride, padding, dilation, groups, backend,
+                      has_bias):
     return (torch.empty_like(x, memory_format=activation_format(x)), torch.empty_like(weight),
-            torch.empty_like(scale), weight.new_empty(weight.shape[0] if has_bias else 0))
+            torch.empty_like(scale), weight.new_empty(weight.shape[0]) if has_bias else None)
 
 
-def _aw_setup(ctx, inputs, output):
-    x, weight, scale, bias, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(x, weight, scale)
-    ctx.conf = (stride, padding, dilation, groups, backend)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _aw_backward(ctx, g):
-    x, weight, scale = ctx.saved_tensors
-    dx, dw, ds, db = torch.ops.manet_kernels.aw_conv2d_backward(g, x, weight, scale, *ctx.conf,
-                                                                ctx.has_bias)
-    return dx, dw, ds, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None, None, \
-        None, None
-
-
-torch.library.register_autograd("manet_kernels::aw_conv2d", _aw_backward, setup_context=_aw_setup)
-
-
-class _AWEager(torch.autograd.Function):
-    """The registered op's bodies called directly (see ``eager_ok``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups, backend):
-        inputs = (x, weight, scale, bias, stride, padding, dilation, groups, backend)
-        y = _aw_forward_impl(*inputs)
-        _aw_setup(ctx, inputs, y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, weight, scale = ctx.saved_tensors
-        dx, dw, ds, db = _aw_backward_impl(g, x, weight, scale, *ctx.conf, ctx.has_bias)
-        return dx, dw, ds, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None, \
-            None, None, None
-
-
-# --------------------------------------------------------------------- per_sample_conv2d op
-
-@torch.library.custom_op("manet_kernels::per_sample_conv2d", mutates_args=())
-def _ps_op(x: Tensor, weights: Tensor, bias: Tensor | None, stride: list[int],
-           padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
+def _ps_forward(x: Tensor, weights: Tensor, bias: Tensor | None, stride: list[int],
+                padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
     """``y[n] = conv2d(x[n], weights[n], bias[n])``, ``bias (N, C2)`` or None."""
     x = x.contiguous(memory_format=activation_format(x))
     if x.shape[0] == 0:
-        return _empty_out(x, _out_shape(x, *weights.shape[3:], weights.shape[1], stride,
-                                        padding, dilation))
+        return _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
     return _passes(backend).per_sample_conv2d_fwd(x, weights.to(x.dtype).contiguous(), b, stride,
                                                   padding, dilation, groups)
 
 
-@_ps_op.register_fake
-def _(x, weights, bias, stride, padding, dilation, groups, backend):
+def _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend):
     return _empty_out(x, _out_shape(x, *weights.shape[3:], weights.shape[1], stride, padding,
                                     dilation))
 
 
-@torch.library.custom_op("manet_kernels::per_sample_conv2d_backward", mutates_args=())
-def _ps_backward_op(g: Tensor, x: Tensor, weights: Tensor, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _ps_backward(g: Tensor, x: Tensor, weights: Tensor, stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, backend: str
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweights, dbias (N, C2))``."""
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     g = g.to(x.dtype).contiguous(memory_format=fmt)
     if x.shape[0] == 0:
-        return torch.zeros_like(x), torch.zeros_like(weights), weights.new_zeros(0, weights.shape[1])
+        return (torch.zeros_like(x), torch.zeros_like(weights),
+                weights.new_zeros(0, weights.shape[1]))
     dx, dw = _passes(backend).per_sample_conv2d_bwd(g, x, weights.to(x.dtype).contiguous(),
                                                     stride, padding, dilation, groups)
     db = g.sum((2, 3), dtype=acc_dtype(x.dtype))
     return dx, dw.to(weights.dtype), db.to(weights.dtype)
 
 
-@_ps_backward_op.register_fake
-def _(g, x, weights, stride, padding, dilation, groups, backend):
+def _ps_backward_fake(g, x, weights, stride, padding, dilation, groups, backend):
     return (torch.empty_like(x, memory_format=activation_format(x)), torch.empty_like(weights),
             weights.new_empty(x.shape[0], weights.shape[1]))
 
 
-def _ps_setup(ctx, inputs, output):
-    x, weights, bias, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(x, weights)
-    ctx.conf = (stride, padding, dilation, groups, backend)
-    ctx.bias_dtype = None if bias is None else bias.dtype
+def _conv_flags(inputs):
+    return tuple(inputs[-5:])  # stride, padding, dilation, groups, backend
 
 
-def _ps_backward(ctx, g):
-    x, weights = ctx.saved_tensors
-    dx, dw, db = torch.ops.manet_kernels.per_sample_conv2d_backward(g, x, weights, *ctx.conf)
-    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
-    return dx, dw, db, None, None, None, None, None
-
-
-torch.library.register_autograd("manet_kernels::per_sample_conv2d", _ps_backward,
-                                setup_context=_ps_setup)
+_AW = Boundary("aw_conv2d", _aw_forward, _aw_backward, forward_fake=_aw_fake,
+               backward_fake=_aw_backward_fake, grad_inputs=(0, 1, 2, 3),
+               save=lambda i, o: (i[:3], (*_conv_flags(i), i[3] is not None)))
+_PS = Boundary("per_sample_conv2d", _ps_forward, _ps_backward, forward_fake=_ps_fake,
+               backward_fake=_ps_backward_fake, grad_inputs=(0, 1, 2),
+               save=lambda i, o: (i[:2], _conv_flags(i)))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -264,21 +194,13 @@ def _float(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.float()
 
 
-def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = None, stride=1,
-              padding=0, dilation=1, groups: int = 1, *, backend: str = "auto") -> Tensor:
-    """AW-convolution: ``y[n] = conv2d(x[n], weight * (1 + attn[n]), bias, ...)``.
-
-    ``weight (C2, C1/groups, kh, kw)``; ``attn (N, C2, 1, kh, kw)`` (the paper's
-    setting, shared over input channels: fused, the per-sample weights are never
-    built) or ``(N, C2, C1/groups, kh, kw)``; ``bias (C2,)`` or None. ``stride``,
-    ``padding``, ``dilation``: ints or pairs, as ``F.conv2d``.
-    """
+def _check_aw(x, weight, attn, bias, stride, padding, dilation, groups):
+    """Validated ``(stride, padding, dilation)`` as pairs."""
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError("weight must be 4-D (C2, C1/groups, kh, kw), got "
                          f"{tuple(weight.shape) if isinstance(weight, Tensor) else weight!r}")
     c2, c1g, kh, kw = weight.shape
-    stride, padding, dilation = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation,
-                                            groups, "weight")
+    conv = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation, groups, "weight")
     n = x.shape[0]
     if not isinstance(attn, Tensor) or attn.dim() != 5 or tuple(attn.shape) not in (
             (n, c2, 1, kh, kw), (n, c2, c1g, kh, kw)):
@@ -288,38 +210,16 @@ def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = Non
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c2,)):
         raise ValueError(f"bias must be None or ({c2},), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
-    if _cpu_autocast_to_float32(x) and resolve_backend(backend, x.device,
-                                                        "aw_conv2d_fwd") == "cpu":
-        with torch.autocast("cpu", enabled=False):
-            return aw_conv2d(x.float(), _float(weight), _float(attn), _float(bias), stride,
-                             padding, dilation, groups, backend="cpu").to(x.dtype)
-    backend = _backend_for(x, backend, ("weight", weight), ("attn", attn), ("bias", bias))
-    if backend == "reference":
-        return _reference.aw_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
-    if attn.shape[2] != 1 or c1g == 1:
-        # attn of full shape is already as large as the per-sample weights
-        weights = weight[None] * (1 + attn)
-        b = None if bias is None else bias[None].expand(n, -1)
-        return torch.ops.manet_kernels.per_sample_conv2d(x, weights, b, stride, padding,
-                                                         dilation, groups, backend)
-    scale = (1 + attn).squeeze(2)
-    args = (x, weight, scale, bias, stride, padding, dilation, groups, backend)
-    if eager_ok(x, weight, scale, bias):
-        return _AWEager.apply(*args)
-    return torch.ops.manet_kernels.aw_conv2d(*args)
+    return conv
 
 
-def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, stride=1,
-                      padding=0, dilation=1, groups: int = 1, *,
-                      backend: str = "auto") -> Tensor:
-    """``y[n] = conv2d(x[n], weights[n], bias, ...)`` with ``weights (N, C2, C1/groups, kh,
-    kw)`` and ``bias`` None, ``(C2,)`` or ``(N, C2)``."""
+def _check_ps(x, weights, bias, stride, padding, dilation, groups):
+    """Validated ``(stride, padding, dilation)`` as pairs."""
     if not isinstance(weights, Tensor) or weights.dim() != 5:
         raise ValueError("weights must be 5-D (N, C2, C1/groups, kh, kw), got "
                          f"{tuple(weights.shape) if isinstance(weights, Tensor) else weights!r}")
     _, c2, c1g, kh, kw = weights.shape
-    stride, padding, dilation = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation,
-                                            groups, "weights")
+    conv = _check_conv(x, c2, c1g, kh, kw, stride, padding, dilation, groups, "weights")
     n = x.shape[0]
     if weights.shape[0] != n:
         raise ValueError(f"weights must have one kernel per sample: {n} samples in x, "
@@ -328,62 +228,116 @@ def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, st
                              or tuple(bias.shape) not in ((c2,), (n, c2))):
         raise ValueError(f"bias must be None, ({c2},) or ({n}, {c2}), got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else bias!r}")
+    return conv
+
+
+def _aw_route(x, weight, attn, bias, conv, groups, backend):
+    """The boundary and its arguments: the fused AW op for ``attn`` shared over input
+    channels, else the per-sample op (``attn`` of full shape is already as large as the
+    per-sample weights)."""
+    if attn.shape[2] != 1 or weight.shape[1] == 1:
+        b = None if bias is None else bias[None].expand(x.shape[0], -1)
+        return _PS, (x, weight[None] * (1 + attn), b, *conv, groups, backend)
+    return _AW, (x, weight, (1 + attn).squeeze(2), bias, *conv, groups, backend)
+
+
+def aw_conv2d(x: Tensor, weight: Tensor, attn: Tensor, bias: Tensor | None = None, stride=1,
+              padding=0, dilation=1, groups: int = 1, *, backend: str = "auto") -> Tensor:
+    """AW-convolution: ``y[n] = conv2d(x[n], weight * (1 + attn[n]), bias, ...)``.
+
+    ``weight (C2, C1/groups, kh, kw)``; ``attn (N, C2, 1, kh, kw)`` (the paper's
+    setting, shared over input channels: fused, the per-sample weights are never
+    built) or ``(N, C2, C1/groups, kh, kw)``; ``bias (C2,)`` or None. ``stride``,
+    ``padding``, ``dilation``: ints or pairs, as ``F.conv2d``.
+    """
+    conv = _check_aw(x, weight, attn, bias, stride, padding, dilation, groups)
+    if _cpu_autocast_to_float32(x) and resolve_backend(backend, x.device,
+                                                        "aw_conv2d_fwd") == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return aw_conv2d(x.float(), _float(weight), _float(attn), _float(bias), *conv,
+                             groups, backend="cpu").to(x.dtype)
+    backend = _backend_for(x, backend, ("weight", weight), ("attn", attn), ("bias", bias))
+    if backend == "reference":
+        return _reference.aw_conv2d(x, weight, attn, bias, *conv, groups)
+    boundary, args = _aw_route(x, weight, attn, bias, conv, groups, backend)
+    return boundary(*args)
+
+
+def per_sample_conv2d(x: Tensor, weights: Tensor, bias: Tensor | None = None, stride=1,
+                      padding=0, dilation=1, groups: int = 1, *,
+                      backend: str = "auto") -> Tensor:
+    """``y[n] = conv2d(x[n], weights[n], bias, ...)`` with ``weights (N, C2, C1/groups, kh,
+    kw)`` and ``bias`` None, ``(C2,)`` or ``(N, C2)``."""
+    conv = _check_ps(x, weights, bias, stride, padding, dilation, groups)
     if _cpu_autocast_to_float32(x) and resolve_backend(backend, x.device,
                                                         "per_sample_conv2d_fwd") == "cpu":
         with torch.autocast("cpu", enabled=False):
-            return per_sample_conv2d(x.float(), _float(weights), _float(bias), stride, padding,
-                                     dilation, groups, backend="cpu").to(x.dtype)
+            return per_sample_conv2d(x.float(), _float(weights), _float(bias), *conv, groups,
+                                     backend="cpu").to(x.dtype)
     backend = _backend_for(x, backend, ("weights", weights), ("bias", bias))
     if backend == "reference":
-        return _reference.per_sample_conv2d(x, weights, bias, stride, padding, dilation, groups)
+        return _reference.per_sample_conv2d(x, weights, bias, *conv, groups)
     if bias is not None and bias.dim() == 1:
-        bias = bias[None].expand(n, -1)
-    return torch.ops.manet_kernels.per_sample_conv2d(x, weights, bias, stride, padding,
-                                                     dilation, groups, backend)
+        bias = bias[None].expand(x.shape[0], -1)
+    return _PS(x, weights, bias, *conv, groups, backend)
 
 
-def _forward_on_leaves(ctx, fn, tensors, conf):
-    """Run ``fn`` on detached leaves under grad mode and keep that small graph: the
-    registered ops' own autograd then gives the backward of the drop-in Functions."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                  for t in tensors]
-        y = fn(*leaves, *conf)
-    ctx.graph = (leaves, y)
-    return y.detach()
+# ------------------------------------------------------------------ drop-in autograd.Functions
+
+def _function_backend(kernel, x, **others):
+    """The drop-ins' automatic backend, ``x`` and ``others``; CPU autocast's half inputs
+    are computed in float32 as the functions do (the Function casts its output back)."""
+    if _cpu_autocast_to_float32(x) and resolve_backend("auto", x.device, kernel) == "cpu":
+        return "cpu", x.float(), [_float(t) for t in others.values()]
+    backend = _backend_for(x, "auto", *others.items())
+    return ("torch" if backend == "reference" else backend), x, list(others.values())
 
 
-def _backward_on_leaves(ctx, g, n_conf):
-    leaves, y = ctx.graph
-    need = [t for t in leaves if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, need, g, allow_unused=True) if need else [])
-    out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return (*out,) + (None,) * n_conf
+def _aw_function_args(ctx, x, weight, attn, bias=None, stride=1, padding=0, dilation=1,
+                      groups=1):
+    conv = _check_aw(x, weight, attn, bias, stride, padding, dilation, groups)
+    backend, x, (weight, attn, bias) = _function_backend("aw_conv2d_fwd", x, weight=weight,
+                                                         attn=attn, bias=bias)
+    boundary, args = _aw_route(x, weight, attn, bias, conv, groups, backend)
+    ctx.factors = (weight, attn) if boundary is _PS else None
+    return boundary, args
 
 
-class AWConv2dFunction(torch.autograd.Function):
-    """Drop-in ``torch.autograd.Function``: ``AWConv2dFunction.apply(x, weight, attn,
-    bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic backend)."""
+def _aw_function_grads(ctx, grads):
+    """Back through the tiny parts ``1 + attn`` (or ``weight * (1 + attn)`` on the
+    per-sample route) that the Function computed before the op."""
+    if ctx.factors is None:
+        dx, dw, dscale, db = grads[:4]
+        return dx, dw, None if dscale is None else dscale.unsqueeze(2), db
+    weight, attn = ctx.factors
+    dx, dws, db = grads[:3]
+    dw = None if dws is None else (dws * (1 + attn)).sum(0)
+    da = None if dws is None else dws * weight[None]
+    return dx, dw, da, None if db is None else db.sum(0)
 
-    @staticmethod
-    def forward(ctx, x, weight, attn, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        return _forward_on_leaves(ctx, aw_conv2d, (x, weight, attn, bias),
-                                  (stride, padding, dilation, groups))
 
-    @staticmethod
-    def backward(ctx, g):
-        return _backward_on_leaves(ctx, g, 4)
+AWConv2dFunction = drop_in_function(
+    "AWConv2dFunction", """Drop-in ``torch.autograd.Function``: ``AWConv2dFunction.apply(x,
+    weight, attn, bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic
+    backend).""", _aw_function_args, grads=_aw_function_grads)
 
 
-class PerSampleConv2dFunction(torch.autograd.Function):
-    """Drop-in ``torch.autograd.Function``: ``PerSampleConv2dFunction.apply(x, weights,
-    bias=None, stride=1, padding=0, dilation=1, groups=1)`` (automatic backend)."""
+def _ps_function_args(ctx, x, weights, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    conv = _check_ps(x, weights, bias, stride, padding, dilation, groups)
+    backend, x, (weights, bias) = _function_backend("per_sample_conv2d_fwd", x,
+                                                    weights=weights, bias=bias)
+    ctx.shared_bias = bias is not None and bias.dim() == 1
+    if ctx.shared_bias:
+        bias = bias[None].expand(x.shape[0], -1)
+    return _PS, (x, weights, bias, *conv, groups, backend)
 
-    @staticmethod
-    def forward(ctx, x, weights, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        return _forward_on_leaves(ctx, per_sample_conv2d, (x, weights, bias),
-                                  (stride, padding, dilation, groups))
 
-    @staticmethod
-    def backward(ctx, g):
-        return _backward_on_leaves(ctx, g, 4)
+def _ps_function_grads(ctx, grads):
+    dx, dw, db = grads[:3]
+    return dx, dw, (db.sum(0) if ctx.shared_bias and db is not None else db)
+
+
+PerSampleConv2dFunction = drop_in_function(
+    "PerSampleConv2dFunction", """Drop-in ``torch.autograd.Function``:
+    ``PerSampleConv2dFunction.apply(x, weights, bias=None, stride=1, padding=0, dilation=1,
+    groups=1)`` (automatic backend).""", _ps_function_args, grads=_ps_function_grads)

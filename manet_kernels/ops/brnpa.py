@@ -1,4 +1,4 @@
-"""Fused BR-NPA grouping: public function, torch.library ops, autograd.
+"""Fused BR-NPA grouping: public function, argument checks, forward/backward bodies.
 
 Forward = one pass for the norms, then one pass per part (similarities and the
 weighted sum of the features from the same read); backward = two passes (one read
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype, eager_ok,
+from manet_kernels.ops._boundary import Boundary, drop_in_function
+from manet_kernels.ops._common import (activation_format, check_dtype, pass_kernels,
                                        resolve_backend)
 from manet_kernels.reference import brnpa as _reference
-from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
 from manet_kernels.reference.passes import acc_dtype
 
@@ -23,17 +23,11 @@ __all__ = ["brnpa", "BRNPAFunction"]
 
 
 def _passes(backend: str):
-    if backend in ("cpu", "cuda"):
-        return CPP_PASSES
-    if backend == "triton":
-        from manet_kernels.triton import brnpa as tri
-        return tri
-    if backend == "torch":
-        return _torch_passes
-    raise ValueError(f"no pass kernels for backend {backend!r}")
+    return pass_kernels(backend, "brnpa")
 
 
-def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
+def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     kern = _passes(backend)
     x = x.contiguous(memory_format=activation_format(x))
     b, c, h, w = x.shape
@@ -61,6 +55,15 @@ def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str):
             torch.stack(idxs, 1), s, total)
 
 
+def _fake_forward(x, n_parts):
+    b, c, h, w = x.shape
+    acc = acc_dtype(x.dtype)
+    bp = x.new_empty((b, h * w), dtype=acc)
+    return (x.new_empty((b, n_parts, c)), x.new_empty((b, n_parts, h, w)), bp, bp.clone(),
+            x.new_empty((b, n_parts), dtype=torch.int64),
+            x.new_empty((b, n_parts, h * w), dtype=acc), x.new_empty((b, n_parts), dtype=acc))
+
+
 def _nonzero_sum(s: Tensor) -> Tensor:
     """``S = sum_i s_i`` per sample, ``(B, 1)``, with ``+inf`` where it is exactly 0.
 
@@ -73,7 +76,8 @@ def _nonzero_sum(s: Tensor) -> Tensor:
     return torch.where(total == 0, torch.inf, total)
 
 
-def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
+def _backward_impl(gv: Tensor | None, gmap: Tensor | None, x: Tensor, inv: Tensor,
+                   nrm0: Tensor, idx: Tensor, s: Tensor, total: Tensor, backend: str) -> Tensor:
     kern = _passes(backend)
     acc = inv.dtype
     x = x.contiguous(memory_format=activation_format(x))
@@ -116,71 +120,19 @@ def _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend: str):
     return dx
 
 
-@torch.library.custom_op("manet_kernels::brnpa", mutates_args=())
-def _brnpa_op(x: Tensor, n_parts: int, paper: bool, backend: str
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(vectors, maps, inv_nrm, nrm, idx, s, S)``; all but the first two are
-    small tensors kept for the backward (``S`` is ``+inf`` for a part whose
-    similarities sum to 0, see ``_nonzero_sum``)."""
-    return _forward_impl(x, n_parts, paper, backend)
-
-
-@_brnpa_op.register_fake
-def _(x, n_parts, paper, backend):
-    return _fake_forward(x, n_parts)
-
-
-def _fake_forward(x, n_parts):
-    b, c, h, w = x.shape
-    acc = acc_dtype(x.dtype)
-    bp = x.new_empty((b, h * w), dtype=acc)
-    return (x.new_empty((b, n_parts, c)), x.new_empty((b, n_parts, h, w)), bp, bp.clone(),
-            x.new_empty((b, n_parts), dtype=torch.int64),
-            x.new_empty((b, n_parts, h * w), dtype=acc), x.new_empty((b, n_parts), dtype=acc))
-
-
-@torch.library.custom_op("manet_kernels::brnpa_backward", mutates_args=())
-def _brnpa_backward_op(gv: Tensor | None, gmap: Tensor | None, x: Tensor, inv: Tensor,
-                       nrm0: Tensor, idx: Tensor, s: Tensor, total: Tensor,
-                       backend: str) -> Tensor:
-    return _backward_impl(gv, gmap, x, inv, nrm0, idx, s, total, backend)
-
-
-@_brnpa_backward_op.register_fake
-def _(gv, gmap, x, inv, nrm0, idx, s, total, backend):
+def _fake_backward(gv, gmap, x, inv, nrm0, idx, s, total, backend):
     return torch.empty_like(x, memory_format=activation_format(x))
 
 
-def _setup_context(ctx, inputs, output):
-    x, n_parts, paper, backend = inputs
-    _, _, inv, nrm0, idx, s, total = output
-    ctx.save_for_backward(x, inv, nrm0, idx, s, total)
-    ctx.backend = backend
-    ctx.mark_non_differentiable(*output[2:])
+def _save(inputs, outputs):
+    return (inputs[0], *outputs[2:]), (inputs[3],)  # x, inv, nrm, idx, s, S; backend
 
 
-def _backward(ctx, gv, gmap, *_unused):
-    dx = torch.ops.manet_kernels.brnpa_backward(gv, gmap, *ctx.saved_tensors, ctx.backend)
-    return dx, None, None, None
-
-
-torch.library.register_autograd("manet_kernels::brnpa", _backward, setup_context=_setup_context)
-
-
-class _Eager(torch.autograd.Function):
-    """The registered op's bodies called directly (see ``eager_ok``)."""
-
-    @staticmethod
-    def forward(ctx, x, n_parts, paper, backend):
-        out = _forward_impl(x, n_parts, paper, backend)
-        _setup_context(ctx, (x, n_parts, paper, backend), out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gv, gmap, *_unused):
-        dx = _backward_impl(gv, gmap, *ctx.saved_tensors, ctx.backend)
-        return dx, None, None, None
+# outputs: (vectors, maps, inv_nrm, nrm, idx, s, S); all but the first two are small
+# tensors kept for the backward (S is +inf for a part whose similarities sum to 0)
+_BRNPA = Boundary("brnpa", _forward_impl, _backward_impl,
+                  forward_fake=lambda x, n_parts, paper, backend: _fake_forward(x, n_parts),
+                  backward_fake=_fake_backward, save=_save, grad_inputs=(0,), grad_outputs=2)
 
 
 def _check_args(x, n_parts, variant, backend) -> str:
@@ -217,27 +169,17 @@ def brnpa(x: Tensor, n_parts: int = 3, *, variant: str = "official",
     backend = _check_args(x, n_parts, variant, backend)
     if backend == "reference":
         return _reference.brnpa(x, n_parts, variant=variant)
-    if eager_ok(x):
-        out = _Eager.apply(x, n_parts, variant == "paper", backend)
-    else:
-        out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
+    out = _BRNPA(x, n_parts, variant == "paper", backend)
     return out[0], out[1]
 
 
-class BRNPAFunction(torch.autograd.Function):
-    """Drop-in ``torch.autograd.Function``: ``BRNPAFunction.apply(x, n_parts, variant)``
-    returns ``(vectors, maps)`` with the automatic backend."""
+def _function_args(ctx, x, n_parts=3, variant="official"):
+    backend = _check_args(x, n_parts, variant, "auto")
+    backend = "torch" if backend == "reference" else backend  # the pass contract, through the op
+    return _BRNPA, (x, n_parts, variant == "paper", backend)
 
-    @staticmethod
-    def forward(ctx, x, n_parts=3, variant="official"):
-        backend = _check_args(x, n_parts, variant, "auto")
-        backend = "torch" if backend == "reference" else backend
-        out = torch.ops.manet_kernels.brnpa(x, n_parts, variant == "paper", backend)
-        ctx.save_for_backward(x, *out[2:])
-        ctx.backend = backend
-        return out[0], out[1]
 
-    @staticmethod
-    def backward(ctx, gv, gmap):
-        dx = torch.ops.manet_kernels.brnpa_backward(gv, gmap, *ctx.saved_tensors, ctx.backend)
-        return dx, None, None
+BRNPAFunction = drop_in_function(
+    "BRNPAFunction", """Drop-in ``torch.autograd.Function``: ``BRNPAFunction.apply(x, n_parts,
+    variant)`` returns ``(vectors, maps)`` with the automatic backend.""", _function_args,
+    outputs=2)

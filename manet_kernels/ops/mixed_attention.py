@@ -1,4 +1,4 @@
-"""Fused mixed attention: public function, torch.library ops, autograd.
+"""Fused mixed attention: public function, argument checks, forward/backward bodies.
 
 Forward = 3 fused passes over ``x`` (docs/design.md §1) with the tiny parts
 (shared MLP, k x k conv on the 2-channel map, optional BatchNorm, sigmoids) in
@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from manet_kernels import _ext
+from manet_kernels.ops._boundary import Boundary, drop_in_function
 from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
-                                       check_same_device, check_shape, eager_ok,
+                                       check_same_device, check_shape, pass_kernels,
                                        resolve_backend)
 from manet_kernels.reference import mixed_attention as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
 
-__all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm"]
+__all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm", "check_args", "fused"]
 
 
 class SpatialNorm(NamedTuple):
@@ -38,15 +39,7 @@ class SpatialNorm(NamedTuple):
 
 
 def _passes(backend: str):
-    """The six pass kernels of a backend, as a namespace."""
-    if backend in ("cpu", "cuda"):
-        return CPP_PASSES
-    if backend == "triton":
-        from manet_kernels.triton import mixed_attention as tri
-        return tri
-    if backend == "torch":  # the pass contract itself: tests the composition alone
-        return _torch_passes
-    raise ValueError(f"no pass kernels for backend {backend!r}")
+    return pass_kernels(backend, "mixed_attention")
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -127,9 +120,9 @@ def _no_autocast(fn):
     pass kernels check: autocast (AMP) must not lower them to half precision. ``x``
     itself may be half: the kernels take a half ``x`` with float32 parameters."""
     def wrapper(*args):
-        x = args[0]
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
+        device = next(a for a in args if a is not None).device.type  # gy may be None
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
                 return fn(*args)
         return fn(*args)
     return wrapper
@@ -165,7 +158,8 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     acc = mc.dtype
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
-    g = gy.to(x.dtype).contiguous(memory_format=fmt)
+    # y's gradient is None when only the maps are used (gradients are not materialised)
+    g = torch.zeros_like(x) if gy is None else gy.to(x.dtype).contiguous(memory_format=fmt)
     w1a, b1a, w2a, b2a = (_cast(t, acc) for t in (w1, b1, w2, b2))
     cwa = conv_w.to(acc)
     norm_a = _norm_cast(norm, acc)
@@ -219,7 +213,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
 
 
 # ---------------------------------------------------------------------------
-# Registered ops.
+# The op boundary: manet_kernels::mixed_attention and its backward.
 
 def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm):
     if not has_norm:
@@ -227,8 +221,7 @@ def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, ha
     return SpatialNorm(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps)
 
 
-@torch.library.custom_op("manet_kernels::mixed_attention", mutates_args=())
-def _mixed_attention_op(
+def _forward(
         x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
         conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
         bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
@@ -240,9 +233,8 @@ def _mixed_attention_op(
     return _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
 
 
-@_mixed_attention_op.register_fake
-def _(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
-      bn_training, bn_eps, backend):
+def _forward_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
+                  has_norm, bn_training, bn_eps, backend):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     nc = x.new_empty((n, c), dtype=acc)
@@ -253,69 +245,51 @@ def _(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, ha
             nhw.clone(), nhw.clone(), nhw.clone(), stats)
 
 
-@torch.library.custom_op("manet_kernels::mixed_attention_backward", mutates_args=())
-def _mixed_attention_backward_op(
-        gy: Tensor, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor, ms: Tensor,
-        im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor, z: Tensor,
-        stats: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, conv_w: Tensor,
-        conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+def _backward(
+        gy: Tensor | None, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor,
+        ms: Tensor, im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor,
+        z: Tensor, stats: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+        conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
         bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
         bn_eps: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_weight, dbn_bias)``;
     the gradient of an absent (None) parameter is an empty tensor."""
     norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
-    grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
-                           w1, b1, w2, b2, conv_w, conv_b, norm, backend)
-    return tuple(x.new_empty(0) if t is None else t for t in grads)
+    return _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
+                          w1, b1, w2, b2, conv_w, conv_b, norm, backend)
 
 
-@_mixed_attention_backward_op.register_fake
-def _(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w, conv_b,
-      bn_weight, bn_bias, bn_mean, bn_var, has_norm, bn_training, bn_eps, backend):
+def _backward_fake(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2,
+                   conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm, bn_training,
+                   bn_eps, backend):
     dx = torch.empty_like(x, memory_format=activation_format(x))
-    return (dx,) + tuple(x.new_empty(0) if p is None else torch.empty_like(p)
+    return (dx,) + tuple(None if p is None else torch.empty_like(p)
                          for p in (w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias))
 
 
-_INPUT_NAMES = ("x", "w1", "b1", "w2", "b2", "conv_w", "conv_b", "bn_weight", "bn_bias")
-
-
-def _setup_context(ctx, inputs, output):
+def _save(inputs, outputs):
     (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
      bn_training, bn_eps, backend) = inputs
-    _, mc, ms, im, ic, avg, mx, sa, sm, z, stats = output
     if bn_training:  # batch statistics: the running ones (updated in place later) are unused
         bn_mean = bn_var = None
-    ctx.save_for_backward(x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w,
-                          conv_b, bn_weight, bn_bias, bn_mean, bn_var)
-    ctx.flags = (has_norm, bn_training, bn_eps, backend)
-    ctx.mark_non_differentiable(*output[3:])
+    return ((x, *outputs[1:11], w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean,
+             bn_var), (has_norm, bn_training, bn_eps, backend))
 
 
-def _grads_for_inputs(grads, saved):
-    present = (True,) + tuple(t is not None for t in saved[11:19])
-    out = [g if keep else None for g, keep in zip(grads, present)]
-    # one gradient per op input: x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias,
-    # then bn_mean, bn_var, has_norm, bn_training, bn_eps, backend
-    return (*out, None, None, None, None, None, None)
-
-
-def _backward(ctx, gy, gmc, gms, *_unused):
-    saved = ctx.saved_tensors
-    grads = torch.ops.manet_kernels.mixed_attention_backward(
-        gy, gmc, gms, *saved, *ctx.flags)
-    return _grads_for_inputs(grads, saved)
-
-
-torch.library.register_autograd("manet_kernels::mixed_attention", _backward,
-                                setup_context=_setup_context)
+# gradients for x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, from those of
+# y, mc and ms
+_MIXED_ATTENTION = Boundary("mixed_attention", _forward, _backward, forward_fake=_forward_fake,
+                            backward_fake=_backward_fake, save=_save, grad_inputs=range(9),
+                            grad_outputs=3)
 
 
 # ---------------------------------------------------------------------------
 # Public API.
 
-def _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
+def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
+    """Checks the arguments; returns the concrete backend (internal API of the module
+    ``nn.MixedAttention``, as ``fused``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -349,53 +323,18 @@ def _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
     return backend
 
 
-class _Eager(torch.autograd.Function):
-    """The registered op's forward and backward bodies, called directly.
-
-    Outside torch.compile and tensor subclasses / dispatch modes, going through
-    ``torch.ops.manet_kernels.mixed_attention`` only adds the custom-op machinery
-    (schema checks, default filling, alias checks, the Python autograd wrapper):
-    on a GPU step of ~0.8 ms of kernels it cost milliseconds of host time. Same
-    functions, same saved tensors, same results; the registered op stays what
-    torch.compile, opcheck and fake tensors see.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
-                has_norm, bn_training, bn_eps, backend):
-        inputs = (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
-                  has_norm, bn_training, bn_eps, backend)
-        norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps,
-                               has_norm)
-        out = _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
-        _setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, gmc, gms, *_unused):
-        saved = ctx.saved_tensors
-        (x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2, conv_w, conv_b,
-         bn_weight, bn_bias, bn_mean, bn_var) = saved
-        has_norm, bn_training, bn_eps, backend = ctx.flags
-        norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps,
-                               has_norm)
-        grads = _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
-                               w1, b1, w2, b2, conv_w, conv_b, norm, backend)
-        return _grads_for_inputs(grads, saved)
-
-
-def _run(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    """Forward through the registered op (or its bodies directly, see ``_Eager``);
-    returns ``(y, mc, ms, bn_stats)`` with the maps in ``x``'s dtype (``ms`` as
-    ``(N, 1, H, W)``)."""
+def _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     nb = norm if norm is not None else SpatialNorm(None, None, None, None, False, 0.0)
-    args = (x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
+    return (x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
             nb.running_var, norm is not None, nb.training, float(nb.eps), backend)
-    if eager_ok(*args[:11]):
-        y, mc, ms, *_, stats = _Eager.apply(*args)
-    else:
-        y, mc, ms, *_, stats = torch.ops.manet_kernels.mixed_attention(*args)
+
+
+def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
+    """The fused op with autograd on checked arguments (``check_args``); returns
+    ``(y, mc, ms, bn_stats)`` with the maps in ``x``'s dtype (``ms`` as ``(N, 1, H, W)``)
+    and the spatial BatchNorm's batch ``[mean, biased var]`` (empty unless it trains)."""
+    y, mc, ms, *_, stats = _MIXED_ATTENTION(*_op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm,
+                                                      backend))
     return y, mc.to(x.dtype), ms.unsqueeze(1).to(x.dtype), stats
 
 
@@ -417,36 +356,21 @@ def mixed_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Te
             ``$MANET_KERNELS_BACKEND``).
         return_maps: also return ``mc (N, C)`` and ``ms (N, 1, H, W)``.
     """
-    backend = _check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend)
+    backend = check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend)
     if backend == "reference":
         return _reference.mixed_attention(x, w1, b1, w2, b2, conv_w, conv_b,
                                           return_maps=return_maps)
-    y, mc, ms, _ = _run(x, w1, b1, w2, b2, conv_w, conv_b, None, backend)
+    y, mc, ms, _ = fused(x, w1, b1, w2, b2, conv_w, conv_b, None, backend)
     return (y, mc, ms) if return_maps else y
 
 
-class MixedAttentionFunction(torch.autograd.Function):
-    """Drop-in ``torch.autograd.Function``:
+def _function_args(ctx, x, w1, b1, w2, b2, conv_w, conv_b=None):
+    backend = check_args(x, w1, b1, w2, b2, conv_w, conv_b, "auto")
+    backend = "torch" if backend == "reference" else backend  # the pass contract, through the op
+    return _MIXED_ATTENTION, _op_args(x, w1, b1, w2, b2, conv_w, conv_b, None, backend)
+
+
+MixedAttentionFunction = drop_in_function(
+    "MixedAttentionFunction", """Drop-in ``torch.autograd.Function``:
     ``MixedAttentionFunction.apply(x, w1, b1, w2, b2, conv_w, conv_b)`` returns ``y``
-    using the automatic backend. Forward and backward run the registered ops."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, conv_w, conv_b=None):
-        backend = _check_args(x, w1, b1, w2, b2, conv_w, conv_b, "auto")
-        if backend == "reference":
-            backend = "torch"
-        nb = SpatialNorm(None, None, None, None, False, 0.0)
-        out = torch.ops.manet_kernels.mixed_attention(
-            x, w1, b1, w2, b2, conv_w, conv_b, None, None, None, None, False, False, 0.0,
-            backend)
-        ctx.save_for_backward(x, *out[1:11], w1, b1, w2, b2, conv_w, conv_b)
-        ctx.flags = (False, nb.training, nb.eps, backend)
-        return out[0]
-
-    @staticmethod
-    def backward(ctx, gy):
-        saved = ctx.saved_tensors
-        grads = torch.ops.manet_kernels.mixed_attention_backward(
-            gy, None, None, *saved, None, None, None, None, *ctx.flags)
-        return tuple(g if p is not None else None
-                     for g, p in zip(grads[:7], (saved[0],) + saved[11:17]))
+    using the automatic backend.""", _function_args)
