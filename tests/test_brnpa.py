@@ -133,20 +133,27 @@ def test_opcheck_cpu():
 
 
 @requires_ext
-def test_compile_fullgraph_head():
+@pytest.mark.parametrize("head", [False, True], ids=["BRNPA", "BRNPAHead"])
+def test_compile_fullgraph_module(head):
+    """Inductor (the default backend), fullgraph, against the reference module."""
     torch._dynamo.reset()
-    head = mk.nn.BRNPAHead(8, 5, n_parts=3, backend="cpu")
-    ref = reference.BRNPAHead(8, 5, n_parts=3)
-    ref.load_state_dict(head.state_dict())
-    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    if head:
+        fused, ref = mk.nn.BRNPAHead(8, 5, n_parts=3, backend="cpu"), reference.BRNPAHead(8, 5)
+    else:
+        fused, ref = mk.nn.BRNPA(3, backend="cpu"), reference.BRNPA(3)
+    ref.load_state_dict(fused.state_dict())
+    compiled = torch.compile(fused, fullgraph=True)
     x = torch.randn(2, 8, 6, 5).abs().add(0.1).requires_grad_()
-    logits, maps = compiled(x, return_maps=True)
-    logits_r, maps_r = ref(x, return_maps=True)
-    torch.testing.assert_close(logits, logits_r)
+    kw = dict(return_maps=True) if head else {}
+    out, maps = compiled(x, **kw)
+    out_r, maps_r = ref(x, **kw)
+    torch.testing.assert_close(out, out_r)
     torch.testing.assert_close(maps, maps_r)
-    (g,) = torch.autograd.grad(logits.sum() + maps.square().sum(), x)
-    (g_r,) = torch.autograd.grad(logits_r.sum() + maps_r.square().sum(), x)
-    torch.testing.assert_close(g, g_r)
+    params, params_r = [x, *fused.parameters()], [x, *ref.parameters()]
+    grads = torch.autograd.grad(out.sum() + maps.square().sum(), params)
+    grads_r = torch.autograd.grad(out_r.sum() + maps_r.square().sum(), params_r)
+    for g, g_r in zip(grads, grads_r):
+        torch.testing.assert_close(g, g_r)
 
 
 @requires_ext
