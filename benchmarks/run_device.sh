@@ -79,10 +79,10 @@ export PY RUN PREBUILT=${PREBUILT:-} SAVE_SO=${SAVE_SO:-1} STAMP
 
 # --------------------------------------------------------------------------- the plan
 
-CUDA_PASS=(tests/test_mixed_attention_passes_cuda.py tests/test_aw_conv2d_passes_cuda.py
-           tests/test_brnpa_passes_cuda.py)
-TRITON_PASS=("${CUDA_PASS[@]/_cuda/_triton}")
-CPU_PASS=("${CUDA_PASS[@]/_cuda/_cpu}")
+# One pass-test file per op, parametrised over backends: every test id starts with its
+# backend (cpu, cuda, triton, torch), so a backend word in -k picks a backend's cases.
+PASS=(tests/test_mixed_attention_passes.py tests/test_aw_conv2d_passes.py
+      tests/test_brnpa_passes.py)
 OPS=(tests/test_mixed_attention.py tests/test_aw_conv2d.py tests/test_brnpa.py)
 # Every C++/CUDA argument check segfaulted on the first H100 run (compiler ABI); the
 # MK_CHECK rewrite has not run there since, nor have the CUDA spatial-conv kernels.
@@ -99,14 +99,14 @@ PLAN=()
 add() { local IFS=$'\t'; PLAN+=("$*"); }
 
 add 1 A env 15 fn env_info
-add 1 B tests-triton-fp32 110 pytest "float32" "${TRITON_PASS[@]}"
-add 1 B tests-triton-bf16 90 pytest "bfloat16" "${TRITON_PASS[@]}"
-add 1 B tests-triton-rest 80 pytest "not float32 and not bfloat16" "${TRITON_PASS[@]}"
+add 1 B tests-triton-fp32 110 pytest "triton and float32" "${PASS[@]}"
+add 1 B tests-triton-bf16 90 pytest "triton and bfloat16" "${PASS[@]}"
+add 1 B tests-triton-rest 80 pytest "triton and not float32 and not bfloat16" "${PASS[@]}"
 add 1 A build 180 fn build_ext setup.py
 add 1 A ext 15 fn ext_check
-add 1 A tests-never 40 pytest "$NEVER_K" "${CUDA_PASS[@]}" "${CPU_PASS[@]}" "${OPS[@]}"
-add 1 A tests-cuda-fp32 60 pytest "float32 and not spatial_conv" "${CUDA_PASS[@]}"
-add 1 A tests-cuda-bf16 50 pytest "bfloat16 and not spatial_conv" "${CUDA_PASS[@]}"
+add 1 A tests-never 40 pytest "($NEVER_K) and not (triton and passes)" "${PASS[@]}" "${OPS[@]}"
+add 1 A tests-cuda-fp32 60 pytest "cuda and float32 and not spatial_conv" "${PASS[@]}"
+add 1 A tests-cuda-bf16 50 pytest "cuda and bfloat16 and not spatial_conv" "${PASS[@]}"
 add 1 A join 0 join
 add 1 A profile 35 py "$BENCH_DIR/profile_device.py" --out @RAW@
 add 1 A bench-mixed_attention 35 bench "$BENCH_DIR/bench_mixed_attention.py" \
@@ -119,8 +119,8 @@ add 1 A bench-brnpa 20 bench "$BENCH_DIR/bench_brnpa.py" --providers reference c
 add 2 A env 15 fn env_info
 add 2 A build 180 fn build_ext setup.py
 add 2 A ext 15 fn ext_check
-add 2 A tests-cuda-rest 50 pytest "$REST_K" "${CUDA_PASS[@]}"
-add 2 A tests-ops 90 pytest "gpu or cuda" "${OPS[@]}" tests/test_models.py tests/test_eager_path.py
+add 2 A tests-cuda-rest 50 pytest "cuda and $REST_K" "${PASS[@]}"
+add 2 A tests-ops 90 pytest "gpu or cuda" "${OPS[@]}" tests/test_models.py tests/test_boundary.py
 add 2 A bench-train_step 120 bench "$BENCH_DIR/bench_train_step.py"
 
 add 3 A env 15 fn env_info

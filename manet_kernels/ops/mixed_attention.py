@@ -77,8 +77,8 @@ def _normalize(z, norm: SpatialNorm, stats):
 
 # The CUDA kernels for the k x k conv (csrc/cuda/mixed_attention.cu, spatial_conv_*)
 # compile and were checked against the contract by a NumPy emulation of their index
-# math, but have not run on a GPU yet: until tests/test_mixed_attention_passes_cuda.py
-# passes on one, the fused op keeps cuDNN's conv there (which the H100 run verified).
+# math, but have not run on a GPU yet: until the cuda cases of tests/test_mixed_attention_passes.py
+# pass on one, the fused op keeps cuDNN's conv there (which the H100 run verified).
 CUDA_SPATIAL_CONV_VERIFIED = False
 
 
