@@ -78,6 +78,17 @@ def layout_of(row: dict) -> Layout:
     return LAYOUTS.get(row.get("op", ""), OP_LAYOUT)
 
 
+def shipped_csvs(folder: str = RESULTS) -> list[str]:
+    """The benchmark CSVs in ``folder``: those whose rows name their ``op`` (not, e.g.,
+    run_device.sh's record of step times, device_steps.csv)."""
+    paths = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
+        with open(path, newline="") as f:
+            if "op" in (csv.DictReader(f).fieldnames or ()):
+                paths.append(path)
+    return paths
+
+
 def load(paths, commit=None, device_name=None):
     """The latest row per configuration, in first-seen order."""
     latest = OrderedDict()
@@ -155,7 +166,7 @@ def plot(rows, metric: str, out_dir: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", nargs="*", help="result CSVs (default: benchmarks/results/*.csv)")
+    ap.add_argument("csv", nargs="*", help="result CSVs (default: the benchmark CSVs in benchmarks/results)")
     ap.add_argument("--metric", choices=sorted(METRICS), default="ms")
     ap.add_argument("--out-dir", default=os.path.join(RESULTS, "plots"))
     ap.add_argument("--commit", help="only rows of this commit")
@@ -168,7 +179,7 @@ def main(argv=None) -> int:
         print("plot.py needs matplotlib, which is not installed: pip install matplotlib "
               "(the benchmarks themselves do not need it)", file=sys.stderr)
         return 1
-    paths = args.csv or sorted(glob.glob(os.path.join(RESULTS, "*.csv")))
+    paths = args.csv or shipped_csvs()
     if not paths:
         print(f"no CSV given and none in {RESULTS}: run a benchmark first", file=sys.stderr)
         return 1
