@@ -24,7 +24,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,13 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import utils as bu  # noqa: E402
+import utils as bu  # noqa: E402  (it puts an uninstalled checkout on the path)
 
-try:
-    import manet_kernels  # noqa: E402
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(1, bu.ROOT)
-    import manet_kernels  # noqa: E402
+import manet_kernels  # noqa: E402
 from manet_kernels.reference.aw_conv2d import grouped_conv_trick  # noqa: E402
 
 OP = "aw_conv2d"
@@ -159,14 +154,9 @@ def make_forward(provider: str, case: Case, compile_mode: str | None
                                            backend=provider)
 
 
-def unavailable(provider: str, device: torch.device) -> str | None:
-    """Why ``provider`` cannot run on ``device`` here, or None if it can."""
-    if provider in ("reference", "reference_compile", "plain_conv"):
-        return None
-    if provider in PROVIDERS:
-        return bu.backend_unavailable(provider, device, "aw_conv2d_fwd",
-                                      "manet_kernels.triton.aw_conv2d")
-    return f"unknown provider (one of {PROVIDERS})"
+# Why a provider cannot run on a device here, or None if it can.
+unavailable = bu.unavailable_for(OP, PROVIDERS, "aw_conv2d_fwd",
+                                 eager=("reference", "reference_compile", "plain_conv"))
 
 
 @contextlib.contextmanager
@@ -209,85 +199,47 @@ class Measured:
         self.ms, self.mem = {}, {}
 
 
-def _measure(provider, case, device, compile_mode, modes, quick, ref_y, sink, cpu_share,
-             into: Measured) -> None:
+def _measure(bench: bu.Run, provider: str, config: tuple, case: Case, ref_y: torch.Tensor,
+             cpu_share: float, into: Measured) -> None:
     """Times ``provider`` once in every mode, appending to ``into``."""
-    tag = f"{provider} {bu.shape_name(case.shape)} {bu.dtype_name(case.dtype)} {case.layout}"
-    try:
-        fwd = make_forward(provider, case, compile_mode)
-        t0 = time.monotonic()
-        y = fwd()  # first call: compiles, and checks the provider runs at all
-        setup_s = time.monotonic() - t0
+    tag = f"{provider} {bu.config_name(config)}"
+
+    def error(y):
         # plain_conv computes another function: an error against the AW oracle means nothing
-        into.err = math.nan if provider == "plain_conv" else \
-            (y.detach().float() - ref_y).abs().max().item()
-        del y
-    except Exception as e:  # noqa: BLE001 (a provider that cannot run is reported, not fatal)
-        sink.note(f"skip {tag}: {bu.short_error(e)}")
+        if provider == "plain_conv":
+            return math.nan
+        return (y.detach().float() - ref_y).abs().max().item()
+    first = bench.first_call(provider, tag,
+                             lambda: make_forward(provider, case, bench.compile_mode), error)
+    if first is None:
         return
-    if provider == "reference_compile" and setup_s > 5:
-        print(f"note: {tag}: first call (compile) took {setup_s:.0f}s")
-    for mode in modes:
-        fn = None
-        try:
-            fn = bu.make_mode_fn(fwd, case.inputs(provider), mode)
-            fn()  # warm: the backward graph compiles on its first call
-            ms = bu.time_ms(fn, device, quick=quick, cpu_share=cpu_share)
-            if mode not in into.mem:
-                into.mem[mode] = bu.peak_memory_mb(fn, device)
-        except Exception as e:  # noqa: BLE001
-            sink.note(f"skip {tag} {mode}: {bu.short_error(e)}")
-            continue
-        finally:
-            fn = None
-            bu.free_memory(device)
+    fwd, into.err = first
+    for mode, ms, mem in bench.time_modes(fwd, case.inputs(provider), tag, cpu_share, into.mem):
+        into.mem.setdefault(mode, mem)
         into.ms.setdefault(mode, []).append(ms)
 
 
-def _emit(provider, case, measured: Measured, ref_ms, plain_ms, mm, env, sink, params,
-          compile_mode):
+def _emit(bench: bu.Run, provider: str, config: tuple, case: Case, measured: Measured,
+          mm: float, params: str) -> None:
     for mode, times in measured.ms.items():
         ms = statistics.median(times)
-        key = (case.shape, case.dtype, case.layout, mode)
-        if provider == "reference":
-            ref_ms[key] = ms
-        if provider == "plain_conv":
-            plain_ms[key] = ms
+        speedup = bench.speedups(provider, config, mode, ms)
         flops = case.flops * WORK[mode]
         tflops = flops / (ms * 1e-3) / 1e12
-        row = {
-            "op": OP, "provider": provider, "mode": mode, "shape": bu.shape_name(case.shape),
-            "dtype": bu.dtype_name(case.dtype), "layout": case.layout, "ms": ms,
-            "tflops": tflops, "matmul_tflops": mm, "frac_matmul": tflops / mm,
-            "peak_mem_mb": measured.mem.get(mode, math.nan),
-            "speedup_vs_ref": ref_ms[key] / ms if key in ref_ms else math.nan,
-            "speedup_vs_plain": plain_ms[key] / ms if key in plain_ms else math.nan,
-            "max_abs_err": measured.err, "gflop": flops / 1e9,
-            "params": params + (f";rounds={len(times)}" if len(times) > 1 else "")
-                      + (f";compile_mode={compile_mode or 'default'}"
-                         if provider == "reference_compile" else ""),
-            **env,
-        }
-        sink.emit(row, f"  {provider:>17} {mode:>8} {row['shape']:>14} {row['dtype']:>8} "
-                       f"{case.layout:>13}  {ms:10.4f} ms  {tflops:8.3f} TFLOP/s")
+        fields = {"tflops": tflops, "matmul_tflops": mm, "frac_matmul": tflops / mm,
+                  "peak_mem_mb": measured.mem.get(mode, math.nan),
+                  "speedup_vs_ref": speedup["reference"],
+                  "speedup_vs_plain": speedup["plain_conv"],
+                  "max_abs_err": measured.err, "gflop": flops / 1e9}
+        rounds = f";rounds={len(times)}" if len(times) > 1 else ""
+        bench.emit(provider, config, mode, ms, fields, params + rounds, f"{tflops:8.3f} TFLOP/s")
 
 
 def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    device, shapes, dtypes = bu.pick_configs(args, GPU_SHAPES, GPU_DTYPES, CPU_SHAPES,
+                                             CPU_DTYPES, QUICK_SHAPES)
+    if device is None:
         return 2
-    quick = args.quick
-    if args.shapes:
-        shapes = [bu.parse_shape(s, 4) for s in args.shapes]
-    elif quick:
-        shapes = QUICK_SHAPES[device.type]
-    else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    if args.dtype:
-        dtypes = [bu.parse_dtype(d) for d in args.dtype]
-    else:
-        dtypes = list(GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
     conv = Conv(args.out_channels, args.kernel, args.stride, args.padding, args.dilation,
                 args.groups, args.bias)
     for s in shapes:
@@ -296,68 +248,36 @@ def run(args) -> int:
             print(f"error: shape {bu.shape_name(s)} does not fit {conv.params(s[1])}",
                   file=sys.stderr)
             return 2
-    compile_mode = bu.compile_mode_for(args.compile_mode, device)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = bu.environment(device)
-    print(f"{OP} on {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'}"
-          f" | commit {env['commit']} | {env['date_utc']}")
     mm = {}
-    for d in dtypes:
-        mm[d] = matmul_ceiling(device, d, quick)
-        print(f"matmul {bu.dtype_name(d)} (same run): {mm[d]:.3f} TFLOP/s")
-    sink = bu.Sink(OP, COLUMNS, args,
-                   {"op": OP, "env": env,
-                    "matmul_tflops": {bu.dtype_name(d): v for d, v in mm.items()},
-                    "compile_mode": compile_mode or "default", "args": vars(args)})
 
-    providers = bu.usable_providers(args.providers, unavailable, device, sink)
+    def matmul_probe(device, quick):
+        for d in dtypes:
+            mm[d] = matmul_ceiling(device, d, quick)
+            print(f"matmul {bu.dtype_name(d)} (same run): {mm[d]:.3f} TFLOP/s")
+        return {"matmul_tflops": {bu.dtype_name(d): v for d, v in mm.items()}}
+    bench = bu.Run(OP, args, device, COLUMNS, matmul_probe, unavailable,
+                   baselines=("reference", "plain_conv"))
 
-    # Two sweeps: eager and our backends over every configuration first, then
-    # torch.compile (max-autotune tunes conv templates: minutes), so a time budget
-    # cuts the compile rows, not ours. The floor and the reference run first:
-    # every later row's ratios need them.
-    first = [p for p in providers if p != "reference_compile"]
-    first.sort(key=lambda p: {"plain_conv": 0, "reference": 1}.get(p, 2))
-    sweeps = [first, [p for p in providers if p == "reference_compile"]]
-    configs = [(d, s, lay) for d in dtypes for s in shapes for lay in args.layouts]
-    ref_ms: dict[tuple, float] = {}
-    plain_ms: dict[tuple, float] = {}
-    started = time.monotonic()
-    out_of_time = False
-    for sweep in sweeps:
+    def bench_config(providers, dtype, shape, layout):
+        config = (dtype, shape, layout)
+        case = make_case(shape, dtype, device, conv, layout)
+        ref_y = oracle(case)
         # torch.compile rows would recompile every round: one round for them.
-        rounds = 1 if "reference_compile" in sweep else rounds_for(args, device)
-        for dtype, shape, layout in configs:
-            if not sweep or out_of_time:
+        rounds = 1 if "reference_compile" in providers else rounds_for(args, device)
+        measured = {p: Measured() for p in providers}
+        for _ in range(rounds):
+            for provider in bench.within_budget(
+                    providers, f"{bu.shape_name(shape)} {bu.dtype_name(dtype)}"):
+                _measure(bench, provider, config, case, ref_y, 1.0 / rounds, measured[provider])
+            if bench.out_of_time:
                 break
-            case = make_case(shape, dtype, device, conv, layout)
-            ref_y = oracle(case)
-            measured = {p: Measured() for p in sweep}
-            for _ in range(rounds):
-                for provider in sweep:
-                    out_of_time = bu.budget_spent(
-                        args.time_budget, started, sink.note,
-                        f"{provider} {bu.shape_name(shape)} {bu.dtype_name(dtype)}")
-                    if out_of_time:
-                        break
-                    _measure(provider, case, device, compile_mode, args.modes, quick, ref_y,
-                             sink, 1.0 / rounds, measured[provider])
-                if out_of_time:
-                    break
-            for provider in sweep:
-                _emit(provider, case, measured[provider], ref_ms, plain_ms, mm[dtype], env,
-                      sink, conv.params(shape[1]), compile_mode)
-            del case, ref_y
-            bu.free_memory(device)
+        for provider in providers:
+            _emit(bench, provider, config, case, measured[provider], mm[dtype],
+                  conv.params(shape[1]))
 
-    def order(r):
-        config = (bu.parse_dtype(r["dtype"]), bu.parse_shape(r["shape"]), r["layout"])
-        return (configs.index(config), bu.MODES.index(r["mode"]),
-                PROVIDERS.index(r["provider"]))
-    sink.finish(OP, sorted(sink.rows, key=order), TABLE)
-    return 0
+    # The floor and the reference first: every later row's ratios need them.
+    bench.sweep(dtypes, shapes, ["plain_conv", "reference"], bench_config)
+    return bench.finish(PROVIDERS, TABLE)
 
 
 def rounds_for(args, device: torch.device) -> int:

@@ -15,22 +15,17 @@ Rows are appended to benchmarks/results/brnpa.csv, except by smoke runs
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import sys
-import time
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import utils as bu  # noqa: E402
+import utils as bu  # noqa: E402  (it puts an uninstalled checkout on the path)
 
-try:
-    import manet_kernels  # noqa: E402
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(1, bu.ROOT)
-    import manet_kernels  # noqa: E402
+import manet_kernels  # noqa: E402
 from manet_kernels.reference.brnpa import VARIANTS  # noqa: E402
 from manet_kernels.reference.brnpa import brnpa as reference_brnpa  # noqa: E402
 
@@ -60,14 +55,8 @@ def passes(mode: str, n_parts: int) -> int:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def unavailable(provider: str, device: torch.device) -> str | None:
-    """Why ``provider`` cannot run on ``device`` here, or None if it can."""
-    if provider in ("reference", "reference_compile"):
-        return None
-    if provider in PROVIDERS:
-        return bu.backend_unavailable(provider, device, "brnpa_norms",
-                                      "manet_kernels.triton.brnpa")
-    return f"unknown provider (one of {PROVIDERS})"
+# Why a provider cannot run on a device here, or None if it can.
+unavailable = bu.unavailable_for(OP, PROVIDERS, "brnpa_norms")
 
 
 def make_forward(provider: str, n_parts: int, variant: str, compile_mode: str | None
@@ -107,127 +96,50 @@ def oracle(x: torch.Tensor, n_parts: int, variant: str) -> tuple[torch.Tensor, t
     return v, m
 
 
-def _bench_provider(provider, x, layout, n_parts, variant, device, compile_mode, modes, quick, ref,
-                    ref_ms, copy, env, sink, tag):
-    try:
-        fwd = make_forward(provider, n_parts, variant, compile_mode)
-        t0 = time.monotonic()
-        v, m = fwd(x)  # first call: compiles, and checks the provider runs at all
-        setup_s = time.monotonic() - t0
-        err_v = (v.detach().float() - ref[0]).abs().max().item()
-        err_m = (m.detach().float() - ref[1]).abs().max().item()
-        del v, m
-    except Exception as e:  # noqa: BLE001 (a provider that cannot run is reported, not fatal)
-        sink.note(f"skip {provider} {tag}: {bu.short_error(e)}")
+def _bench_provider(bench: bu.Run, provider: str, config: tuple, x: torch.Tensor, ref) -> None:
+    n_parts, variant = bench.args.n_parts, bench.args.variant
+    tag = f"{provider} {bu.config_name(config)}"
+
+    def errors(out):
+        v, m = out
+        return ((v.detach().float() - ref[0]).abs().max().item(),
+                (m.detach().float() - ref[1]).abs().max().item())
+    first = bench.first_call(
+        provider, tag,
+        lambda: functools.partial(make_forward(provider, n_parts, variant, bench.compile_mode), x),
+        errors)
+    if first is None:
         return
-    if provider == "reference_compile" and setup_s > 5:
-        print(f"note: {provider} {tag}: first call (compile) took {setup_s:.0f}s")
-    shape = tuple(x.shape)
+    fwd, (err_v, err_m) = first
     nbytes_pass = x.element_size() * x.numel()
-    for mode in modes:
-        fn = None
-        try:
-            fn = bu.make_mode_fn(lambda: fwd(x), [x], mode)
-            fn()  # warm: the backward graph compiles on its first call
-            ms = bu.time_ms(fn, device, quick=quick)
-            mem = bu.peak_memory_mb(fn, device)
-        except Exception as e:  # noqa: BLE001
-            sink.note(f"skip {provider} {tag} {mode}: {bu.short_error(e)}")
-            continue
-        finally:
-            fn = None
-            bu.free_memory(device)
-        key = (shape, x.dtype, layout, mode)
-        if provider == "reference":
-            ref_ms[key] = ms
+    for mode, ms, mem in bench.time_modes(fwd, [x], tag):
         n_pass = passes(mode, n_parts)
-        rate = bu.gbps(nbytes_pass * n_pass, ms)
-        row = {
-            "op": OP, "provider": provider, "mode": mode, "shape": bu.shape_name(shape),
-            "dtype": bu.dtype_name(x.dtype), "layout": layout, "ms": ms, "gbps": rate,
-            "copy_gbps": copy, "frac_copy_bw": rate / copy, "peak_mem_mb": mem,
-            "speedup_vs_ref": ref_ms[key] / ms if key in ref_ms else math.nan,
-            "max_abs_err": err_v, "max_abs_err_maps": err_m, "passes": n_pass,
-            "params": f"n_parts={n_parts};variant={variant}"
-                      + (f";compile_mode={compile_mode or 'default'}"
-                         if provider == "reference_compile" else ""),
-            **env,
-        }
-        sink.emit(row, f"  {provider:>17} {mode:>8} {row['shape']:>14} {row['dtype']:>8} "
-                       f"{layout:>13}  {ms:10.4f} ms  {rate:8.1f} GB/s")
+        fields = {"max_abs_err": err_v, "max_abs_err_maps": err_m, "passes": n_pass}
+        bench.emit_bandwidth(provider, config, mode, ms, mem, nbytes_pass * n_pass, fields,
+                             f"n_parts={n_parts};variant={variant}")
 
 
 def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    device, shapes, dtypes = bu.pick_configs(args, GPU_SHAPES, GPU_DTYPES, CPU_SHAPES,
+                                             CPU_DTYPES, QUICK_SHAPES)
+    if device is None:
         return 2
-    quick = args.quick
-    if args.shapes:
-        shapes = [bu.parse_shape(s, 4) for s in args.shapes]
-    elif quick:
-        shapes = QUICK_SHAPES[device.type]
-    else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     for s in shapes:
         if not 1 <= args.n_parts <= s[2] * s[3]:
             print(f"error: --n-parts {args.n_parts} needs 1 <= n_parts <= H*W for shape "
                   f"{bu.shape_name(s)}", file=sys.stderr)
             return 2
-    if args.dtype:
-        dtypes = [bu.parse_dtype(d) for d in args.dtype]
-    else:
-        dtypes = list(GPU_DTYPES if device.type == "cuda" else CPU_DTYPES)
-        if quick:
-            dtypes = dtypes[:1]
-    compile_mode = bu.compile_mode_for(args.compile_mode, device)
+    bench = bu.Run(OP, args, device, COLUMNS, bu.copy_probe, unavailable)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = bu.environment(device)
-    print(f"{OP} on {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'}"
-          f" | commit {env['commit']} | {env['date_utc']}")
-    copy = bu.copy_bandwidth_gbps(device, quick=quick)
-    print(f"copy bandwidth (same run): {copy:.1f} GB/s")
-    sink = bu.Sink(OP, COLUMNS, args,
-                   {"op": OP, "env": env, "copy_gbps": copy,
-                    "compile_mode": compile_mode or "default", "args": vars(args)})
+    def bench_config(providers, dtype, shape, layout):
+        x = make_input(shape, dtype, device, layout)
+        ref = oracle(x, args.n_parts, args.variant)
+        config = (dtype, shape, layout)
+        for provider in bench.within_budget(providers, bu.config_name(config)):
+            _bench_provider(bench, provider, config, x, ref)
 
-    providers = bu.usable_providers(args.providers, unavailable, device, sink)
-
-    # Two sweeps: reference and our backends over every configuration first, then
-    # torch.compile, so a time budget cuts the compile rows, not ours.
-    first = [p for p in providers if p != "reference_compile"]
-    first.sort(key=lambda p: p != "reference")  # speedups need the reference row first
-    sweeps = [first, [p for p in providers if p == "reference_compile"]]
-    configs = [(d, s, lay) for d in dtypes for s in shapes for lay in args.layouts]
-    ref_ms: dict[tuple, float] = {}
-    started = time.monotonic()
-    out_of_time = False
-    for sweep in sweeps:
-        for dtype, shape, layout in configs:
-            if not sweep or out_of_time:
-                break
-            x = make_input(shape, dtype, device, layout)
-            ref = oracle(x, args.n_parts, args.variant)
-            tag = f"{bu.shape_name(shape)} {bu.dtype_name(dtype)} {layout}"
-            for provider in sweep:
-                out_of_time = bu.budget_spent(args.time_budget, started, sink.note,
-                                              f"{provider} {tag}")
-                if out_of_time:
-                    break
-                _bench_provider(provider, x, layout, args.n_parts, args.variant, device,
-                                compile_mode, args.modes, quick, ref, ref_ms, copy, env, sink,
-                                tag)
-            del x, ref
-            bu.free_memory(device)
-
-    def order(r):
-        config = (bu.parse_dtype(r["dtype"]), bu.parse_shape(r["shape"]), r["layout"])
-        return (configs.index(config), bu.MODES.index(r["mode"]),
-                PROVIDERS.index(r["provider"]))
-    sink.finish(OP, sorted(sink.rows, key=order), TABLE)
-    return 0
+    bench.sweep(dtypes, shapes, ["reference"], bench_config)
+    return bench.finish(PROVIDERS, TABLE)
 
 
 def main(argv=None) -> int:

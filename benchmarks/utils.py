@@ -26,14 +26,17 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+if importlib.util.find_spec("manet_kernels") is None:  # run from a checkout not installed
+    sys.path.insert(1, ROOT)
 
 MODES = ("forward", "backward", "full")
 META_COLUMNS = ("device", "device_name", "threads", "torch", "triton", "python", "cuda",
@@ -592,3 +595,233 @@ def usable_providers(names, unavailable, device, sink) -> list[str]:
     if busy:
         sink.note(busy)
     return providers
+
+
+# ---------------------------------------------------------------------------
+# One run of an op's bench script (mixed_attention, brnpa, aw_conv2d): configurations,
+# the two sweeps over providers, the time budget, the rows.
+
+def pick_configs(args, gpu_shapes: Sequence, gpu_dtypes: Sequence[torch.dtype],
+                 cpu_shapes: Sequence, cpu_dtypes: Sequence[torch.dtype], quick_shapes: dict
+                 ) -> tuple[torch.device | None, list[tuple[int, ...]], list[torch.dtype]]:
+    """``(device, shapes, dtypes)`` of a run: ``--device``, ``--shapes`` (else the
+    device's, or ``quick_shapes[device type]`` with ``--quick``), ``--dtype`` (else the
+    device's, their first alone with ``--quick``). The device is None (an error
+    printed) when it is CUDA and torch sees none."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return None, [], []
+    gpu = device.type == "cuda"
+    if args.shapes:
+        shapes = [parse_shape(s, 4) for s in args.shapes]
+    else:
+        shapes = list(quick_shapes[device.type] if args.quick else
+                      gpu_shapes if gpu else cpu_shapes)
+    if args.dtype:
+        return device, shapes, [parse_dtype(d) for d in args.dtype]
+    dtypes = list(gpu_dtypes if gpu else cpu_dtypes)
+    return device, shapes, dtypes[:1] if args.quick else dtypes
+
+
+def unavailable_for(op: str, providers: Sequence[str], kernel: str,
+                    eager: Sequence[str] = ("reference", "reference_compile")
+                    ) -> Callable[[str, torch.device], str | None]:
+    """A bench script's ``unavailable(provider, device)``: why ``provider`` cannot run on
+    ``device`` here, or None. The ``eager`` providers always run; the fused backends of
+    ``providers`` need what :func:`backend_unavailable` checks."""
+    def unavailable(provider: str, device: torch.device) -> str | None:
+        if provider in eager:
+            return None
+        if provider in providers:
+            return backend_unavailable(provider, device, kernel, f"manet_kernels.triton.{op}")
+        return f"unknown provider (one of {providers})"
+    return unavailable
+
+
+def config_name(config: tuple) -> str:
+    """``(dtype, shape, layout)`` as "2x64x14x14 float32 contiguous"."""
+    dtype, shape, layout = config
+    return f"{shape_name(shape)} {dtype_name(dtype)} {layout}"
+
+
+def copy_probe(device: torch.device, quick: bool) -> dict:
+    """The copy bandwidth that GB/s columns are read against, printed; summary fields."""
+    copy = copy_bandwidth_gbps(device, quick=quick)
+    print(f"copy bandwidth (same run): {copy:.1f} GB/s")
+    return {"copy_gbps": copy}
+
+
+class Run:
+    """What every measurement of one bench run shares: its flags, device, metadata,
+    hardware probe, sink, usable providers, time budget and the baselines' times.
+
+    Starting one sets ``--threads``, prints the header line, runs ``probe(device,
+    quick)`` (which prints its numbers and returns the summary's probe fields) and
+    notes the providers that cannot run here."""
+
+    def __init__(self, op: str, args, device: torch.device, columns: Sequence[str],
+                 probe: Callable[[torch.device, bool], dict],
+                 unavailable: Callable[[str, torch.device], str | None],
+                 baselines: Sequence[str] = ("reference",)):
+        self.op, self.args, self.device = op, args, device
+        self.compile_mode = compile_mode_for(args.compile_mode, device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.env = env = environment(device)
+        print(f"{op} on {env['device_name']} | torch {env['torch']} | triton "
+              f"{env['triton'] or '-'} | commit {env['commit']} | {env['date_utc']}")
+        self.probe = probe(device, args.quick)
+        self.sink = Sink(op, columns, args, {"op": op, "env": env, **self.probe,
+                                             "compile_mode": self.compile_mode or "default",
+                                             "args": vars(args)})
+        self.providers = usable_providers(args.providers, unavailable, device, self.sink)
+        self.baseline_ms: dict[str, dict] = {b: {} for b in baselines}
+        self.configs: list[tuple] = []
+        self.started = time.monotonic()
+        self.out_of_time = False
+
+    def sweep(self, dtypes, shapes, first: Sequence[str],
+              bench_config: Callable[[list[str], torch.dtype, tuple, str], None]) -> None:
+        """``bench_config(providers, dtype, shape, layout)`` over every configuration in
+        two sweeps: the providers of ``first`` (in that order: the later rows' ratios
+        need them) and our backends, then torch.compile (tens of seconds to minutes of
+        compiling per configuration), so a time budget cuts the compile rows, not ours."""
+        self.configs = [(d, s, lay) for d in dtypes for s in shapes for lay in self.args.layouts]
+        rank = {p: i for i, p in enumerate(first)}
+        ours = [p for p in self.providers if p != "reference_compile"]
+        ours.sort(key=lambda p: rank.get(p, len(rank)))
+        compiled = [p for p in self.providers if p == "reference_compile"]
+        self.started = time.monotonic()
+        for providers in (ours, compiled):
+            for dtype, shape, layout in self.configs:
+                if not providers or self.out_of_time:
+                    break
+                bench_config(providers, dtype, shape, layout)
+                free_memory(self.device)
+
+    def within_budget(self, providers: Iterable[str], what: str) -> Iterator[str]:
+        """``providers`` until ``--time-budget`` is spent (noted as "stopped before
+        <provider> <what>")."""
+        for p in providers:
+            self.out_of_time = budget_spent(self.args.time_budget, self.started,
+                                            self.sink.note, f"{p} {what}")
+            if self.out_of_time:
+                return
+            yield p
+
+    def first_call(self, provider: str, tag: str, make_forward: Callable[[], Callable],
+                   error: Callable[[object], float]):
+        """``(forward, error(its output))`` after a first call of ``make_forward()``
+        (it compiles, and checks the provider runs at all), or None (noted)."""
+        try:
+            fwd = make_forward()
+            t0 = time.monotonic()
+            y = fwd()
+            setup_s = time.monotonic() - t0
+            err = error(y)
+            del y
+        except Exception as e:  # noqa: BLE001 (a provider that cannot run is reported, not fatal)
+            self.sink.note(f"skip {tag}: {short_error(e)}")
+            return None
+        if provider == "reference_compile" and setup_s > 5:
+            print(f"note: {tag}: first call (compile) took {setup_s:.0f}s", flush=True)
+        return fwd, err
+
+    def time_modes(self, fwd: Callable[[], object], inputs: Sequence[torch.Tensor], tag: str,
+                   cpu_share: float = 1.0, memory_known: Iterable[str] = ()
+                   ) -> Iterator[tuple[str, float, float | None]]:
+        """``(mode, ms, peak MB)`` for each ``--modes`` mode that runs (one that fails
+        is noted and skipped); the peak is None for the modes in ``memory_known``."""
+        for mode in self.args.modes:
+            fn = None
+            try:
+                fn = make_mode_fn(fwd, inputs, mode)
+                fn()  # warm: the backward graph compiles on its first call
+                ms = time_ms(fn, self.device, quick=self.args.quick, cpu_share=cpu_share)
+                mem = None if mode in memory_known else peak_memory_mb(fn, self.device)
+            except Exception as e:  # noqa: BLE001
+                self.sink.note(f"skip {tag} {mode}: {short_error(e)}")
+                continue
+            finally:
+                fn = None
+                free_memory(self.device)
+            yield mode, ms, mem
+
+    def speedups(self, provider: str, config: tuple, mode: str, ms: float) -> dict:
+        """Each baseline's time over ``ms`` in ``config`` and ``mode`` (NaN where that
+        baseline has no row); ``ms`` is kept when ``provider`` is a baseline."""
+        key = (*config, mode)
+        if provider in self.baseline_ms:
+            self.baseline_ms[provider][key] = ms
+        return {b: t[key] / ms if key in t else math.nan for b, t in self.baseline_ms.items()}
+
+    def emit(self, provider: str, config: tuple, mode: str, ms: float, fields: dict,
+             params: str, rate: str) -> None:
+        """One row: the configuration, the op's ``fields``, ``params`` (with the compile
+        mode of reference_compile) and the metadata; printed with ``rate``."""
+        dtype, shape, layout = config
+        if provider == "reference_compile":
+            params += f";compile_mode={self.compile_mode or 'default'}"
+        row = {"op": self.op, "provider": provider, "mode": mode, "shape": shape_name(shape),
+               "dtype": dtype_name(dtype), "layout": layout, "ms": ms, **fields,
+               "params": params, **self.env}
+        self.sink.emit(row, f"  {provider:>17} {mode:>8} {row['shape']:>14} {row['dtype']:>8} "
+                            f"{layout:>13}  {ms:10.4f} ms  {rate}")
+
+    def emit_bandwidth(self, provider: str, config: tuple, mode: str, ms: float,
+                       mem: float | None, nbytes: float, fields: dict, params: str) -> None:
+        """A row of a bandwidth-bound op: GB/s for ``nbytes`` of traffic, against the
+        copy probe, the speedup over the reference, then the op's ``fields``."""
+        rate = gbps(nbytes, ms)
+        copy = self.probe["copy_gbps"]
+        head = {"gbps": rate, "copy_gbps": copy, "frac_copy_bw": rate / copy,
+                "peak_mem_mb": mem,
+                "speedup_vs_ref": self.speedups(provider, config, mode, ms)["reference"]}
+        self.emit(provider, config, mode, ms, {**head, **fields}, params, f"{rate:8.1f} GB/s")
+
+    def finish(self, providers: Sequence[str], table: Sequence[tuple[str, str, str]]) -> int:
+        """The summary table (rows by configuration, mode, then ``providers``' order),
+        the files written and the notes; the exit status, 0."""
+        def order(r):
+            config = (parse_dtype(r["dtype"]), parse_shape(r["shape"]), r["layout"])
+            return (self.configs.index(config), MODES.index(r["mode"]),
+                    providers.index(r["provider"]))
+        self.sink.finish(self.op, sorted(self.sink.rows, key=order), table)
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# pytest-benchmark entry points (benchmarks/test_bench_<op>.py).
+
+def benchmark_test(bench, case: Callable) -> Callable:
+    """The pytest-benchmark test of a ``bench_<op>`` module: every provider of
+    ``bench.PROVIDERS`` in every mode, in float32 on the op's quick CPU shape, skipped
+    where the provider cannot run. ``case(provider, mode, device, shape, dtype)`` returns
+    the call to time and the test's extra_info (after its shape, dtype and device)."""
+    import pytest
+    pytest.importorskip("pytest_benchmark")  # without it the whole module skips
+    shape = bench.QUICK_SHAPES["cpu"][0]
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("provider", bench.PROVIDERS)
+    def test(benchmark, provider, mode):
+        device = torch.device("cuda" if provider in ("cuda", "triton") else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        why = bench.unavailable(provider, device)
+        if why:
+            pytest.skip(why)
+        fn, info = case(provider, mode, device, shape, torch.float32)
+        fn()  # compile / first-call costs stay out of the rounds
+        benchmark.extra_info.update(shape=shape_name(shape), dtype="float32",
+                                    device=device.type, **info)
+        benchmark(fn if device.type == "cpu" else _synchronized(fn))
+    return test
+
+
+def _synchronized(fn: Callable[[], object]) -> Callable[[], None]:
+    def timed():
+        fn()
+        torch.cuda.synchronize()  # time the kernels, not their launch
+    return timed
