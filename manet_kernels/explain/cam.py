@@ -44,20 +44,22 @@ def describe(x: Any) -> str:
     return str(tuple(shape)) if shape is not None else type(x).__name__
 
 
+def _part_of(model: nn.Module, name: str, kind: type, missing: str) -> nn.Module:
+    """``model.<name>`` if it is a ``kind``, else a ValueError: the model "has no <missing>"."""
+    part = getattr(model, name, None)
+    if not isinstance(part, kind):
+        raise ValueError(f"model ({type(model).__name__}) has no {missing}")
+    return part
+
+
 def cam_layer_of(model: nn.Module) -> nn.Module:
-    layer = getattr(model, "cam_layer", None)
-    if not isinstance(layer, nn.Module):
-        raise ValueError(f"model ({type(model).__name__}) has no `cam_layer` module: CAM and "
-                         "Grad-CAM need the layer whose output the classifier reads")
-    return layer
+    return _part_of(model, "cam_layer", nn.Module, "`cam_layer` module: CAM and Grad-CAM "
+                    "need the layer whose output the classifier reads")
 
 
 def fc_of(model: nn.Module) -> nn.Linear:
-    fc = getattr(model, "fc", None)
-    if not isinstance(fc, nn.Linear):
-        raise ValueError(f"model ({type(model).__name__}) has no linear `fc` after global "
-                         "average pooling, so CAM is not defined for it (Grad-CAM is)")
-    return fc
+    return _part_of(model, "fc", nn.Linear, "linear `fc` after global average pooling, so "
+                    "CAM is not defined for it (Grad-CAM is)")
 
 
 def has_cam(model: nn.Module) -> bool:

@@ -75,8 +75,10 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs (torchvision's layout), attention on the branch before the add."""
+class _ResidualBlock(nn.Module):
+    """``relu(attention(branch(x)) + shortcut(x))``: a subclass builds its residual
+    branch (``_build``, which also makes ``relu``) and runs it (``_branch``); the
+    attention, the shortcut and the addition are here."""
 
     expansion = 1
 
@@ -84,33 +86,50 @@ class BasicBlock(nn.Module):
                  downsample: nn.Module | None = None, *, attention: str | None = None,
                  aw: bool = False, kernels: str = "fused", backend: str = "auto"):
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride, aw=aw, kernels=kernels, backend=backend)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes, aw=aw, kernels=kernels, backend=backend)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.attention = make_attention(attention, planes, kernels, backend)
+        self._build(inplanes, planes, stride, aw=aw, kernels=kernels, backend=backend)
+        # After the branch's modules: parameters and state_dict keep their order.
+        self.attention = make_attention(attention, planes * self.expansion, kernels, backend)
         self.downsample = downsample
         self.stride = stride
 
+    def _build(self, inplanes: int, planes: int, stride: int, *, aw: bool, kernels: str,
+               backend: str) -> None:
+        raise NotImplementedError
+
+    def _branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self._branch(x)
         if self.attention is not None:
             out = self.attention(out)
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convs (torchvision's layout), attention on the branch before the add."""
+
+    expansion = 1
+
+    def _build(self, inplanes, planes, stride, *, aw, kernels, backend):
+        self.conv1 = conv3x3(inplanes, planes, stride, aw=aw, kernels=kernels, backend=backend)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, aw=aw, kernels=kernels, backend=backend)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    def _branch(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out))
+
+
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (stride here, "ResNet v1.5" as torchvision) -> 1x1 with 4x expansion."""
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None, *, attention: str | None = None,
-                 aw: bool = False, kernels: str = "fused", backend: str = "auto"):
-        super().__init__()
+    def _build(self, inplanes, planes, stride, *, aw, kernels, backend):
         width = planes
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = nn.BatchNorm2d(width)
@@ -119,18 +138,11 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.attention = make_attention(attention, planes * self.expansion, kernels, backend)
-        self.downsample = downsample
-        self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.attention is not None:
-            out = self.attention(out)
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
 def last_bn(block: nn.Module) -> nn.BatchNorm2d:
