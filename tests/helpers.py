@@ -108,3 +108,21 @@ def use_cpu_isa(isa, monkeypatch):
         if "not supported by this CPU" in str(e):
             pytest.skip(f"{isa}: {e}")
         raise
+
+
+def gpu_backend_test(test):
+    """Decorates a test of each fused GPU backend: it needs a GPU, is marked ``gpu``, is
+    parametrised over ``backend`` (the outermost parameter) and skips a backend that this
+    build lacks."""
+    import functools
+
+    import pytest
+    from conftest import backends_for, requires_gpu
+
+    @functools.wraps(test)  # pytest reads the test's own parameters through __wrapped__
+    def run(backend, **params):
+        if backend not in backends_for("cuda"):
+            pytest.skip(f"backend {backend} not available")
+        return test(backend, **params)
+    run = pytest.mark.parametrize("backend", ["cuda", "triton"])(run)
+    return requires_gpu(pytest.mark.gpu(run))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
-from helpers import LAYOUTS, LOW_PRECISION, assert_matches, make_x
+from helpers import LAYOUTS, LOW_PRECISION, assert_matches, gpu_backend_test, make_x
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,15 +87,11 @@ GPU_CASES = [((1, 1, 1, 1), 1), ((3, 7, 5, 3), 3), ((3, 257, 13, 11), 3), ((2, 2
              ((2, 64, 56, 56), 16)]
 
 
-@requires_gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@gpu_backend_test
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_matches_reference(backend, case, layout, dtype):
-    if backend not in backends_for("cuda"):
-        pytest.skip(f"backend {backend} not available")
     shape, k = case
     check_against_reference(backend, "cuda", dtype, layout, shape, k)
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
-from helpers import (LOW_PRECISION, OP_LAYOUTS, STRIDED_COPIED, assert_matches, layouts_differ,
-                     make_x)
+from helpers import (LOW_PRECISION, OP_LAYOUTS, STRIDED_COPIED, assert_matches,
+                     gpu_backend_test, layouts_differ, make_x)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -187,15 +187,11 @@ def test_mlp_routes_avg_and_max_gradients(backend, device, dtype):
 GPU_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 3), (2, 64, 7, 7), (3, 257, 13, 11), (2, 256, 56, 56)]
 
 
-@requires_gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@gpu_backend_test
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("layout", OP_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_matches_reference(backend, shape, layout, dtype):
-    if backend not in backends_for("cuda"):
-        pytest.skip(f"backend {backend} not available")
     check_against_reference(backend, "cuda", dtype, layout, shape)
 
 
