@@ -35,8 +35,8 @@ import re
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from unittest import mock
 
 import torch
@@ -328,8 +328,8 @@ def ptxas_verbose(compiled) -> str:
     """``ptxas -v``'s report for the compiled kernel's PTX, from triton's own ptxas
     command for the target (same binary, same flags as the real compile)."""
     from triton import knobs
-    from triton.backends.nvidia.compiler import CUDABackend
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     backend = CUDABackend(GPUTarget("cuda", TARGET_ARCH, 32))
     out = io.StringIO()
     with knobs.nvidia.scope(), contextlib.redirect_stdout(out):

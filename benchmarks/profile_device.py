@@ -91,7 +91,8 @@ def profile(name, step, iters=10, top=12, log=print):
     # host-only time: steps launched back to back without waiting for the GPU
     # are bounded by the slower of host and device; with the profiler we get
     # the device side.
-    from torch.profiler import ProfilerActivity, profile as tprof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
     with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
@@ -120,10 +121,11 @@ def main():
         lines.append(s)
 
     import datetime
+
     import triton
     log(f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | triton "
         f"{triton.__version__} | commit {os.environ.get('MANET_KERNELS_COMMIT', '?')} | "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}")
     cases = []
     if "mixed" in args.only:
         for shape in [(64, 256, 56, 56), (64, 2048, 7, 7)]:

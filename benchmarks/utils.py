@@ -28,8 +28,8 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 
 import torch
 
@@ -137,7 +137,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda or "",
         "commit": git_commit(),
-        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

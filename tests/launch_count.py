@@ -58,7 +58,7 @@ NO_WORK = frozenset(f"aten::{n}" for n in """
     """.split())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _overloads() -> dict[str, list[str]]:
     """Profiler name ("aten::add") -> the dispatcher's full names of its overloads,
     less the ``out=`` variants (``linear.out`` has a kernel, ``linear`` does not)."""
@@ -70,7 +70,7 @@ def _overloads() -> dict[str, list[str]]:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decomposes(name: str) -> bool:
     """Whether every overload of the op ``name`` ("aten::linear") is
     CompositeImplicitAutograd, i.e. never reaches a kernel of its own."""

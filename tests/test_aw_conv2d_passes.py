@@ -32,8 +32,18 @@ from dataclasses import dataclass, fields, replace
 import pytest
 import torch
 from helpers import LOW_PRECISION, assert_low_precision, assert_matches, use_cpu_isa
-from passes_common import (HAS_GPU, LAYOUTS, Backend, Seeded, acc_dtype, amax,
-                           assert_all_within, assert_same_format, backend_params, backends)
+from passes_common import (
+    HAS_GPU,
+    LAYOUTS,
+    Backend,
+    Seeded,
+    acc_dtype,
+    amax,
+    assert_all_within,
+    assert_same_format,
+    backend_params,
+    backends,
+)
 
 from manet_kernels.reference import passes as ref
 

@@ -22,14 +22,28 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
-from passes_common import (HAS_GPU, LAYOUTS, SUM_ULPS, Backend, acc_dtype, amax, as_tuple,
-                           assert_all_within, assert_same_format, assert_sum_close,
-                           backend_params, backends, case_id, source, to_layout)
+from passes_common import (
+    HAS_GPU,
+    LAYOUTS,
+    SUM_ULPS,
+    Backend,
+    acc_dtype,
+    amax,
+    as_tuple,
+    assert_all_within,
+    assert_same_format,
+    assert_sum_close,
+    backend_params,
+    backends,
+    case_id,
+    source,
+    to_layout,
+)
 
 from manet_kernels.reference import passes as ref
 

@@ -10,8 +10,14 @@ import warnings
 import pytest
 import torch
 
-from manet_kernels.checkpoint import (CHECKSUM_KEY, CheckpointError, checksum, load_checkpoint,
-                                      load_model, save_checkpoint)
+from manet_kernels.checkpoint import (
+    CHECKSUM_KEY,
+    CheckpointError,
+    checksum,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from manet_kernels.cli.explain import main as explain_main
 from manet_kernels.cli.train import main as train_main
 from manet_kernels.models import create

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CPU_ISAS, use_cpu_isa
 
 import manet_kernels
-from helpers import CPU_ISAS, use_cpu_isa
 from manet_kernels import _ext
 
 if not _ext.HAS_EXT:

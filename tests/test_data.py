@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from manet_kernels.data import (AugmentedDataset, _random_resized_crop, load_dataset,
-                                sample_generator)
-
+from manet_kernels.data import (
+    AugmentedDataset,
+    _random_resized_crop,
+    load_dataset,
+    sample_generator,
+)
 
 # ------------------------------------------------------------------------------ digits
 

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 from conftest import HAS_GPU, backends_for, requires_ext, requires_gpu
-from helpers import (LOW_PRECISION, OP_LAYOUTS, STRIDED_COPIED, assert_matches,
-                     gpu_backend_test, layouts_differ, make_x)
+from helpers import (
+    LOW_PRECISION,
+    OP_LAYOUTS,
+    STRIDED_COPIED,
+    assert_matches,
+    gpu_backend_test,
+    layouts_differ,
+    make_x,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

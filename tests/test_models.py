@@ -6,7 +6,6 @@ and bad input. Small on purpose: CIFAR nets at 16x16, ImageNet nets at 64x64."""
 from __future__ import annotations
 
 import copy
-
 import io
 
 import pytest

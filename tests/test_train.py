@@ -16,10 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
 import manet_kernels.cli.train as train_cli
-from manet_kernels.cli.train import (MAX_SKIPPED_IN_A_ROW, RECIPES, TrainingDiverged, _Dist,
-                                     _LossWatch, _loss, _lr_factor, _optimizer_step, main)
+from manet_kernels.checkpoint import load_checkpoint, load_model, save_checkpoint
+from manet_kernels.cli.train import (
+    MAX_SKIPPED_IN_A_ROW,
+    RECIPES,
+    TrainingDiverged,
+    _Dist,
+    _loss,
+    _LossWatch,
+    _lr_factor,
+    _optimizer_step,
+    main,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--limit-train", "48", "--limit-test", "24", "--batch-size",

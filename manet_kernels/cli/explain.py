@@ -194,8 +194,7 @@ def _out_dir(args, first_checkpoint: str) -> Path:
 
 
 def cmd_maps(args) -> dict:
-    from manet_kernels.explain.cam import (attention_maps_of, explain_forward, has_cam,
-                                           has_grad_cam)
+    from manet_kernels.explain.cam import attention_maps_of, explain_forward, has_cam, has_grad_cam
     from manet_kernels.explain.overlay import METHODS, save_attention_maps
 
     if args.per_sheet < 1:

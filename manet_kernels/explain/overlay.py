@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from manet_kernels.explain.cam import (attention_maps_of, cam_from_features, check_images,
-                                       describe, explain_forward, fc_of, grad_cam_from_forward,
-                                       has_cam, has_grad_cam, is_part_output, logits_of,
-                                       normalize_maps, upsample)
 from manet_kernels.explain.brnpa import brnpa_rgb
+from manet_kernels.explain.cam import (
+    attention_maps_of,
+    cam_from_features,
+    check_images,
+    describe,
+    explain_forward,
+    fc_of,
+    grad_cam_from_forward,
+    has_cam,
+    has_grad_cam,
+    is_part_output,
+    logits_of,
+    normalize_maps,
+    upsample,
+)
 
 METHODS = ("attention", "cam", "gradcam")
 _MIN_TILE = 128  # pixels: 32x32 inputs are shown 4x so the maps stay readable

@@ -9,18 +9,29 @@ reference). A stable mechanism gives IoUs near 1.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from manet_kernels.explain.cam import (attention_maps_of, cam_from_features, check_images,
-                                       explain_forward, fc_of, grad_cam_from_forward,
-                                       has_cam, has_grad_cam, is_part_output, logits_of,
-                                       normalize_maps, upsample as upsample_maps)
+from manet_kernels.explain.cam import (
+    attention_maps_of,
+    cam_from_features,
+    check_images,
+    explain_forward,
+    fc_of,
+    grad_cam_from_forward,
+    has_cam,
+    has_grad_cam,
+    is_part_output,
+    logits_of,
+    normalize_maps,
+)
+from manet_kernels.explain.cam import upsample as upsample_maps
 
 STABILITY_METHODS = ("auto", "attention", "gradcam", "cam")
 

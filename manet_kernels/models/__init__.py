@@ -12,8 +12,13 @@ feature map) and, when its classifier is GAP + linear, ``fc``.
 from manet_kernels.models.abn import ABNResNet, AttentionBranch
 from manet_kernels.models.blocks import BasicBlock, Bottleneck, SqueezeExcitation
 from manet_kernels.models.convert import convert
-from manet_kernels.models.outputs import (ABNOutput, BRNPAOutput, attention_maps,
-                                          classification_loss, logits_of)
+from manet_kernels.models.outputs import (
+    ABNOutput,
+    BRNPAOutput,
+    attention_maps,
+    classification_loss,
+    logits_of,
+)
 from manet_kernels.models.registry import create, list_models
 from manet_kernels.models.resnet import ResNet
 

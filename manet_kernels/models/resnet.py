@@ -16,8 +16,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from manet_kernels.models.blocks import (BasicBlock, Bottleneck, check_kernels, conv1x1,
-                                         last_bn, modules_for)
+from manet_kernels.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    check_kernels,
+    conv1x1,
+    last_bn,
+    modules_for,
+)
 from manet_kernels.models.outputs import BRNPAOutput
 from manet_kernels.reference.aw_conv2d import AWConv2d as _AWConv2d
 from manet_kernels.reference.brnpa import VARIANTS as BRNPA_VARIANTS

@@ -14,8 +14,13 @@ import torch
 from torch import Tensor
 
 from manet_kernels.ops._boundary import Boundary, drop_in_function
-from manet_kernels.ops._common import (activation_format, check_dtype, check_same_device,
-                                       pass_kernels, resolve_backend)
+from manet_kernels.ops._common import (
+    activation_format,
+    check_dtype,
+    check_same_device,
+    pass_kernels,
+    resolve_backend,
+)
 from manet_kernels.reference import aw_conv2d as _reference
 from manet_kernels.reference.passes import acc_dtype
 

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from manet_kernels.ops._boundary import Boundary, drop_in_function
-from manet_kernels.ops._common import (activation_format, check_dtype, pass_kernels,
-                                       resolve_backend)
+from manet_kernels.ops._common import activation_format, check_dtype, pass_kernels, resolve_backend
 from manet_kernels.reference import brnpa as _reference
 from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
 from manet_kernels.reference.passes import acc_dtype

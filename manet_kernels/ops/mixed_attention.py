@@ -18,9 +18,15 @@ from torch import Tensor
 
 from manet_kernels import _ext
 from manet_kernels.ops._boundary import Boundary, drop_in_function
-from manet_kernels.ops._common import (CPP_PASSES, activation_format, check_dtype,
-                                       check_same_device, check_shape, pass_kernels,
-                                       resolve_backend)
+from manet_kernels.ops._common import (
+    CPP_PASSES,
+    activation_format,
+    check_dtype,
+    check_same_device,
+    check_shape,
+    pass_kernels,
+    resolve_backend,
+)
 from manet_kernels.reference import mixed_attention as _reference
 from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference.passes import acc_dtype
