@@ -415,12 +415,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
-  m.impl("mixed_attention_channel_pool", &channel_pool);
-  m.impl("mixed_attention_spatial_pool", &spatial_pool);
-  m.impl("mixed_attention_apply", &apply);
-  m.impl("mixed_attention_bwd_reduce", &bwd_reduce);
-  m.impl("mixed_attention_bwd_channel", &bwd_channel);
-  m.impl("mixed_attention_bwd_dx", &bwd_dx);
-  m.impl("mixed_attention_spatial_conv", &spatial_conv);
-  m.impl("mixed_attention_spatial_conv_bwd", &spatial_conv_bwd);
+  m.impl("_mixed_attention_channel_pool", &channel_pool);
+  m.impl("_mixed_attention_spatial_pool", &spatial_pool);
+  m.impl("_mixed_attention_apply", &apply);
+  m.impl("_mixed_attention_bwd_reduce", &bwd_reduce);
+  m.impl("_mixed_attention_bwd_channel", &bwd_channel);
+  m.impl("_mixed_attention_bwd_dx", &bwd_dx);
+  m.impl("_mixed_attention_spatial_conv", &spatial_conv);
+  m.impl("_mixed_attention_spatial_conv_bwd", &spatial_conv_bwd);
 }
