@@ -449,35 +449,32 @@ constexpr int kVecBytes = 64;
 #include "aw_winograd.inc"
 }  // namespace avx512
 MK_CPU_ISA_END
+// MK_CPU_ISA_CALL's generic slot: never reached (choose_algo picks ATen on that ISA).
+namespace generic = avx2;
 #else
 // Never chosen (wino_cpu_ok is false off x86-64), compiled so that the ops need no #if.
-namespace portable {
+namespace generic {
 constexpr int kVecBytes = 32;
 #include "aw_winograd.inc"
-}  // namespace portable
+}  // namespace generic
 #endif
 
 
+// The Wino of one instruction-set copy, passed as a value to the generic op bodies.
 template <typename W>
-struct IsaTag {
+struct WinoCopy {
   using type = W;
 };
 
-// fn(m, isa): m an integral_constant (the Winograd tile size), isa an IsaTag whose
-// ::type is the Wino of the instruction-set copy to run (cpu_isa.h).
+// fn(m, isa): m an integral_constant (the Winograd tile size), isa a WinoCopy whose
+// ::type is the Wino of the instruction-set copy MK_CPU_ISA_CALL picks (cpu_isa.h).
 template <typename F>
 auto with_wino(ConvAlgo algo, const F& fn) {
   const auto by_m = [&](auto isa) {
     return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, isa)
                                     : fn(std::integral_constant<int, 2>{}, isa);
   };
-#if MK_CPU_ISA_X86
-  return manet_kernels::cpu_isa() == manet_kernels::CpuIsa::kAvx512
-             ? by_m(IsaTag<avx512::Wino>{})
-             : by_m(IsaTag<avx2::Wino>{});
-#else
-  return by_m(IsaTag<portable::Wino>{});
-#endif
+  return MK_CPU_ISA_CALL(by_m(WinoCopy<isa::Wino>{}));
 }
 
 // ---------------------------------------------------------------------------
