@@ -399,7 +399,7 @@ def backend_unavailable(provider: str, device: torch.device, kernel: str,
                         triton_module: str) -> str | None:
     """Why the fused backend ``provider`` (cpu, cuda, triton) cannot run here, or None.
 
-    ``kernel`` names one compiled pass kernel of the op (``manet_kernels::<kernel>``):
+    ``kernel`` names one compiled pass kernel of the op (``manet_kernels::_<kernel>``):
     an extension built before the op's kernels existed loads but lacks it.
     ``triton_module`` is the op's Triton file, which may not be written yet."""
     from manet_kernels import _ext
@@ -410,7 +410,7 @@ def backend_unavailable(provider: str, device: torch.device, kernel: str,
         if not _ext.HAS_EXT:
             return f"compiled extension not loaded ({_ext.EXT_ERROR})"
         if not _ext.has_kernel(kernel, provider):
-            return f"the extension has no {provider} kernel manet_kernels::{kernel}"
+            return f"the extension has no {provider} kernel manet_kernels::_{kernel}"
         return None
     if provider == "triton":
         if not triton_available():

@@ -1,8 +1,12 @@
 """Loads the compiled extension (``manet_kernels._C``) if it was built.
 
 Importing it registers the C++ CPU and (when built) CUDA pass kernels under
-``torch.ops.manet_kernels``. ``MANET_KERNELS_LIB=/path/to/lib.so`` loads a
-separately built library instead (kernel development without reinstalling).
+``torch.ops.manet_kernels`` as private ops, ``_<pass>`` (``_mixed_attention_apply``), apart
+from the public composite ops that ``ops/_boundary.py`` registers (``mixed_attention``).
+Python names a pass without the underscore, as ``reference/passes.py`` and the Triton
+modules do; ``pass_op`` and ``has_kernel`` take that name.
+``MANET_KERNELS_LIB=/path/to/lib.so`` loads a separately built library instead (kernel
+development without reinstalling).
 """
 
 from __future__ import annotations
@@ -57,10 +61,16 @@ def _kernel_table() -> dict[str, frozenset[str]]:
 KERNELS = _kernel_table()
 
 
-def has_kernel(op: str, device_type: str) -> bool:
-    """Whether the compiled library has a kernel of ``manet_kernels::<op>`` for
-    ``device_type`` ("cpu" or "cuda")."""
-    return device_type in KERNELS.get(op, ())
+def pass_op(name: str) -> str:
+    """The registered name of the compiled pass ``name`` ("mixed_attention_apply" ->
+    "_mixed_attention_apply", ``torch.ops.manet_kernels._mixed_attention_apply``)."""
+    return "_" + name
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    """Whether the compiled library has a kernel of the pass ``name``
+    (``manet_kernels::_<name>``) for ``device_type`` ("cpu" or "cuda")."""
+    return device_type in KERNELS.get(pass_op(name), ())
 
 
 HAS_CUDA_KERNELS = has_kernel("mixed_attention_apply", "cuda")

@@ -103,7 +103,7 @@ def use_cpu_isa(isa, monkeypatch):
     monkeypatch.setenv("MANET_KERNELS_CPU_ISA", isa)
     x = torch.ones(1, 2, 1, 1)
     try:
-        torch.ops.manet_kernels.mixed_attention_channel_pool(x)
+        torch.ops.manet_kernels._mixed_attention_channel_pool(x)
     except RuntimeError as e:
         if "not supported by this CPU" in str(e):
             pytest.skip(f"{isa}: {e}")

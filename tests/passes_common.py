@@ -4,7 +4,8 @@ one pytest parameter, layouts, id formatting, input makers and the tolerance rul
 A pass test compares one backend's pass kernels with the contract,
 ``manet_kernels.reference.passes``, on the same inputs. The backends (``BACKENDS``):
 
-* ``cpu``: the C++ CPU kernels, ``torch.ops.manet_kernels`` on CPU tensors;
+* ``cpu``: the C++ CPU kernels, the private ops ``torch.ops.manet_kernels._<pass>`` on
+  CPU tensors;
 * ``cuda``: the CUDA kernels, the same ops on CUDA tensors;
 * ``triton``: ``manet_kernels.triton.<op>``, on a GPU or under the interpreter
   (tests/conftest.py sets TRITON_INTERPRET=1 on a machine without one);
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 from manet_kernels import _ext
-from manet_kernels.ops._common import triton_available
+from manet_kernels.ops._common import CPP_PASSES, triton_available
 from manet_kernels.reference import passes as ref
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
@@ -257,7 +258,7 @@ def triton_interpreting(op: str) -> bool:
 @dataclass(frozen=True)
 class Backend:
     """One backend of one op's passes. ``kernel`` names one of the op's compiled
-    kernels (``manet_kernels::<kernel>``), to learn whether the library has it."""
+    passes (``manet_kernels::_<kernel>``), to learn whether the library has it."""
 
     name: str
     op: str
@@ -281,7 +282,7 @@ class Backend:
     def namespace(self):
         if self.name == "triton":
             return triton_module(self.op)
-        return ref if self.name == "torch" else torch.ops.manet_kernels
+        return ref if self.name == "torch" else CPP_PASSES
 
     def __getattr__(self, name):  # backend.mixed_attention_apply(...): the backend's pass
         if name.startswith(("_", "__")):

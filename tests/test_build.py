@@ -19,6 +19,20 @@ def test_extension_loaded_when_built():
     assert _ext.HAS_EXT, _ext.EXT_ERROR
 
 
+def test_only_the_composite_ops_are_public():
+    """The compiled pass ops are private (``manet_kernels::_<pass>``, torchvision's
+    ``_roi_align_backward`` style); the only public names are the composite ops."""
+    import manet_kernels  # noqa: F401  (registers the composite ops)
+
+    names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("manet_kernels::")}
+    ops = ("mixed_attention", "brnpa", "aw_conv2d", "per_sample_conv2d")
+    assert {n for n in names if not n.startswith("_")} == {
+        n for op in ops for n in (op, f"{op}_backward")}
+    if _ext.HAS_EXT:
+        assert {"_mixed_attention_apply", "_brnpa_step", "_aw_conv2d_bwd"} <= names
+
+
 def test_cuda_kernels_registered_when_required():
     """CI sets MANET_KERNELS_CUDA=1: the CUDA kernels must then be compiled and
     registered, even on a machine with no GPU to run them."""
@@ -28,13 +42,13 @@ def test_cuda_kernels_registered_when_required():
     for stage in ("channel_pool", "spatial_pool", "apply", "bwd_reduce", "bwd_channel",
                   "bwd_dx"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"manet_kernels::mixed_attention_{stage}", "CUDA"), stage
+            f"manet_kernels::_mixed_attention_{stage}", "CUDA"), stage
         assert torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"manet_kernels::mixed_attention_{stage}", "CPU"), stage
+            f"manet_kernels::_mixed_attention_{stage}", "CPU"), stage
     for op in ("aw_conv2d_fwd", "aw_conv2d_bwd", "per_sample_conv2d_fwd",
                "per_sample_conv2d_bwd"):
         for key in ("CUDA", "CPU"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"manet_kernels::{op}", key), \
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"manet_kernels::_{op}", key), \
                 (op, key)
         assert _ext.has_kernel(op, "cuda"), op
 

@@ -32,8 +32,8 @@ BOUNDS = {
     "aw_conv2d": 3,
 }
 
-# The compiled kernels each fused step must dispatch (so that no count passes by
-# counting nothing, or by falling back to the reference).
+# The compiled passes (manet_kernels::_<op>_<pass>) each fused step must dispatch (so
+# that no count passes by counting nothing, or by falling back to the reference).
 KERNELS = {
     "mixed_attention": {"channel_pool", "spatial_pool", "apply", "bwd_reduce",
                         "bwd_channel", "bwd_dx", "spatial_conv", "spatial_conv_bwd"},
@@ -89,7 +89,7 @@ def test_fused_launch_count(case):
     n = sum(counts.values())
     print(f"\n{case} (CPU backend): {format_counts(counts)}")
     op = "mixed_attention" if case.startswith("mixed_attention") else case
-    missing = {f"manet_kernels::{op}_{k}" for k in KERNELS[op]} - set(counts)
+    missing = {f"manet_kernels::_{op}_{k}" for k in KERNELS[op]} - set(counts)
     assert not missing, f"{case}: compiled kernels not dispatched: {sorted(missing)}"
     assert n <= BOUNDS[case], (f"{case}: {n} operations per forward+backward, more than "
                                f"the bound {BOUNDS[case]}: {format_counts(counts)}")

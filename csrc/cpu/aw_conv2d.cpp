@@ -322,7 +322,8 @@ void for_each_sample(int64_t begin, int64_t end, int64_t threads, const F& fn) {
 //   gradient), then dweight += s_n * G_n and dscale_n = sum_c K * G_n as before.
 // Layout: activations as (N, H, W, C) and transform-domain tensors as
 // (N, a*a, tiles, C), so every transform loop runs over contiguous channels and each
-// channel sum is one batched GEMM (at::bmm, BLAS) over N * a*a matrices.
+// channel sum is one batched GEMM (batched_gemm, aw_winograd.inc's own) over N * a*a
+// matrices.
 //
 // Error: fp32 F(2,3) is as accurate as a direct conv (max |err| / max |ref| ~4e-7
 // against fp64 at 16 channels, randn inputs, scale in [1, 2)). F(4,3)'s transforms have
@@ -448,35 +449,32 @@ constexpr int kVecBytes = 64;
 #include "aw_winograd.inc"
 }  // namespace avx512
 MK_CPU_ISA_END
+// MK_CPU_ISA_CALL's generic slot: never reached (choose_algo picks ATen on that ISA).
+namespace generic = avx2;
 #else
 // Never chosen (wino_cpu_ok is false off x86-64), compiled so that the ops need no #if.
-namespace portable {
+namespace generic {
 constexpr int kVecBytes = 32;
 #include "aw_winograd.inc"
-}  // namespace portable
+}  // namespace generic
 #endif
 
 
+// The Wino of one instruction-set copy, passed as a value to the generic op bodies.
 template <typename W>
-struct IsaTag {
+struct WinoCopy {
   using type = W;
 };
 
-// fn(m, isa): m an integral_constant (the Winograd tile size), isa an IsaTag whose
-// ::type is the Wino of the instruction-set copy to run (cpu_isa.h).
+// fn(m, isa): m an integral_constant (the Winograd tile size), isa a WinoCopy whose
+// ::type is the Wino of the instruction-set copy MK_CPU_ISA_CALL picks (cpu_isa.h).
 template <typename F>
 auto with_wino(ConvAlgo algo, const F& fn) {
   const auto by_m = [&](auto isa) {
     return algo == ConvAlgo::kWino4 ? fn(std::integral_constant<int, 4>{}, isa)
                                     : fn(std::integral_constant<int, 2>{}, isa);
   };
-#if MK_CPU_ISA_X86
-  return manet_kernels::cpu_isa() == manet_kernels::CpuIsa::kAvx512
-             ? by_m(IsaTag<avx512::Wino>{})
-             : by_m(IsaTag<avx2::Wino>{});
-#else
-  return by_m(IsaTag<portable::Wino>{});
-#endif
+  return MK_CPU_ISA_CALL(by_m(WinoCopy<isa::Wino>{}));
 }
 
 // ---------------------------------------------------------------------------
@@ -691,8 +689,8 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
-  m.impl("per_sample_conv2d_fwd", &per_sample_conv2d_fwd);
-  m.impl("per_sample_conv2d_bwd", &per_sample_conv2d_bwd);
-  m.impl("aw_conv2d_fwd", &aw_conv2d_fwd);
-  m.impl("aw_conv2d_bwd", &aw_conv2d_bwd);
+  m.impl("_per_sample_conv2d_fwd", &per_sample_conv2d_fwd);
+  m.impl("_per_sample_conv2d_bwd", &per_sample_conv2d_bwd);
+  m.impl("_aw_conv2d_fwd", &aw_conv2d_fwd);
+  m.impl("_aw_conv2d_bwd", &aw_conv2d_bwd);
 }

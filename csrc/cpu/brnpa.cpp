@@ -953,8 +953,8 @@ Tensor brnpa_bwd_dx(const Tensor& x, const Tensor& a, const Tensor& m, const Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
-  m.impl("brnpa_norms", &brnpa_norms);
-  m.impl("brnpa_step", &brnpa_step);
-  m.impl("brnpa_bwd_reduce", &brnpa_bwd_reduce);
-  m.impl("brnpa_bwd_dx", &brnpa_bwd_dx);
+  m.impl("_brnpa_norms", &brnpa_norms);
+  m.impl("_brnpa_step", &brnpa_step);
+  m.impl("_brnpa_bwd_reduce", &brnpa_bwd_reduce);
+  m.impl("_brnpa_bwd_dx", &brnpa_bwd_dx);
 }

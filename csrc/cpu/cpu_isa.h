@@ -85,18 +85,33 @@ inline CpuIsa cpu_isa() {
   _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx2,fma\")")
 #define MK_CPU_ISA_END _Pragma("GCC pop_options")
 
-// Calls `generic::fn(...)`, `avx2::fn(...)` or `avx512::fn(...)`, the copy cpu_isa()
-// picks; the three namespaces come from including one file three times (see
-// mixed_attention.cpp).
+// MK_CPU_ISA_CALL(expr): evaluates `expr` once, in the copy cpu_isa() picks, with `isa`
+// naming that copy's namespace (generic, avx2 or avx512: a file includes its kernels
+// once per namespace, see mixed_attention.cpp), and returns its value:
+// `MK_CPU_ISA_CALL(isa::apply_impl<scalar_t>(x, ...))`. The one dispatch of every CPU
+// kernel file; a file whose kernels have no generic copy never calls it on that ISA.
 #if MK_CPU_ISA_X86
-#define MK_CPU_ISA_CALL(fn, ...)                                    \
-  do {                                                              \
-    switch (::manet_kernels::cpu_isa()) {                           \
-      case ::manet_kernels::CpuIsa::kAvx512: avx512::fn(__VA_ARGS__); break; \
-      case ::manet_kernels::CpuIsa::kAvx2: avx2::fn(__VA_ARGS__); break;     \
-      default: generic::fn(__VA_ARGS__); break;                     \
-    }                                                               \
-  } while (0)
+#define MK_CPU_ISA_CALL(...)                                \
+  [&] {                                                     \
+    switch (::manet_kernels::cpu_isa()) {                   \
+      case ::manet_kernels::CpuIsa::kAvx512: {              \
+        namespace isa = avx512;                             \
+        return __VA_ARGS__;                                 \
+      }                                                     \
+      case ::manet_kernels::CpuIsa::kAvx2: {                \
+        namespace isa = avx2;                               \
+        return __VA_ARGS__;                                 \
+      }                                                     \
+      default: {                                            \
+        namespace isa = generic;                            \
+        return __VA_ARGS__;                                 \
+      }                                                     \
+    }                                                       \
+  }()
 #else
-#define MK_CPU_ISA_CALL(fn, ...) generic::fn(__VA_ARGS__)
+#define MK_CPU_ISA_CALL(...) \
+  [&] {                      \
+    namespace isa = generic; \
+    return __VA_ARGS__;      \
+  }()
 #endif

@@ -158,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
   Tensor im = at::empty({N, C}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_channel_pool",
-                                  [&] { MK_CPU_ISA_CALL(channel_pool_impl<scalar_t>, x, layout, avg, mx, im); });
+                                  [&] { MK_CPU_ISA_CALL(isa::channel_pool_impl<scalar_t>(x, layout, avg, mx, im)); });
   return {avg, mx, im};
 }
 
@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& m
   Tensor ic = at::empty({N, H, W}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_spatial_pool",
-                                  [&] { MK_CPU_ISA_CALL(spatial_pool_impl<scalar_t>, x, layout, mc, sa, sm, ic); });
+                                  [&] { MK_CPU_ISA_CALL(isa::spatial_pool_impl<scalar_t>(x, layout, mc, sa, sm, ic)); });
   return {sa, sm, ic};
 }
 
@@ -187,7 +187,7 @@ Tensor apply(const Tensor& x, const Tensor& mc, const Tensor& ms) {
   Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format(layout)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_apply",
-                                  [&] { MK_CPU_ISA_CALL(apply_impl<scalar_t>, x, layout, mc, ms, y); });
+                                  [&] { MK_CPU_ISA_CALL(isa::apply_impl<scalar_t>(x, layout, mc, ms, y)); });
   return y;
 }
 
@@ -209,7 +209,7 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& g, const Tensor& x, const Te
   Tensor dmc = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_bwd_reduce", [&] {
-                                    MK_CPU_ISA_CALL(bwd_reduce_impl<scalar_t>, g, x, layout, mc, ms, dms, dmc);
+                                    MK_CPU_ISA_CALL(isa::bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc));
                                   });
   return {dms, dmc};
 }
@@ -224,7 +224,7 @@ Tensor bwd_channel(const Tensor& x, const Tensor& da_s, const Tensor& dm_s, cons
   Tensor out = at::empty({N, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "mixed_attention_bwd_channel", [&] {
-                                    MK_CPU_ISA_CALL(bwd_channel_impl<scalar_t>, x, layout, da_s, dm_s, ic, out);
+                                    MK_CPU_ISA_CALL(isa::bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out));
                                   });
   return out;
 }
@@ -246,7 +246,7 @@ Tensor bwd_dx(const Tensor& g, const Tensor& mc, const Tensor& ms, const Tensor&
   check_index(im, "im", "(N, C)", {N, C});
   Tensor dx = at::empty(g.sizes(), g.options().memory_format(memory_format(layout)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "mixed_attention_bwd_dx", [&] {
-    MK_CPU_ISA_CALL(bwd_dx_impl<scalar_t>, g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx);
+    MK_CPU_ISA_CALL(isa::bwd_dx_impl<scalar_t>(g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx));
   });
   return dx;
 }
@@ -415,12 +415,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
-  m.impl("mixed_attention_channel_pool", &channel_pool);
-  m.impl("mixed_attention_spatial_pool", &spatial_pool);
-  m.impl("mixed_attention_apply", &apply);
-  m.impl("mixed_attention_bwd_reduce", &bwd_reduce);
-  m.impl("mixed_attention_bwd_channel", &bwd_channel);
-  m.impl("mixed_attention_bwd_dx", &bwd_dx);
-  m.impl("mixed_attention_spatial_conv", &spatial_conv);
-  m.impl("mixed_attention_spatial_conv_bwd", &spatial_conv_bwd);
+  m.impl("_mixed_attention_channel_pool", &channel_pool);
+  m.impl("_mixed_attention_spatial_pool", &spatial_pool);
+  m.impl("_mixed_attention_apply", &apply);
+  m.impl("_mixed_attention_bwd_reduce", &bwd_reduce);
+  m.impl("_mixed_attention_bwd_channel", &bwd_channel);
+  m.impl("_mixed_attention_bwd_dx", &bwd_dx);
+  m.impl("_mixed_attention_spatial_conv", &spatial_conv);
+  m.impl("_mixed_attention_spatial_conv_bwd", &spatial_conv_bwd);
 }

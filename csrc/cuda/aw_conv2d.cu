@@ -956,8 +956,8 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_cuda(const Tensor& gy, const Te
 }  // namespace manet_kernels
 
 TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
-  m.impl("per_sample_conv2d_fwd", &manet_kernels::per_sample_conv2d_fwd_cuda);
-  m.impl("per_sample_conv2d_bwd", &manet_kernels::per_sample_conv2d_bwd_cuda);
-  m.impl("aw_conv2d_fwd", &manet_kernels::aw_conv2d_fwd_cuda);
-  m.impl("aw_conv2d_bwd", &manet_kernels::aw_conv2d_bwd_cuda);
+  m.impl("_per_sample_conv2d_fwd", &manet_kernels::per_sample_conv2d_fwd_cuda);
+  m.impl("_per_sample_conv2d_bwd", &manet_kernels::per_sample_conv2d_bwd_cuda);
+  m.impl("_aw_conv2d_fwd", &manet_kernels::aw_conv2d_fwd_cuda);
+  m.impl("_aw_conv2d_bwd", &manet_kernels::aw_conv2d_bwd_cuda);
 }

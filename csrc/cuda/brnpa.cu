@@ -918,8 +918,8 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
 }  // namespace manet_kernels
 
 TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
-  m.impl("brnpa_norms", &manet_kernels::brnpa_norms_cuda);
-  m.impl("brnpa_step", &manet_kernels::brnpa_step_cuda);
-  m.impl("brnpa_bwd_reduce", &manet_kernels::brnpa_bwd_reduce_cuda);
-  m.impl("brnpa_bwd_dx", &manet_kernels::brnpa_bwd_dx_cuda);
+  m.impl("_brnpa_norms", &manet_kernels::brnpa_norms_cuda);
+  m.impl("_brnpa_step", &manet_kernels::brnpa_step_cuda);
+  m.impl("_brnpa_bwd_reduce", &manet_kernels::brnpa_bwd_reduce_cuda);
+  m.impl("_brnpa_bwd_dx", &manet_kernels::brnpa_bwd_dx_cuda);
 }

@@ -1066,12 +1066,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda
 }  // namespace manet_kernels
 
 TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
-  m.impl("mixed_attention_channel_pool", &manet_kernels::channel_pool_cuda);
-  m.impl("mixed_attention_spatial_pool", &manet_kernels::spatial_pool_cuda);
-  m.impl("mixed_attention_apply", &manet_kernels::apply_cuda);
-  m.impl("mixed_attention_bwd_reduce", &manet_kernels::bwd_reduce_cuda);
-  m.impl("mixed_attention_bwd_channel", &manet_kernels::bwd_channel_cuda);
-  m.impl("mixed_attention_bwd_dx", &manet_kernels::bwd_dx_cuda);
-  m.impl("mixed_attention_spatial_conv", &manet_kernels::spatial_conv_cuda);
-  m.impl("mixed_attention_spatial_conv_bwd", &manet_kernels::spatial_conv_bwd_cuda);
+  m.impl("_mixed_attention_channel_pool", &manet_kernels::channel_pool_cuda);
+  m.impl("_mixed_attention_spatial_pool", &manet_kernels::spatial_pool_cuda);
+  m.impl("_mixed_attention_apply", &manet_kernels::apply_cuda);
+  m.impl("_mixed_attention_bwd_reduce", &manet_kernels::bwd_reduce_cuda);
+  m.impl("_mixed_attention_bwd_channel", &manet_kernels::bwd_channel_cuda);
+  m.impl("_mixed_attention_bwd_dx", &manet_kernels::bwd_dx_cuda);
+  m.impl("_mixed_attention_spatial_conv", &manet_kernels::spatial_conv_cuda);
+  m.impl("_mixed_attention_spatial_conv_bwd", &manet_kernels::spatial_conv_bwd_cuda);
 }

@@ -28,7 +28,7 @@ def triton_interpreted() -> bool:
 def resolve_backend(backend: str, device: torch.device, kernel: str,
                     cuda_auto: str = "cuda") -> str:
     """The concrete backend for tensors on ``device``; ``kernel`` names one of the op's
-    compiled kernels (``manet_kernels::<kernel>``), to learn whether it was built.
+    compiled passes (``manet_kernels::_<kernel>``), to learn whether it was built.
 
     ``"auto"`` honours ``$MANET_KERNELS_BACKEND``, then picks the C++ kernels on CPU
     and the CUDA kernels (Triton if the extension has no CUDA kernel for the op) on GPU,
@@ -114,11 +114,12 @@ def activation_format(x: Tensor) -> torch.memory_format:
 
 
 class CppPasses:
-    """The compiled pass kernels, ``torch.ops.manet_kernels.<name>``: the dispatcher picks
-    the CPU or CUDA kernel from the tensors' device."""
+    """The compiled pass kernels by pass name: ``.mixed_attention_apply`` is the private
+    op ``torch.ops.manet_kernels._mixed_attention_apply``; the dispatcher picks the CPU or
+    CUDA kernel from the tensors' device."""
 
     def __getattr__(self, name: str):
-        return getattr(torch.ops.manet_kernels, name)
+        return getattr(torch.ops.manet_kernels, _ext.pass_op(name))
 
 
 CPP_PASSES = CppPasses()
