@@ -20,13 +20,22 @@
 namespace manet_kernels {
 namespace msg {
 
-inline void put(std::string& s, const char* v) { s += v; }
-inline void put(std::string& s, const std::string& v) { s += v; }
-inline void put(std::string& s, char v) { s += v; }
-inline void put(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void put(std::string& s, const char* v) {
+  s += v;
+}
+inline void put(std::string& s, const std::string& v) {
+  s += v;
+}
+inline void put(std::string& s, char v) {
+  s += v;
+}
+inline void put(std::string& s, bool v) {
+  s += v ? "true" : "false";
+}
 
 template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> &&
-                                           !std::is_same_v<T, char>, int> = 0>
+                                           !std::is_same_v<T, char>,
+                                       int> = 0>
 inline void put(std::string& s, T v) {
   s += std::to_string(v);
 }
@@ -46,20 +55,43 @@ inline void put(std::string& s, c10::IntArrayRef v) {
   }
   s += ']';
 }
-inline void put(std::string& s, const std::vector<int64_t>& v) { put(s, c10::IntArrayRef(v)); }
-inline void put(std::string& s, at::ScalarType v) { s += c10::toString(v); }
-inline void put(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void put(std::string& s, const std::vector<int64_t>& v) {
+  put(s, c10::IntArrayRef(v));
+}
+inline void put(std::string& s, at::ScalarType v) {
+  s += c10::toString(v);
+}
+inline void put(std::string& s, const c10::Device& v) {
+  s += v.str();
+}
 inline void put(std::string& s, c10::Layout v) {
   switch (v) {
-    case c10::kStrided: s += "Strided"; return;
-    case c10::kSparse: s += "Sparse"; return;
-    case c10::kSparseCsr: s += "SparseCsr"; return;
-    case c10::kSparseCsc: s += "SparseCsc"; return;
-    case c10::kSparseBsr: s += "SparseBsr"; return;
-    case c10::kSparseBsc: s += "SparseBsc"; return;
-    case c10::kMkldnn: s += "Mkldnn"; return;
-    case c10::kJagged: s += "Jagged"; return;
-    default: s += "Layout(" + std::to_string(static_cast<int>(v)) + ")";
+    case c10::kStrided:
+      s += "Strided";
+      return;
+    case c10::kSparse:
+      s += "Sparse";
+      return;
+    case c10::kSparseCsr:
+      s += "SparseCsr";
+      return;
+    case c10::kSparseCsc:
+      s += "SparseCsc";
+      return;
+    case c10::kSparseBsr:
+      s += "SparseBsr";
+      return;
+    case c10::kSparseBsc:
+      s += "SparseBsc";
+      return;
+    case c10::kMkldnn:
+      s += "Mkldnn";
+      return;
+    case c10::kJagged:
+      s += "Jagged";
+      return;
+    default:
+      s += "Layout(" + std::to_string(static_cast<int>(v)) + ")";
   }
 }
 
@@ -75,20 +107,25 @@ inline std::string cat(const Parts&... parts) {
 // The Python spelling of a dtype, which is what users of the ops know.
 inline const char* dtype_name(at::ScalarType st) {
   switch (st) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    default: return c10::toString(st);
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    default:
+      return c10::toString(st);
   }
 }
 
 }  // namespace manet_kernels
 
 #define MK_CHECK(cond, ...) TORCH_CHECK((cond), ::manet_kernels::msg::cat(__VA_ARGS__))
-#define MK_CHECK_VALUE(cond, ...) \
-  TORCH_CHECK_VALUE((cond), ::manet_kernels::msg::cat(__VA_ARGS__))
-#define MK_CHECK_TYPE(cond, ...) \
-  TORCH_CHECK_TYPE((cond), ::manet_kernels::msg::cat(__VA_ARGS__))
+#define MK_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE((cond), ::manet_kernels::msg::cat(__VA_ARGS__))
+#define MK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE((cond), ::manet_kernels::msg::cat(__VA_ARGS__))

@@ -29,8 +29,7 @@ template <class Arg>
 int64_t check_spatial_conv_args(const at::Tensor& sa, const at::Tensor& sm,
                                 const at::Tensor& weight, const Arg& arg) {
   arg(sa, "sa");
-  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ",
-                 sa.sizes());
+  MK_CHECK_VALUE(sa.dim() == 3, "sa: expected a rank-3 (N, H, W) tensor, got shape ", sa.sizes());
   const auto st = sa.scalar_type();
   MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble,
                 "sa: expected dtype float32 or float64 (an accumulation dtype), got ",

@@ -50,7 +50,7 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 void check_cpu_dense(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
-              t.layout());
+           t.layout());
   MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
@@ -59,15 +59,15 @@ void check_cpu_dense(const Tensor& t, const char* name) {
 at::MemoryFormat check_activation(const Tensor& t, const char* name) {
   check_cpu_dense(t, name);
   MK_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
-              " with shape ", t.sizes());
+           " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
+  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
+           ": expected dtype float32, float64, bfloat16 or float16, got ", st);
   if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
   MK_CHECK(false, name,
-              ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
-              t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
+           ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ", t.sizes(),
+           " with strides ", t.strides(), " (make it contiguous before calling)");
   return at::MemoryFormat::Contiguous;  // unreachable
 }
 
@@ -75,25 +75,22 @@ at::MemoryFormat check_activation(const Tensor& t, const char* name) {
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType dtype, const char* why) {
   check_cpu_dense(t, name);
-  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-              t.sizes());
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ", t.sizes());
   MK_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, " (", why, "), got ",
-              t.scalar_type());
-  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              t.strides());
+           t.scalar_type());
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
 }
 
 std::array<int64_t, 2> check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
   MK_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
-  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
-              ", got ", v);
+  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum, ", got ", v);
   return {v[0], v[1]};
 }
 
 struct Geometry {
-  int64_t n, c1, h, w;    // x
-  int64_t c2, kh, kw;     // weight(s)
-  int64_t ho, wo;         // y
+  int64_t n, c1, h, w;  // x
+  int64_t c2, kh, kw;   // weight(s)
+  int64_t ho, wo;       // y
   std::array<int64_t, 2> stride, padding, dilation;
   int64_t groups;
   at::MemoryFormat format;  // of x, and so of y and dx
@@ -127,20 +124,19 @@ Geometry check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
   geo.kh = wsizes[r - 2];
   geo.kw = wsizes[r - 1];
   MK_CHECK(geo.c1 % groups == 0, "groups: must divide x's channel count C1 = ", geo.c1,
-              ", got groups = ", groups);
-  MK_CHECK(geo.c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
-              geo.c2, ", got groups = ", groups);
-  MK_CHECK(wsizes[r - 3] * groups == geo.c1, wname, ": expected C1/groups = ", geo.c1, "/",
-              groups, " = ", geo.c1 / groups, " input channels (dim ", r - 3, "), got shape ",
-              wsizes);
+           ", got groups = ", groups);
+  MK_CHECK(geo.c2 % groups == 0, "groups: must divide ", wname,
+           "'s output channel count C2 = ", geo.c2, ", got groups = ", groups);
+  MK_CHECK(wsizes[r - 3] * groups == geo.c1, wname, ": expected C1/groups = ", geo.c1, "/", groups,
+           " = ", geo.c1 / groups, " input channels (dim ", r - 3, "), got shape ", wsizes);
   MK_CHECK(geo.kh >= 1 && geo.kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
-              wsizes);
+           wsizes);
   const int64_t span_h = geo.h + 2 * geo.padding[0] - geo.dilation[0] * (geo.kh - 1) - 1;
   const int64_t span_w = geo.w + 2 * geo.padding[1] - geo.dilation[1] * (geo.kw - 1) - 1;
-  MK_CHECK(geo.h >= 1 && geo.w >= 1 && span_h >= 0 && span_w >= 0,
-              "x: spatial size (", geo.h, ", ", geo.w, ") with padding (", geo.padding[0], ", ",
-              geo.padding[1], ") is smaller than the dilated kernel (",
-              geo.dilation[0] * (geo.kh - 1) + 1, ", ", geo.dilation[1] * (geo.kw - 1) + 1, ")");
+  MK_CHECK(geo.h >= 1 && geo.w >= 1 && span_h >= 0 && span_w >= 0, "x: spatial size (", geo.h, ", ",
+           geo.w, ") with padding (", geo.padding[0], ", ", geo.padding[1],
+           ") is smaller than the dilated kernel (", geo.dilation[0] * (geo.kh - 1) + 1, ", ",
+           geo.dilation[1] * (geo.kw - 1) + 1, ")");
   geo.ho = span_h / geo.stride[0] + 1;
   geo.wo = span_w / geo.stride[1] + 1;
   geo.groups = groups;
@@ -149,28 +145,32 @@ Geometry check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
 
 void check_per_sample_weights(const Tensor& weights, const Geometry& geo) {
   check_cpu_dense(weights, "weights");
-  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
-              "got rank ", weights.dim(), " with shape ", weights.sizes());
-  MK_CHECK(weights.size(0) == geo.n, "weights: expected one kernel per sample of x (N = ",
-              geo.n, "), got shape ", weights.sizes());
-  MK_CHECK(weights.scalar_type() == geo.dtype, "weights: expected x's dtype ", geo.dtype,
-              ", got ", weights.scalar_type());
+  MK_CHECK(weights.dim() == 5,
+           "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+           "got rank ",
+           weights.dim(), " with shape ", weights.sizes());
+  MK_CHECK(weights.size(0) == geo.n, "weights: expected one kernel per sample of x (N = ", geo.n,
+           "), got shape ", weights.sizes());
+  MK_CHECK(weights.scalar_type() == geo.dtype, "weights: expected x's dtype ", geo.dtype, ", got ",
+           weights.scalar_type());
   MK_CHECK(weights.is_contiguous(), "weights: expected a contiguous tensor, got strides ",
-              weights.strides());
+           weights.strides());
 }
 
 void check_shared_weight(const Tensor& weight, const Geometry& geo) {
-  MK_CHECK(weight.scalar_type() == geo.dtype, "weight: expected x's dtype ", geo.dtype,
-              ", got ", weight.scalar_type());
+  MK_CHECK(weight.scalar_type() == geo.dtype, "weight: expected x's dtype ", geo.dtype, ", got ",
+           weight.scalar_type());
   MK_CHECK(weight.is_contiguous(), "weight: expected a contiguous tensor, got strides ",
-              weight.strides());
+           weight.strides());
 }
 
 // Rank and device of a weight before its sizes are used for the geometry.
 void check_weight_rank(const Tensor& weight) {
   check_cpu_dense(weight, "weight");
-  MK_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
-              "rank ", weight.dim(), " with shape ", weight.sizes());
+  MK_CHECK(weight.dim() == 4,
+           "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
+           "rank ",
+           weight.dim(), " with shape ", weight.sizes());
 }
 
 void check_scale(const Tensor& scale, const Geometry& geo) {
@@ -187,10 +187,10 @@ void check_bias(const c10::optional<Tensor>& bias, const Geometry& geo) {
 void check_grad(const Tensor& g, const Geometry& geo) {
   check_activation(g, "g");
   MK_CHECK(g.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}),
-              "g: expected the output's shape (N, C2, Ho, Wo) = ",
-              at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}), ", got ", g.sizes());
+           "g: expected the output's shape (N, C2, Ho, Wo) = ",
+           at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}), ", got ", g.sizes());
   MK_CHECK(g.scalar_type() == geo.dtype, "g: expected x's dtype ", geo.dtype, ", got ",
-              g.scalar_type());
+           g.scalar_type());
 }
 
 // ---------------------------------------------------------------------------
@@ -212,16 +212,15 @@ Tensor conv_forward(const Tensor& xn, const Tensor& wn, const c10::optional<Tens
 // (dx_n, G_n) for one sample.
 std::tuple<Tensor, Tensor> conv_backward(const Tensor& gn, const Tensor& xn, const Tensor& wn,
                                          const Geometry& geo) {
-  auto r = at::convolution_backward(gn, xn, wn, c10::nullopt, geo.stride, geo.padding,
-                                    geo.dilation, /*transposed=*/false, {0, 0}, geo.groups,
-                                    {true, true, false});
+  auto r = at::convolution_backward(gn, xn, wn, c10::nullopt, geo.stride, geo.padding, geo.dilation,
+                                    /*transposed=*/false, {0, 0}, geo.groups, {true, true, false});
   return {std::get<0>(r), std::get<1>(r)};
 }
 
 // wn[o, c, t] = wa[o, c, t] * s[o, t], t the kh*kw tap.
 template <typename acc_t>
-void scale_weight(const acc_t* __restrict__ wa, const acc_t* __restrict__ s,
-                  acc_t* __restrict__ wn, int64_t c2, int64_t cg, int64_t taps) {
+void scale_weight(const acc_t* __restrict__ wa, const acc_t* __restrict__ s, acc_t* __restrict__ wn,
+                  int64_t c2, int64_t cg, int64_t taps) {
   for (int64_t o = 0; o < c2; ++o) {
     const acc_t* so = s + o * taps;
     for (int64_t c = 0; c < cg; ++c) {
@@ -261,7 +260,9 @@ constexpr int64_t kMaxSideBySideBytes = int64_t{512} << 20;
 
 // Threads a parallel_for started here would use: 1 inside a parallel region (nested
 // ones run serially).
-int64_t free_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+int64_t free_threads() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
 
 // How many samples run side by side: one per thread (see for_each_sample).
 int64_t sample_threads(int64_t weight_bytes) {
@@ -351,7 +352,6 @@ WinoGeo wino_geometry(const Geometry& geo, int m) {
   return g;
 }
 
-
 enum class ConvAlgo { kAten, kWino2, kWino4 };
 
 // Fwd+bwd, fp32, one thread, 2-core AMD EPYC VM (AVX2), vs the grouped-conv trick:
@@ -373,7 +373,8 @@ ConvAlgo wino_auto(const Geometry& geo) {
 }
 
 bool wino_cpu_ok() {
-  return static_cast<int>(manet_kernels::cpu_isa()) >= static_cast<int>(manet_kernels::CpuIsa::kAvx2);
+  return static_cast<int>(manet_kernels::cpu_isa()) >=
+         static_cast<int>(manet_kernels::CpuIsa::kAvx2);
 }
 
 bool wino_eligible(const Geometry& geo) {
@@ -387,9 +388,9 @@ ConvAlgo choose_algo(const Geometry& geo) {
   const char* env = std::getenv("MANET_KERNELS_AW_CPU_ALGO");
   const std::string mode = env ? env : "";
   MK_CHECK(mode.empty() || mode == "auto" || mode == "aten" || mode == "winograd2" ||
-                  mode == "winograd4",
-              "MANET_KERNELS_AW_CPU_ALGO: expected auto, aten, winograd2 or winograd4, got '",
-              mode, "'");
+               mode == "winograd4",
+           "MANET_KERNELS_AW_CPU_ALGO: expected auto, aten, winograd2 or winograd4, got '", mode,
+           "'");
   if (mode == "aten" || !wino_eligible(geo) || !wino_cpu_ok()) return ConvAlgo::kAten;
   if (mode == "winograd2") return ConvAlgo::kWino2;
   if (mode == "winograd4") return ConvAlgo::kWino4;
@@ -409,8 +410,7 @@ ConvAlgo choose_algo(const Geometry& geo) {
 void sample_to_hwc(const Tensor& t, int64_t n, void* buf, at::ScalarType acc) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t c = t.size(1), h = t.size(2), w = t.size(3);
-  at::from_blob(buf, {c, h, w}, {1, w * c, c}, t.options().dtype(acc))
-      .copy_(t.select(0, n));
+  at::from_blob(buf, {c, h, w}, {1, w * c, c}, t.options().dtype(acc)).copy_(t.select(0, n));
 }
 
 // Sample n of out (N, C, H, W) from buf, (H, W, C) in dtype acc.
@@ -423,15 +423,18 @@ void hwc_to_sample(const void* buf, at::ScalarType acc, const Tensor& out, int64
 
 // Whether t's samples are (H, W, C) arrays already (channels_last strides; also when
 // C == 1 or H == W == 1, where both formats are one).
-bool hwc_layout(const Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
+bool hwc_layout(const Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
 
 template <typename F>
 void wino_for(int64_t n, int64_t grain, const F& fn) {
   at::parallel_for(0, n, grain, fn);
 }
 
-int64_t wino_weight_grain(int64_t c1) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(c1, 1)); }
-
+int64_t wino_weight_grain(int64_t c1) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(c1, 1));
+}
 
 // The Winograd kernels, compiled for AVX2 + FMA and for AVX-512 (the build has no
 // -march); they run only on CPUs that have one of them (cpu_isa.h), elsewhere (and
@@ -459,7 +462,6 @@ constexpr int kVecBytes = 32;
 }  // namespace generic
 #endif
 
-
 // The Wino of one instruction-set copy, passed as a value to the generic op bodies.
 template <typename W>
 struct WinoCopy {
@@ -484,8 +486,10 @@ Tensor per_sample_conv2d_fwd(const Tensor& x, const Tensor& weights,
                              const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_cpu_dense(weights, "weights");
-  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
-              "got rank ", weights.dim(), " with shape ", weights.sizes());
+  MK_CHECK(weights.dim() == 5,
+           "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+           "got rank ",
+           weights.dim(), " with shape ", weights.sizes());
   const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
   check_per_sample_weights(weights, geo);
   check_bias(bias, geo);
@@ -515,11 +519,13 @@ Tensor per_sample_conv2d_fwd(const Tensor& x, const Tensor& weights,
 
 std::tuple<Tensor, Tensor> per_sample_conv2d_bwd(const Tensor& g, const Tensor& x,
                                                  const Tensor& weights, at::IntArrayRef stride,
-                                                 at::IntArrayRef padding,
-                                                 at::IntArrayRef dilation, int64_t groups) {
+                                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                 int64_t groups) {
   check_cpu_dense(weights, "weights");
-  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
-              "got rank ", weights.dim(), " with shape ", weights.sizes());
+  MK_CHECK(weights.dim() == 5,
+           "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) tensor, "
+           "got rank ",
+           weights.dim(), " with shape ", weights.sizes());
   const Geometry geo = check_conv(x, weights.sizes(), "weights", stride, padding, dilation, groups);
   check_per_sample_weights(weights, geo);
   check_grad(g, geo);
@@ -636,8 +642,8 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
               const int64_t off = (n0 * geo.c2 + o0) * 9;
               wino_for(wg.c2, 1, [&](int64_t b, int64_t e) {
                 W::template weight_grad_fold<scalar_t, M>(dup, kp + o0 * 9 * geo.c1, sp + off,
-                                                          dkp + o0 * 9 * geo.c1, dsp + off, wg,
-                                                          b, e);
+                                                          dkp + o0 * 9 * geo.c1, dsp + off, wg, b,
+                                                          e);
               });
             });
         dweight = dkt.permute({0, 3, 1, 2}).contiguous();
@@ -664,10 +670,9 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd(const Tensor& g, const Tensor& 
       const int64_t count = std::min(wave, geo.n - w0);
       for_each_sample(w0, w0 + count, wave, [&](int64_t n) {
         Tensor wn = at::empty_like(wa);
-        scale_weight<scalar_t>(wp, sp + n * geo.c2 * taps, wn.mutable_data_ptr<scalar_t>(),
-                               geo.c2, cg, taps);
-        auto [dxn, gw] =
-            conv_backward(sample_of(g, n, geo.acc), sample_of(x, n, geo.acc), wn, geo);
+        scale_weight<scalar_t>(wp, sp + n * geo.c2 * taps, wn.mutable_data_ptr<scalar_t>(), geo.c2,
+                               cg, taps);
+        auto [dxn, gw] = conv_backward(sample_of(g, n, geo.acc), sample_of(x, n, geo.acc), wn, geo);
         dx.narrow(0, n, 1).copy_(dxn);
         // oneDNN may hand G_n back channels_last when x is.
         gws[n - w0] = gw.contiguous();

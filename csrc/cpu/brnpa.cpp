@@ -41,19 +41,20 @@ enum class Layout { kNCHW, kNHWC };
 
 Layout check_x(const Tensor& x) {
   MK_CHECK(x.defined(), "x: expected a tensor, got an undefined one");
-  MK_CHECK(x.layout() == at::kStrided, "x: expected a strided tensor, got layout ",
-              x.layout());
+  MK_CHECK(x.layout() == at::kStrided, "x: expected a strided tensor, got layout ", x.layout());
   MK_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got device ", x.device());
   MK_CHECK(x.dim() == 4, "x: expected a 4-D (B, C, H, W) tensor, got shape ", x.sizes());
   const auto st = x.scalar_type();
   MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "x: expected dtype float32, float64, bfloat16 or float16, got ", st);
+           "x: expected dtype float32, float64, bfloat16 or float16, got ", st);
   // Plain-contiguous wins when both hold (C == 1 or H*W == 1): the output then
   // comes back contiguous, as the reference's _like_x does.
   if (x.is_contiguous()) return Layout::kNCHW;
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kNHWC;
-  MK_CHECK(false, "x: expected an NCHW-contiguous or channels_last-contiguous tensor, got "
-              "shape ", x.sizes(), " with strides ", x.strides());
+  MK_CHECK(false,
+           "x: expected an NCHW-contiguous or channels_last-contiguous tensor, got "
+           "shape ",
+           x.sizes(), " with strides ", x.strides());
   return Layout::kNCHW;
 }
 
@@ -64,7 +65,7 @@ at::ScalarType acc_type_of(at::ScalarType st) {
 void check_cpu_dense(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided tensor, got layout ",
-              t.layout());
+           t.layout());
   MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
@@ -73,34 +74,31 @@ void check_cpu_dense(const Tensor& t, const char* name) {
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType acc, at::ScalarType x_dtype) {
   check_cpu_dense(t, name);
-  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-              t.sizes());
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ", t.sizes());
   MK_CHECK(t.scalar_type() == acc, name, ": expected dtype ", acc,
-              " (the accumulation dtype for x of dtype ", x_dtype, "), got ", t.scalar_type());
-  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              t.strides());
+           " (the accumulation dtype for x of dtype ", x_dtype, "), got ", t.scalar_type());
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
 }
 
 // The leading size of a (B, K, ...) operand whose K is free.
 int64_t check_rank_get_dim1(const Tensor& t, const char* name, const char* dims, int64_t rank) {
   check_cpu_dense(t, name);
   MK_CHECK(t.dim() == rank, name, ": expected a ", rank, "-D tensor of shape ", dims,
-              ", got shape ", t.sizes());
+           ", got shape ", t.sizes());
   return t.size(1);
 }
 
 // idx as a contiguous int64 copy (it has B elements), every value checked.
 Tensor check_idx(const Tensor& idx, int64_t B, int64_t P) {
   check_cpu_dense(idx, "idx");
-  MK_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ",
-              idx.scalar_type());
-  MK_CHECK(idx.dim() == 1 && idx.size(0) == B, "idx: expected shape (B,) = (", B,
-              "), got ", idx.sizes());
+  MK_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ", idx.scalar_type());
+  MK_CHECK(idx.dim() == 1 && idx.size(0) == B, "idx: expected shape (B,) = (", B, "), got ",
+           idx.sizes());
   Tensor c = idx.contiguous();
   const int64_t* ip = c.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    MK_CHECK(ip[b] >= 0 && ip[b] < P, "idx: expected values in [0, H*W) = [0, ", P,
-                "), got idx[", b, "] = ", ip[b]);
+    MK_CHECK(ip[b] >= 0 && ip[b] < P, "idx: expected values in [0, H*W) = [0, ", P, "), got idx[",
+             b, "] = ", ip[b]);
   return c;
 }
 
@@ -179,7 +177,9 @@ inline float to_float(HalfBits h) {
   return float_of(r | sign);
 }
 
-inline float to_float(BF16Bits b) { return float_of(static_cast<uint32_t>(b.bits) << 16); }
+inline float to_float(BF16Bits b) {
+  return float_of(static_cast<uint32_t>(b.bits) << 16);
+}
 
 inline HalfBits half_from_float(float f) {
   const uint32_t u = bits_of(f);
@@ -229,8 +229,12 @@ inline T from_acc(acc_t v) {
 // makes most of these passes bound by loads and stores to L1 rather than by DRAM;
 // the helpers below share each load among up to four rows to cut that traffic.
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+inline int64_t round_up(int64_t a, int64_t m) {
+  return ceil_div(a, m) * m;
+}
 
 // Parallel chunks of fewer elements than this cost more in fork/join than they save.
 constexpr int64_t kMinChunkElems = 1 << 14;
@@ -246,10 +250,18 @@ using Int = std::integral_constant<int, N>;
 template <typename F>
 inline void with_count(int64_t n, F&& f) {
   switch (n) {
-    case 1: f(Int<1>{}); break;
-    case 2: f(Int<2>{}); break;
-    case 3: f(Int<3>{}); break;
-    default: f(Int<4>{}); break;
+    case 1:
+      f(Int<1>{});
+      break;
+    case 2:
+      f(Int<2>{});
+      break;
+    case 3:
+      f(Int<3>{});
+      break;
+    default:
+      f(Int<4>{});
+      break;
   }
 }
 
@@ -269,8 +281,7 @@ inline acc_t dot(const a_t* __restrict__ a, const b_t* __restrict__ b, int64_t n
   for (int j = 0; j < L; ++j) lane[j] = acc_t(0);
   int64_t i = 0;
   for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j)
-      lane[j] += to_acc<acc_t>(a[i + j]) * to_acc<acc_t>(b[i + j]);
+    for (int j = 0; j < L; ++j) lane[j] += to_acc<acc_t>(a[i + j]) * to_acc<acc_t>(b[i + j]);
   acc_t s = lane_total<acc_t, L>(lane);
   for (; i < n; ++i) s += to_acc<acc_t>(a[i]) * to_acc<acc_t>(b[i]);
   return s;
@@ -313,9 +324,9 @@ inline void multi_dot(const a_t* const* a, const b_t* __restrict__ b, int64_t n,
 // without run-time alias checks.
 template <int NO, int NI, bool kInit, typename acc_t, typename x_t>
 inline void accum(acc_t* __restrict__ o0, acc_t* __restrict__ o1, acc_t* __restrict__ o2,
-                  acc_t* __restrict__ o3, const x_t* __restrict__ x0,
-                  const x_t* __restrict__ x1, const x_t* __restrict__ x2,
-                  const x_t* __restrict__ x3, const acc_t (&w)[4][4], int64_t n) {
+                  acc_t* __restrict__ o3, const x_t* __restrict__ x0, const x_t* __restrict__ x1,
+                  const x_t* __restrict__ x2, const x_t* __restrict__ x3, const acc_t (&w)[4][4],
+                  int64_t n) {
   acc_t c[4][4];
   for (int q = 0; q < 4; ++q)
     for (int r = 0; r < 4; ++r) c[q][r] = w[q][r];
@@ -479,8 +490,8 @@ void norms_impl(const Tensor& x, Layout layout, Tensor& out) {
 // One grouping step: s_i = <f_i, r> inv_i inv_r, sv = sum_i s_i f_i.
 
 template <typename dtype_t>
-void step_impl(const Tensor& x, Layout layout, const Tensor& inv_nrm, const Tensor& idx,
-               Tensor& s, Tensor& sv) {
+void step_impl(const Tensor& x, Layout layout, const Tensor& inv_nrm, const Tensor& idx, Tensor& s,
+               Tensor& sv) {
   using acc_t = at::opmath_type<dtype_t>;
   using scalar_t = elem_t<dtype_t>;
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -495,8 +506,8 @@ void step_impl(const Tensor& x, Layout layout, const Tensor& inv_nrm, const Tens
   for (int64_t b = 0; b < B; ++b) {
     const int64_t i = ip[b];
     for (int64_t c = 0; c < C; ++c)
-      rbuf[b * C + c] = to_acc<acc_t>(
-          layout == Layout::kNHWC ? xp[(b * P + i) * C + c] : xp[(b * C + c) * P + i]);
+      rbuf[b * C + c] = to_acc<acc_t>(layout == Layout::kNHWC ? xp[(b * P + i) * C + c]
+                                                              : xp[(b * C + c) * P + i]);
   }
   const acc_t* rp = rbuf.data();
 
@@ -608,117 +619,116 @@ void bwd_reduce_impl(const Tensor& x, Layout layout, const Tensor& inv_nrm, cons
   acc_t* tpart = direct ? tp : tbuf.data();
 
   if (layout == Layout::kNHWC) {
-    at::parallel_for(0, B * pb.count, grain_for(C * pb.size * (K + 1)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 4 * C);
-      std::vector<acc_t> g(static_cast<size_t>(4 * (K + 1)));  // g[q * (K + 1) + k]
-      std::vector<acc_t*> out_rows(static_cast<size_t>(K + 1));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / pb.count, p0 = (item % pb.count) * pb.size;
-        const int64_t p1 = std::min(P, p0 + pb.size);
-        const acc_t* dvb = dvp + b * K * C;
-        const acc_t* inv = invp + b * P;
-        acc_t* ua = upart + item * K * C;
-        acc_t* ta = tpart + item * C;
-        std::fill_n(ua, K * C, acc_t(0));
-        std::fill_n(ta, C, acc_t(0));
-        for (int64_t k = 0; k < K; ++k) out_rows[k] = ua + k * C;
-        out_rows[K] = ta;
-        // Up to four positions at a time: their contributions to u and t share one
-        // read-modify-write of each accumulator row.
-        for (int64_t p = p0; p < p1; p += 4) {
-          const int64_t n = std::min<int64_t>(4, p1 - p);
-          const acc_t* rows[4];
-          for (int64_t q = 0; q < n; ++q) {
-            rows[q] = widen(xp + (b * P + p + q) * C, scratch.data() + q * C, C);
-            acc_t* gq = g.data() + q * (K + 1);
-            // The K dot products of this position, four parts sharing its loads.
-            for (int64_t k0 = 0; k0 < K; k0 += 4) {
-              const int64_t nk = std::min<int64_t>(4, K - k0);
-              const acc_t* vr[4];
-              for (int64_t j = 0; j < nk; ++j) vr[j] = dvb + (k0 + j) * C;
-              with_count(nk, [&](auto N) {
-                multi_dot<decltype(N)::value>(vr, rows[q], C, gq + k0);
-              });
+    at::parallel_for(
+        0, B * pb.count, grain_for(C * pb.size * (K + 1)), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 4 * C);
+          std::vector<acc_t> g(static_cast<size_t>(4 * (K + 1)));  // g[q * (K + 1) + k]
+          std::vector<acc_t*> out_rows(static_cast<size_t>(K + 1));
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t b = item / pb.count, p0 = (item % pb.count) * pb.size;
+            const int64_t p1 = std::min(P, p0 + pb.size);
+            const acc_t* dvb = dvp + b * K * C;
+            const acc_t* inv = invp + b * P;
+            acc_t* ua = upart + item * K * C;
+            acc_t* ta = tpart + item * C;
+            std::fill_n(ua, K * C, acc_t(0));
+            std::fill_n(ta, C, acc_t(0));
+            for (int64_t k = 0; k < K; ++k) out_rows[k] = ua + k * C;
+            out_rows[K] = ta;
+            // Up to four positions at a time: their contributions to u and t share one
+            // read-modify-write of each accumulator row.
+            for (int64_t p = p0; p < p1; p += 4) {
+              const int64_t n = std::min<int64_t>(4, p1 - p);
+              const acc_t* rows[4];
+              for (int64_t q = 0; q < n; ++q) {
+                rows[q] = widen(xp + (b * P + p + q) * C, scratch.data() + q * C, C);
+                acc_t* gq = g.data() + q * (K + 1);
+                // The K dot products of this position, four parts sharing its loads.
+                for (int64_t k0 = 0; k0 < K; k0 += 4) {
+                  const int64_t nk = std::min<int64_t>(4, K - k0);
+                  const acc_t* vr[4];
+                  for (int64_t j = 0; j < nk; ++j) vr[j] = dvb + (k0 + j) * C;
+                  with_count(
+                      nk, [&](auto N) { multi_dot<decltype(N)::value>(vr, rows[q], C, gq + k0); });
+                }
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t o = (b * K + k) * P + p + q;
+                  const acc_t wv = gq[k] + dmp[o];
+                  dwp[o] = wv;
+                  gq[k] = wv * inv[p + q];
+                }
+                gq[K] = inv[p + q];
+              }
+              for (int64_t k0 = 0; k0 <= K; k0 += 4) {
+                const int64_t nk = std::min<int64_t>(4, K + 1 - k0);
+                acc_t w[4][4] = {};
+                for (int64_t j = 0; j < nk; ++j)
+                  for (int64_t q = 0; q < n; ++q) w[j][q] = g[q * (K + 1) + k0 + j];
+                accum_rows<false>(out_rows.data() + k0, nk, rows, n, w, C);
+              }
+            }
+          }
+        });
+  } else {
+    at::parallel_for(
+        0, B * pb.count, grain_for(C * pb.size * (K + 1)), [&](int64_t begin, int64_t end) {
+          // wb rows 0..K-1: phase-1 sums, then dw * inv; row K: inv.
+          const int64_t ld = pb.size;
+          std::vector<acc_t> wb(static_cast<size_t>((K + 1) * ld));
+          std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 4 * ld);
+          std::vector<acc_t*> wrows(static_cast<size_t>(K + 1));
+          for (int64_t k = 0; k <= K; ++k) wrows[k] = wb.data() + k * ld;
+          std::vector<acc_t> dots(static_cast<size_t>(K + 1));
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t b = item / pb.count, p0 = (item % pb.count) * pb.size;
+            const int64_t len = std::min(pb.size, P - p0);
+            const scalar_t* base = xp + b * C * P + p0;
+            const acc_t* dvb = dvp + b * K * C;
+            const acc_t* inv = invp + b * P + p0;
+            // Phase 1: K dot products per position, element-wise over rows: four rows
+            // (widened once) times four parts per sweep.
+            for (int64_t k = 0; k < K; ++k) std::fill_n(wrows[k], len, acc_t(0));
+            for (int64_t c = 0; c < C; c += 4) {
+              const int64_t n = std::min<int64_t>(4, C - c);
+              const acc_t* rows[4];
+              for (int64_t q = 0; q < n; ++q)
+                rows[q] = widen(base + (c + q) * P, scratch.data() + q * ld, len);
+              for (int64_t k0 = 0; k0 < K; k0 += 4) {
+                const int64_t nk = std::min<int64_t>(4, K - k0);
+                acc_t w[4][4] = {};
+                for (int64_t j = 0; j < nk; ++j)
+                  for (int64_t q = 0; q < n; ++q) w[j][q] = dvb[(k0 + j) * C + c + q];
+                accum_rows<false>(wrows.data() + k0, nk, rows, n, w, len);
+              }
             }
             for (int64_t k = 0; k < K; ++k) {
-              const int64_t o = (b * K + k) * P + p + q;
-              const acc_t wv = gq[k] + dmp[o];
-              dwp[o] = wv;
-              gq[k] = wv * inv[p + q];
+              acc_t* __restrict__ wk = wrows[k];
+              const acc_t* __restrict__ dm = dmp + (b * K + k) * P + p0;
+              acc_t* __restrict__ out = dwp + (b * K + k) * P + p0;
+              for (int64_t p = 0; p < len; ++p) {
+                const acc_t wv = wk[p] + dm[p];
+                out[p] = wv;
+                wk[p] = wv * inv[p];
+              }
             }
-            gq[K] = inv[p + q];
+            std::copy_n(inv, len, wrows[K]);
+            // Phase 2: the block again, from cache: K + 1 dot products per channel, four
+            // weight rows sharing the loads of the channel's row.
+            acc_t* ua = upart + item * K * C;
+            acc_t* ta = tpart + item * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t* xr = widen(base + c * P, scratch.data(), len);
+              for (int64_t k0 = 0; k0 <= K; k0 += 4) {
+                const int64_t nk = std::min<int64_t>(4, K + 1 - k0);
+                with_count(nk, [&](auto N) {
+                  multi_dot<decltype(N)::value>(wrows.data() + k0, xr, len, dots.data() + k0);
+                });
+              }
+              for (int64_t k = 0; k < K; ++k) ua[k * C + c] = dots[k];
+              ta[c] = dots[K];
+            }
           }
-          for (int64_t k0 = 0; k0 <= K; k0 += 4) {
-            const int64_t nk = std::min<int64_t>(4, K + 1 - k0);
-            acc_t w[4][4] = {};
-            for (int64_t j = 0; j < nk; ++j)
-              for (int64_t q = 0; q < n; ++q) w[j][q] = g[q * (K + 1) + k0 + j];
-            accum_rows<false>(out_rows.data() + k0, nk, rows, n, w, C);
-          }
-        }
-      }
-    });
-  } else {
-    at::parallel_for(0, B * pb.count, grain_for(C * pb.size * (K + 1)),
-                     [&](int64_t begin, int64_t end) {
-      // wb rows 0..K-1: phase-1 sums, then dw * inv; row K: inv.
-      const int64_t ld = pb.size;
-      std::vector<acc_t> wb(static_cast<size_t>((K + 1) * ld));
-      std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : 4 * ld);
-      std::vector<acc_t*> wrows(static_cast<size_t>(K + 1));
-      for (int64_t k = 0; k <= K; ++k) wrows[k] = wb.data() + k * ld;
-      std::vector<acc_t> dots(static_cast<size_t>(K + 1));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / pb.count, p0 = (item % pb.count) * pb.size;
-        const int64_t len = std::min(pb.size, P - p0);
-        const scalar_t* base = xp + b * C * P + p0;
-        const acc_t* dvb = dvp + b * K * C;
-        const acc_t* inv = invp + b * P + p0;
-        // Phase 1: K dot products per position, element-wise over rows: four rows
-        // (widened once) times four parts per sweep.
-        for (int64_t k = 0; k < K; ++k) std::fill_n(wrows[k], len, acc_t(0));
-        for (int64_t c = 0; c < C; c += 4) {
-          const int64_t n = std::min<int64_t>(4, C - c);
-          const acc_t* rows[4];
-          for (int64_t q = 0; q < n; ++q)
-            rows[q] = widen(base + (c + q) * P, scratch.data() + q * ld, len);
-          for (int64_t k0 = 0; k0 < K; k0 += 4) {
-            const int64_t nk = std::min<int64_t>(4, K - k0);
-            acc_t w[4][4] = {};
-            for (int64_t j = 0; j < nk; ++j)
-              for (int64_t q = 0; q < n; ++q) w[j][q] = dvb[(k0 + j) * C + c + q];
-            accum_rows<false>(wrows.data() + k0, nk, rows, n, w, len);
-          }
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          acc_t* __restrict__ wk = wrows[k];
-          const acc_t* __restrict__ dm = dmp + (b * K + k) * P + p0;
-          acc_t* __restrict__ out = dwp + (b * K + k) * P + p0;
-          for (int64_t p = 0; p < len; ++p) {
-            const acc_t wv = wk[p] + dm[p];
-            out[p] = wv;
-            wk[p] = wv * inv[p];
-          }
-        }
-        std::copy_n(inv, len, wrows[K]);
-        // Phase 2: the block again, from cache: K + 1 dot products per channel, four
-        // weight rows sharing the loads of the channel's row.
-        acc_t* ua = upart + item * K * C;
-        acc_t* ta = tpart + item * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* xr = widen(base + c * P, scratch.data(), len);
-          for (int64_t k0 = 0; k0 <= K; k0 += 4) {
-            const int64_t nk = std::min<int64_t>(4, K + 1 - k0);
-            with_count(nk, [&](auto N) {
-              multi_dot<decltype(N)::value>(wrows.data() + k0, xr, len, dots.data() + k0);
-            });
-          }
-          for (int64_t k = 0; k < K; ++k) ua[k * C + c] = dots[k];
-          ta[c] = dots[K];
-        }
-      }
-    });
+        });
   }
   if (!direct) {
     reduce_blocks(upart, up, B, pb.count, K * C);
@@ -767,8 +777,8 @@ inline void finish_rows(out_t* __restrict__ o, int64_t o_ld, const scalar_t* __r
 }
 
 template <typename dtype_t>
-void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& m,
-                 const Tensor& cc, Tensor& df) {
+void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& m, const Tensor& cc,
+                 Tensor& df) {
   using acc_t = at::opmath_type<dtype_t>;
   using scalar_t = elem_t<dtype_t>;
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -785,8 +795,7 @@ void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& 
   // nr (1 or 4) output rows of length n: out_q = sum_j coef(j, q) src_j - sub_q x_q,
   // src_j = src + j * src_ld; x / out rows at stride x_ld.
   auto rows_out = [&](auto kSubPerRow, int64_t nr, const acc_t* src, int64_t src_ld, auto coef,
-                      const acc_t* sub, const scalar_t* x0, int64_t x_ld, scalar_t* o0,
-                      int64_t n) {
+                      const acc_t* sub, const scalar_t* x0, int64_t x_ld, scalar_t* o0, int64_t n) {
     constexpr bool kRow = decltype(kSubPerRow)::value;
     acc_t tmp[4][kChunk];
     acc_t* trows[4] = {tmp[0], tmp[1], tmp[2], tmp[3]};
@@ -825,11 +834,21 @@ void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& 
     };
     auto with_ni = [&](auto NO, auto kTmp) {
       switch (J - last) {
-        case 0: fin(NO, Int<0>{}, kTmp); break;
-        case 1: fin(NO, Int<1>{}, kTmp); break;
-        case 2: fin(NO, Int<2>{}, kTmp); break;
-        case 3: fin(NO, Int<3>{}, kTmp); break;
-        default: fin(NO, Int<4>{}, kTmp); break;
+        case 0:
+          fin(NO, Int<0>{}, kTmp);
+          break;
+        case 1:
+          fin(NO, Int<1>{}, kTmp);
+          break;
+        case 2:
+          fin(NO, Int<2>{}, kTmp);
+          break;
+        case 3:
+          fin(NO, Int<3>{}, kTmp);
+          break;
+        default:
+          fin(NO, Int<4>{}, kTmp);
+          break;
       }
     };
     auto with_tmp = [&](auto NO) {
@@ -856,9 +875,10 @@ void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& 
           const acc_t* mb = mp + b * J * C + c;
           for (int64_t p0 = 0; p0 < P; p0 += kChunk) {
             const int64_t n = std::min(kChunk, P - p0);
-            rows_out(std::false_type{}, nr, ap + b * J * P + p0, P,
-                     [&](int64_t j, int64_t q) { return mb[j * C + q]; }, cp + b * P + p0,
-                     xp + (b * C + c) * P + p0, P, dp + (b * C + c) * P + p0, n);
+            rows_out(
+                std::false_type{}, nr, ap + b * J * P + p0, P,
+                [&](int64_t j, int64_t q) { return mb[j * C + q]; }, cp + b * P + p0,
+                xp + (b * C + c) * P + p0, P, dp + (b * C + c) * P + p0, n);
           }
         }
       }
@@ -875,9 +895,10 @@ void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& 
         const acc_t* ab = ap + b * J * P + p;
         for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
           const int64_t n = std::min(kChunk, C - c0);
-          rows_out(std::true_type{}, nr, mp + b * J * C + c0, C,
-                   [&](int64_t j, int64_t q) { return ab[j * P + q]; }, cp + b * P + p,
-                   xp + (b * P + p) * C + c0, C, dp + (b * P + p) * C + c0, n);
+          rows_out(
+              std::true_type{}, nr, mp + b * J * C + c0, C,
+              [&](int64_t j, int64_t q) { return ab[j * P + q]; }, cp + b * P + p,
+              xp + (b * P + p) * C + c0, C, dp + (b * P + p) * C + c0, n);
         }
       }
     }

@@ -30,9 +30,12 @@ enum class CpuIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::kAvx512: return "avx512";
-    case CpuIsa::kAvx2: return "avx2";
-    default: return "generic";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
   }
 }
 
@@ -81,8 +84,7 @@ inline CpuIsa cpu_isa() {
 // features best_cpu_isa() checks for, listed once here.
 #define MK_CPU_ISA_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
 #define MK_CPU_ISA_BEGIN_AVX512 \
-  _Pragma("GCC push_options")   \
-  _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx2,fma\")")
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx2,fma\")")
 #define MK_CPU_ISA_END _Pragma("GCC pop_options")
 
 // MK_CPU_ISA_CALL(expr): evaluates `expr` once, in the copy cpu_isa() picks, with `isa`
@@ -91,22 +93,22 @@ inline CpuIsa cpu_isa() {
 // `MK_CPU_ISA_CALL(isa::apply_impl<scalar_t>(x, ...))`. The one dispatch of every CPU
 // kernel file; a file whose kernels have no generic copy never calls it on that ISA.
 #if MK_CPU_ISA_X86
-#define MK_CPU_ISA_CALL(...)                                \
-  [&] {                                                     \
-    switch (::manet_kernels::cpu_isa()) {                   \
-      case ::manet_kernels::CpuIsa::kAvx512: {              \
-        namespace isa = avx512;                             \
-        return __VA_ARGS__;                                 \
-      }                                                     \
-      case ::manet_kernels::CpuIsa::kAvx2: {                \
-        namespace isa = avx2;                               \
-        return __VA_ARGS__;                                 \
-      }                                                     \
-      default: {                                            \
-        namespace isa = generic;                            \
-        return __VA_ARGS__;                                 \
-      }                                                     \
-    }                                                       \
+#define MK_CPU_ISA_CALL(...)                   \
+  [&] {                                        \
+    switch (::manet_kernels::cpu_isa()) {      \
+      case ::manet_kernels::CpuIsa::kAvx512: { \
+        namespace isa = avx512;                \
+        return __VA_ARGS__;                    \
+      }                                        \
+      case ::manet_kernels::CpuIsa::kAvx2: {   \
+        namespace isa = avx2;                  \
+        return __VA_ARGS__;                    \
+      }                                        \
+      default: {                               \
+        namespace isa = generic;               \
+        return __VA_ARGS__;                    \
+      }                                        \
+    }                                          \
   }()
 #else
 #define MK_CPU_ISA_CALL(...) \

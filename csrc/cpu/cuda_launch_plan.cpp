@@ -28,7 +28,7 @@ struct Launch {
   std::string kernel;  // as the demangled symbol reads, namespaces and parameters dropped
   int64_t grid[3] = {1, 1, 1};
   int64_t threads = 0;
-  int64_t smem = 0;    // dynamic shared memory the host passes
+  int64_t smem = 0;       // dynamic shared memory the host passes
   int64_t occupancy = 0;  // 0: grid independent of occupancy; 1: from occ, missing; 2: given
 };
 
@@ -42,19 +42,30 @@ struct Gpu {
 
 std::string scalar_name(c10::ScalarType t) {
   switch (t) {
-    case c10::kBFloat16: return "c10::BFloat16";
-    case c10::kHalf: return "c10::Half";
-    case c10::kFloat: return "float";
-    case c10::kDouble: return "double";
-    default: TORCH_CHECK(false, "_cuda_launch_plan: dtype: expected a floating dtype, got ", t);
+    case c10::kBFloat16:
+      return "c10::BFloat16";
+    case c10::kHalf:
+      return "c10::Half";
+    case c10::kFloat:
+      return "float";
+    case c10::kDouble:
+      return "double";
+    default:
+      TORCH_CHECK(false, "_cuda_launch_plan: dtype: expected a floating dtype, got ", t);
   }
 }
 
 // The accumulation dtype (at::opmath_type) and its size.
-std::string acc_name(c10::ScalarType t) { return t == c10::kDouble ? "double" : "float"; }
-int acc_bytes(c10::ScalarType t) { return t == c10::kDouble ? 8 : 4; }
+std::string acc_name(c10::ScalarType t) {
+  return t == c10::kDouble ? "double" : "float";
+}
+int acc_bytes(c10::ScalarType t) {
+  return t == c10::kDouble ? 8 : 4;
+}
 
-const char* bool_name(bool v) { return v ? "true" : "false"; }
+const char* bool_name(bool v) {
+  return v ? "true" : "false";
+}
 
 std::string tmpl(const std::string& name, std::initializer_list<std::string> args) {
   std::string s = name + "<";
@@ -84,23 +95,23 @@ void ma_pass(std::vector<Launch>& out, c10::ScalarType dt, int64_t N, int64_t C,
   namespace mp = ma_plan;
   const mp::PassPlan pp =
       mp::plan_pass<OP, CL>(N, C, P, static_cast<int>(c10::elementSize(dt)), 0, gpu.sms);
-  out.push_back(launch1d(tmpl("_mixed_attention_tile_kernel",
-                              {scalar_name(dt), std::to_string(pp.tile.vec), std::to_string(OP),
-                               bool_name(CL)}),
-                         pp.blocks, mp::kThreads));
+  out.push_back(launch1d(
+      tmpl("_mixed_attention_tile_kernel",
+           {scalar_name(dt), std::to_string(pp.tile.vec), std::to_string(OP), bool_name(CL)}),
+      pp.blocks, mp::kThreads));
   const bool with_max = mp::OpTraits<OP, CL>::kMax;
   for (int64_t total : {pp.row_fin, pp.col_fin}) {
     if (total > 0) {
-      out.push_back(launch1d(
-          tmpl("_mixed_attention_finalize_kernel", {acc_name(dt), bool_name(with_max)}),
-          mp::finalize_blocks(total), mp::kThreads));
+      out.push_back(
+          launch1d(tmpl("_mixed_attention_finalize_kernel", {acc_name(dt), bool_name(with_max)}),
+                   mp::finalize_blocks(total), mp::kThreads));
     }
   }
 }
 
 template <int OP>
-void ma_pass_layout(std::vector<Launch>& out, bool cl, c10::ScalarType dt, int64_t N,
-                    int64_t C, int64_t P, const Gpu& gpu) {
+void ma_pass_layout(std::vector<Launch>& out, bool cl, c10::ScalarType dt, int64_t N, int64_t C,
+                    int64_t P, const Gpu& gpu) {
   if (cl) {
     ma_pass<OP, true>(out, dt, N, C, P, gpu);
   } else {
@@ -109,12 +120,13 @@ void ma_pass_layout(std::vector<Launch>& out, bool cl, c10::ScalarType dt, int64
 }
 
 // sa: (N, H, W) in `dt` (the maps' dtype); params = {k, has_bias}.
-void ma_spatial_conv(std::vector<Launch>& out, bool bwd, c10::ScalarType dt,
-                     at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {
+void ma_spatial_conv(std::vector<Launch>& out, bool bwd, c10::ScalarType dt, at::IntArrayRef shape,
+                     at::IntArrayRef params, const Gpu& gpu) {
   namespace mp = ma_plan;
   TORCH_CHECK(shape.size() == 3 && params.size() == 2,
               "_cuda_launch_plan: spatial conv: expected shape (N, H, W) and params (k, "
-              "has_bias), got ", shape, " and ", params);
+              "has_bias), got ",
+              shape, " and ", params);
   const int64_t P = shape[0] * shape[1] * shape[2], k = params[0];
   const std::string T = scalar_name(dt);
   if (!bwd) {
@@ -124,19 +136,18 @@ void ma_spatial_conv(std::vector<Launch>& out, bool bwd, c10::ScalarType dt,
   }
   const int64_t taps = 2 * k * k + (params[1] ? 1 : 0);
   const int64_t S = mp::conv_dw_splits(P, taps, gpu.sms);
-  out.push_back(launch1d(tmpl("_mixed_attention_spatial_conv_dmap_kernel", {T}),
-                         mp::conv_blocks(P), mp::kConvThreads));
-  Launch dw = launch1d(tmpl("_mixed_attention_spatial_conv_dw_kernel", {T}), taps,
-                       mp::kConvThreads);
+  out.push_back(launch1d(tmpl("_mixed_attention_spatial_conv_dmap_kernel", {T}), mp::conv_blocks(P),
+                         mp::kConvThreads));
+  Launch dw =
+      launch1d(tmpl("_mixed_attention_spatial_conv_dw_kernel", {T}), taps, mp::kConvThreads);
   dw.grid[1] = S;
   out.push_back(dw);
   out.push_back(launch1d(tmpl("_mixed_attention_spatial_conv_dw_finalize_kernel", {T}),
                          mp::ceil_div(taps, mp::kConvThreads), mp::kConvThreads));
 }
 
-bool mixed_attention(std::vector<Launch>& out, const std::string& op, bool cl,
-                     c10::ScalarType dt, at::IntArrayRef shape, at::IntArrayRef params,
-                     const Gpu& gpu) {
+bool mixed_attention(std::vector<Launch>& out, const std::string& op, bool cl, c10::ScalarType dt,
+                     at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {
   namespace mp = ma_plan;
   if (op == "mixed_attention_spatial_conv" || op == "mixed_attention_spatial_conv_bwd") {
     ma_spatial_conv(out, op.back() == 'd', dt, shape, params, gpu);
@@ -187,8 +198,7 @@ void brnpa_reduce(std::vector<Launch>& out, int mode, bool cl, c10::ScalarType d
   l.grid[0] = B * nblk;
   out.push_back(l);
   if (bp::reduce_finalizes(mode, nblk, nw)) {
-    out.push_back(launch1d(tmpl("_brnpa_finalize_kernel", {acc_name(dt)}), B * nw,
-                           bp::kThreads));
+    out.push_back(launch1d(tmpl("_brnpa_finalize_kernel", {acc_name(dt)}), B * nw, bp::kThreads));
   }
 }
 
@@ -200,9 +210,8 @@ bool brnpa(std::vector<Launch>& out, const std::string& op, bool cl, c10::Scalar
   const int acc = acc_bytes(dt);
   const int vec = plan_util::pick_vec_bits(cl ? C : P, elem, 0);
   auto check_smem = [&](size_t smem) {
-    TORCH_CHECK(smem <= gpu.smem_optin, "_cuda_launch_plan: ", op, " at shape ", shape,
-                " needs ", smem, " bytes of shared memory (limit ", gpu.smem_optin,
-                "): the op refuses it");
+    TORCH_CHECK(smem <= gpu.smem_optin, "_cuda_launch_plan: ", op, " at shape ", shape, " needs ",
+                smem, " bytes of shared memory (limit ", gpu.smem_optin, "): the op refuses it");
   };
   if (op == "brnpa_norms") {
     const bp::ReducePlan pl = bp::plan_reduce(cl, C, P, vec, elem, acc, 0, 1);
@@ -217,19 +226,18 @@ bool brnpa(std::vector<Launch>& out, const std::string& op, bool cl, c10::Scalar
   } else if (op == "brnpa_bwd_reduce") {
     TORCH_CHECK(params.size() == 1 && params[0] >= 1,
                 "_cuda_launch_plan: brnpa_bwd_reduce: expected params (K,), got ", params);
-    for (const bp::BwdChunk& ch : bp::plan_bwd_chunks(cl, C, P, vec, elem, acc, params[0],
-                                                      gpu.smem_optin)) {
+    for (const bp::BwdChunk& ch :
+         bp::plan_bwd_chunks(cl, C, P, vec, elem, acc, params[0], gpu.smem_optin)) {
       check_smem(ch.pl.smem);
       brnpa_reduce(out, bp::kBwd, cl, dt, B, static_cast<int>(ch.nk + ch.with_t), ch.pl, gpu);
     }
   } else if (op == "brnpa_bwd_dx") {
     const int64_t L = cl ? C : P;
-    const bp::DxPlan pl =
-        bp::plan_dx(cl, B, C, P, plan_util::pick_vec_bits(L, elem, 0), acc);
-    out.push_back(launch1d(
-        tmpl("_brnpa_bwd_dx_kernel", {scalar_name(dt),
-                                      std::to_string(pl.tcol / pl.lanes), bool_name(cl)}),
-        pl.blocks, bp::kThreads, static_cast<int64_t>(pl.smem)));
+    const bp::DxPlan pl = bp::plan_dx(cl, B, C, P, plan_util::pick_vec_bits(L, elem, 0), acc);
+    out.push_back(
+        launch1d(tmpl("_brnpa_bwd_dx_kernel",
+                      {scalar_name(dt), std::to_string(pl.tcol / pl.lanes), bool_name(cl)}),
+                 pl.blocks, bp::kThreads, static_cast<int64_t>(pl.smem)));
   } else {
     return false;
   }
@@ -248,9 +256,10 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op, c10::ScalarType 
   const bool bwd = op.size() > 4 && op.compare(op.size() - 4, 4, "_bwd") == 0;
   TORCH_CHECK(bwd || op.compare(op.size() - 4, 4, "_fwd") == 0, "_cuda_launch_plan: unknown op ",
               op);
-  TORCH_CHECK(params.size() == 10,
-              "_cuda_launch_plan: ", op, ": expected params (C2, kh, kw, stride_h, stride_w, "
-              "pad_h, pad_w, dilation_h, dilation_w, groups), got ", params);
+  TORCH_CHECK(params.size() == 10, "_cuda_launch_plan: ", op,
+              ": expected params (C2, kh, kw, stride_h, stride_w, "
+              "pad_h, pad_w, dilation_h, dilation_w, groups), got ",
+              params);
   const int64_t st[2] = {params[3], params[4]}, pd[2] = {params[5], params[6]},
                 dl[2] = {params[7], params[8]};
   const ap::Geo g = ap::make_geo(shape[0], shape[1], shape[2], shape[3], params[0], params[1],
@@ -265,15 +274,15 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op, c10::ScalarType 
   const std::string T = scalar_name(dt);
   const ap::ConvGrid cg = ap::conv_grid(g, bwd, bm, bn);
   if (cg.blocks > 0) {
-    out.push_back(launch1d(tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel",
-                                {T, core, bool_name(aw)}),
-                           cg.blocks, ap::kThreads));
+    out.push_back(launch1d(
+        tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel", {T, core, bool_name(aw)}),
+        cg.blocks, ap::kThreads));
   }
   if (bwd) {
     const ap::WgradGrid wg = ap::wgrad_grid(g, bm, bn, bk, aw, acc_bytes(dt), gpu.sms);
     if (wg.blocks > 0) {
-      out.push_back(launch1d(tmpl("_aw_conv2d_wgrad_kernel", {T, core, bool_name(aw)}),
-                             wg.blocks, ap::kThreads));
+      out.push_back(launch1d(tmpl("_aw_conv2d_wgrad_kernel", {T, core, bool_name(aw)}), wg.blocks,
+                             ap::kThreads));
     }
   }
   return true;
@@ -285,26 +294,30 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> cuda_launch_plan(
     const std::string& op, at::IntArrayRef shape, c10::ScalarType dtype, bool channels_last,
     at::IntArrayRef params, int64_t sms, int64_t cc_major, int64_t smem_optin,
     const std::vector<std::string>& occ_kernels, at::IntArrayRef occ_ctas) {
-  TORCH_CHECK(occ_kernels.size() == occ_ctas.size(), "_cuda_launch_plan: occ_kernels and "
-              "occ_ctas: expected lists of one length, got ", occ_kernels.size(), " and ",
-              occ_ctas.size());
-  TORCH_CHECK(sms >= 1 && smem_optin >= 0, "_cuda_launch_plan: expected sms >= 1 and "
-              "smem_optin >= 0, got ", sms, " and ", smem_optin);
-  TORCH_CHECK(shape.size() == 4 || shape.size() == 3, "_cuda_launch_plan: shape: expected "
-              "(N, C, H, W) (or (N, H, W) for the spatial conv), got ", shape);
+  TORCH_CHECK(occ_kernels.size() == occ_ctas.size(),
+              "_cuda_launch_plan: occ_kernels and "
+              "occ_ctas: expected lists of one length, got ",
+              occ_kernels.size(), " and ", occ_ctas.size());
+  TORCH_CHECK(sms >= 1 && smem_optin >= 0,
+              "_cuda_launch_plan: expected sms >= 1 and "
+              "smem_optin >= 0, got ",
+              sms, " and ", smem_optin);
+  TORCH_CHECK(shape.size() == 4 || shape.size() == 3,
+              "_cuda_launch_plan: shape: expected "
+              "(N, C, H, W) (or (N, H, W) for the spatial conv), got ",
+              shape);
   for (int64_t s : shape) {
     TORCH_CHECK(s >= 1, "_cuda_launch_plan: shape: expected sizes >= 1, got ", shape);
   }
   scalar_name(dtype);  // rejects a dtype the kernels do not take
-  const Gpu gpu{static_cast<int>(sms), static_cast<int>(cc_major),
-                static_cast<size_t>(smem_optin), occ_kernels,
-                std::vector<int64_t>(occ_ctas.begin(), occ_ctas.end())};
+  const Gpu gpu{static_cast<int>(sms), static_cast<int>(cc_major), static_cast<size_t>(smem_optin),
+                occ_kernels, std::vector<int64_t>(occ_ctas.begin(), occ_ctas.end())};
   std::vector<Launch> launches;
-  const bool known = (shape.size() == 4 || op.rfind("mixed_attention_spatial_conv", 0) == 0) &&
-                     (mixed_attention(launches, op, channels_last, dtype, shape, params, gpu) ||
-                      (shape.size() == 4 &&
-                       (brnpa(launches, op, channels_last, dtype, shape, params, gpu) ||
-                        aw_conv2d(launches, op, dtype, shape, params, gpu))));
+  const bool known =
+      (shape.size() == 4 || op.rfind("mixed_attention_spatial_conv", 0) == 0) &&
+      (mixed_attention(launches, op, channels_last, dtype, shape, params, gpu) ||
+       (shape.size() == 4 && (brnpa(launches, op, channels_last, dtype, shape, params, gpu) ||
+                              aw_conv2d(launches, op, dtype, shape, params, gpu))));
   TORCH_CHECK(known, "_cuda_launch_plan: op: unknown op ", op, " for shape ", shape);
   std::vector<std::string> names;
   std::vector<int64_t> nums;

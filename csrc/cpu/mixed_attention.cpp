@@ -60,24 +60,23 @@ using manet_kernels::dtype_name;
 Layout check_activation(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK_VALUE(t.layout() == at::kStrided, name,
-                    ": expected a strided (dense) tensor, got layout ", t.layout());
+                 ": expected a strided (dense) tensor, got layout ", t.layout());
   MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  MK_CHECK_VALUE(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ",
-                    t.dim(), " with shape ", t.sizes());
+  MK_CHECK_VALUE(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
+                 " with shape ", t.sizes());
   const auto st = t.scalar_type();
   MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                   name, ": expected dtype float32, float64, bfloat16 or float16, got ",
-                   dtype_name(st));
+                name, ": expected dtype float32, float64, bfloat16 or float16, got ",
+                dtype_name(st));
   // Index tensors are int32.
   MK_CHECK_VALUE(t.size(1) <= std::numeric_limits<int32_t>::max() &&
-                    t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
-                    name, ": C and H*W must fit in int32, got shape ", t.sizes());
+                     t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
+                 name, ": C and H*W must fit in int32, got shape ", t.sizes());
   if (t.is_contiguous()) return Layout::kNCHW;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return Layout::kNHWC;
   MK_CHECK_VALUE(false, name,
-                    ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
-                    t.sizes(), " with strides ", t.strides(),
-                    " (make it contiguous before calling)");
+                 ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
+                 t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
   return Layout::kNCHW;  // unreachable
 }
 
@@ -88,7 +87,7 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 void check_dense_cpu(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK_VALUE(t.layout() == at::kStrided, name,
-                    ": expected a strided (dense) tensor, got layout ", t.layout());
+                 ": expected a strided (dense) tensor, got layout ", t.layout());
   MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
@@ -97,22 +96,22 @@ void check_small(const Tensor& t, const char* name, const char* dims, at::IntArr
                  at::ScalarType acc, const char* act_name, at::ScalarType act_dtype) {
   check_dense_cpu(t, name);
   MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-                    t.sizes());
+                 t.sizes());
   MK_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", dtype_name(acc),
-                   " (the accumulation dtype for ", act_name, " of dtype ", dtype_name(act_dtype),
-                   "), got ", dtype_name(t.scalar_type()));
+                " (the accumulation dtype for ", act_name, " of dtype ", dtype_name(act_dtype),
+                "), got ", dtype_name(t.scalar_type()));
   MK_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-                    t.strides());
+                 t.strides());
 }
 
 void check_index(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes) {
   check_dense_cpu(t, name);
   MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-                    t.sizes());
+                 t.sizes());
   MK_CHECK_TYPE(t.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
-                   dtype_name(t.scalar_type()));
+                dtype_name(t.scalar_type()));
   MK_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-                    t.strides());
+                 t.strides());
 }
 
 const char* layout_name(Layout l) {
@@ -151,30 +150,29 @@ std::tuple<Tensor, Tensor, Tensor> channel_pool(const Tensor& x) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   MK_CHECK_VALUE(P >= 1, "x: expected H*W >= 1 to take a max over positions, got shape ",
-                    x.sizes());
+                 x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   Tensor avg = at::empty({N, C}, x.options().dtype(acc));
   Tensor mx = at::empty({N, C}, x.options().dtype(acc));
   Tensor im = at::empty({N, C}, x.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_channel_pool",
-                                  [&] { MK_CPU_ISA_CALL(isa::channel_pool_impl<scalar_t>(x, layout, avg, mx, im)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "mixed_attention_channel_pool",
+      [&] { MK_CPU_ISA_CALL(isa::channel_pool_impl<scalar_t>(x, layout, avg, mx, im)); });
   return {avg, mx, im};
 }
 
 std::tuple<Tensor, Tensor, Tensor> spatial_pool(const Tensor& x, const Tensor& mc) {
   const Layout layout = check_activation(x, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  MK_CHECK_VALUE(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ",
-                    x.sizes());
+  MK_CHECK_VALUE(C >= 1, "x: expected C >= 1 to take a max over channels, got shape ", x.sizes());
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
   Tensor sa = at::empty({N, H, W}, x.options().dtype(acc));
   Tensor sm = at::empty({N, H, W}, x.options().dtype(acc));
   Tensor ic = at::empty({N, H, W}, x.options().dtype(at::kInt));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_spatial_pool",
-                                  [&] { MK_CPU_ISA_CALL(isa::spatial_pool_impl<scalar_t>(x, layout, mc, sa, sm, ic)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "mixed_attention_spatial_pool",
+      [&] { MK_CPU_ISA_CALL(isa::spatial_pool_impl<scalar_t>(x, layout, mc, sa, sm, ic)); });
   return {sa, sm, ic};
 }
 
@@ -185,9 +183,9 @@ Tensor apply(const Tensor& x, const Tensor& mc, const Tensor& ms) {
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
   check_small(ms, "ms", "(N, H, W)", {N, H, W}, acc, "x", x.scalar_type());
   Tensor y = at::empty(x.sizes(), x.options().memory_format(memory_format(layout)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_apply",
-                                  [&] { MK_CPU_ISA_CALL(isa::apply_impl<scalar_t>(x, layout, mc, ms, y)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "mixed_attention_apply",
+      [&] { MK_CPU_ISA_CALL(isa::apply_impl<scalar_t>(x, layout, mc, ms, y)); });
   return y;
 }
 
@@ -197,20 +195,19 @@ std::tuple<Tensor, Tensor> bwd_reduce(const Tensor& g, const Tensor& x, const Te
   const Layout g_layout = check_activation(g, "g");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   MK_CHECK_VALUE(g.sizes() == x.sizes(), "g: expected the shape of x ", x.sizes(), ", got ",
-                    g.sizes());
+                 g.sizes());
   MK_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "g: expected the dtype of x (",
-                   dtype_name(x.scalar_type()), "), got ", dtype_name(g.scalar_type()));
-  MK_CHECK_VALUE(g_layout == layout, "g: expected the memory format of x (",
-                    layout_name(layout), "), got ", layout_name(g_layout));
+                dtype_name(x.scalar_type()), "), got ", dtype_name(g.scalar_type()));
+  MK_CHECK_VALUE(g_layout == layout, "g: expected the memory format of x (", layout_name(layout),
+                 "), got ", layout_name(g_layout));
   const auto acc = acc_dtype_for(x.scalar_type());
   check_small(mc, "mc", "(N, C)", {N, C}, acc, "x", x.scalar_type());
   check_small(ms, "ms", "(N, H, W)", {N, H, W}, acc, "x", x.scalar_type());
   Tensor dms = at::empty({N, H, W}, x.options().dtype(acc));
   Tensor dmc = at::empty({N, C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_bwd_reduce", [&] {
-                                    MK_CPU_ISA_CALL(isa::bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc));
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "mixed_attention_bwd_reduce",
+      [&] { MK_CPU_ISA_CALL(isa::bwd_reduce_impl<scalar_t>(g, x, layout, mc, ms, dms, dmc)); });
   return {dms, dmc};
 }
 
@@ -222,10 +219,9 @@ Tensor bwd_channel(const Tensor& x, const Tensor& da_s, const Tensor& dm_s, cons
   check_small(dm_s, "dm_s", "(N, H, W)", {N, H, W}, acc, "x", x.scalar_type());
   check_index(ic, "ic", "(N, H, W)", {N, H, W});
   Tensor out = at::empty({N, C}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
-                                  "mixed_attention_bwd_channel", [&] {
-                                    MK_CPU_ISA_CALL(isa::bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out));
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "mixed_attention_bwd_channel",
+      [&] { MK_CPU_ISA_CALL(isa::bwd_channel_impl<scalar_t>(x, layout, da_s, dm_s, ic, out)); });
   return out;
 }
 
@@ -246,11 +242,11 @@ Tensor bwd_dx(const Tensor& g, const Tensor& mc, const Tensor& ms, const Tensor&
   check_index(im, "im", "(N, C)", {N, C});
   Tensor dx = at::empty(g.sizes(), g.options().memory_format(memory_format(layout)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "mixed_attention_bwd_dx", [&] {
-    MK_CPU_ISA_CALL(isa::bwd_dx_impl<scalar_t>(g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx));
+    MK_CPU_ISA_CALL(
+        isa::bwd_dx_impl<scalar_t>(g, layout, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx));
   });
   return dx;
 }
-
 
 // ---------------------------------------------------------------------------
 // The k x k conv on the 2-channel [mean, max] map, (N, H, W) each, padding k//2.
@@ -287,17 +283,18 @@ template <typename T>
 void spatial_conv_sample(const T* sa, const T* sm, const T* w, T b, T* z, int64_t H, int64_t W,
                          int64_t k) {
   std::fill(z, z + H * W, b);
-  for_each_tap(k, H, W, [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1,
-                            int64_t j0, int64_t j1) {
-    const T* f = c == 0 ? sa : sm;
-    const T wv = w[t];
-    for (int64_t i = i0; i < i1; ++i) {
-      T* __restrict__ zr = z + i * W;
-      const T* __restrict__ fr = f + (i + di) * W + dj;
+  for_each_tap(k, H, W,
+               [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1, int64_t j0,
+                   int64_t j1) {
+                 const T* f = c == 0 ? sa : sm;
+                 const T wv = w[t];
+                 for (int64_t i = i0; i < i1; ++i) {
+                   T* __restrict__ zr = z + i * W;
+                   const T* __restrict__ fr = f + (i + di) * W + dj;
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) zr[j] += wv * fr[j];
-    }
-  });
+                   for (int64_t j = j0; j < j1; ++j) zr[j] += wv * fr[j];
+                 }
+               });
 }
 
 // d(sa), d(sm) of one sample (scatter of dz through every tap), and its partial
@@ -310,27 +307,28 @@ void spatial_conv_bwd_sample(const T* dz, const T* sa, const T* sm, const T* w, 
   T sb = 0;
   for (int64_t p = 0; p < H * W; ++p) sb += dz[p];
   *db = sb;
-  for_each_tap(k, H, W, [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1,
-                            int64_t j0, int64_t j1) {
-    const T* f = c == 0 ? sa : sm;
-    T* df = c == 0 ? dsa : dsm;
-    const T wv = w[t];
-    T acc = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* __restrict__ dzr = dz + i * W;
-      const int64_t off = (i + di) * W + dj;
-      const T* __restrict__ fr = f + off;
-      T* __restrict__ dfr = df + off;
-      T row = 0;
+  for_each_tap(k, H, W,
+               [&](int c, int64_t t, int64_t di, int64_t dj, int64_t i0, int64_t i1, int64_t j0,
+                   int64_t j1) {
+                 const T* f = c == 0 ? sa : sm;
+                 T* df = c == 0 ? dsa : dsm;
+                 const T wv = w[t];
+                 T acc = 0;
+                 for (int64_t i = i0; i < i1; ++i) {
+                   const T* __restrict__ dzr = dz + i * W;
+                   const int64_t off = (i + di) * W + dj;
+                   const T* __restrict__ fr = f + off;
+                   T* __restrict__ dfr = df + off;
+                   T row = 0;
 #pragma omp simd reduction(+ : row)
-      for (int64_t j = j0; j < j1; ++j) {
-        dfr[j] += wv * dzr[j];
-        row += dzr[j] * fr[j];
-      }
-      acc += row;
-    }
-    dw[t] = acc;
-  });
+                   for (int64_t j = j0; j < j1; ++j) {
+                     dfr[j] += wv * dzr[j];
+                     row += dzr[j] * fr[j];
+                   }
+                   acc += row;
+                 }
+                 dw[t] = acc;
+               });
 }
 
 // Samples per task: waking the thread pool costs tens of microseconds on a small VM, more
@@ -383,14 +381,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
     scalar_t *da = dsa.data_ptr<scalar_t>(), *dm = dsm.data_ptr<scalar_t>(),
              *pp = part.data_ptr<scalar_t>();
     // twice the forward's work per sample: half its grain
-    at::parallel_for(0, N, std::max<int64_t>(1, conv_grain(H, W, k) / 2),
-                     [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t o = n * H * W;
-        spatial_conv_bwd_sample(g + o, a + o, m + o, w, da + o, dm + o, pp + n * (kk + 1),
-                                pp + n * (kk + 1) + kk, H, W, k);
-      }
-    });
+    at::parallel_for(
+        0, N, std::max<int64_t>(1, conv_grain(H, W, k) / 2), [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t o = n * H * W;
+            spatial_conv_bwd_sample(g + o, a + o, m + o, w, da + o, dm + o, pp + n * (kk + 1),
+                                    pp + n * (kk + 1) + kk, H, W, k);
+          }
+        });
   });
   // Summed over samples in order: deterministic. A plain loop: 2*k*k+1 sums of N
   // values, where ATen's sum/narrow/reshape/clone cost more than the arithmetic.

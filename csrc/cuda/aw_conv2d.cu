@@ -70,14 +70,13 @@ struct FmaCore {
   using acc_t = acc_t_;
   using comp_t = acc_t_;
   static constexpr int BM = FmaTile::BM, BN = FmaTile::BN, BK = FmaTile::BK;
-  static constexpr int kALd = BM;       // A stored k-major: [BK][BM]
-  static constexpr int kBLd = BN;       // B stored [BK][BN]
-  static constexpr int kCLd = BN + 4;   // +4: the epilogues' row walks hit distinct banks
+  static constexpr int kALd = BM;      // A stored k-major: [BK][BM]
+  static constexpr int kBLd = BN;      // B stored [BK][BN]
+  static constexpr int kCLd = BN + 4;  // +4: the epilogues' row walks hit distinct banks
   static constexpr int kAElems = BK * kALd;
   static constexpr int kBElems = BK * kBLd;
-  static constexpr int kSmemBytes =
-      std::max(static_cast<int>((kAElems + kBElems) * sizeof(comp_t)),
-               static_cast<int>(BM * kCLd * sizeof(acc_t)));
+  static constexpr int kSmemBytes = std::max(static_cast<int>((kAElems + kBElems) * sizeof(comp_t)),
+                                             static_cast<int>(BM * kCLd * sizeof(acc_t)));
 
   __device__ static int a_at(int m, int k) { return k * kALd + m; }
   __device__ static int b_at(int k, int n) { return k * kBLd + n; }
@@ -120,7 +119,9 @@ struct FmaCore {
 template <typename comp_t>
 __device__ __forceinline__ comp_t round_to(float v);
 template <>
-__device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half round_to<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -135,14 +136,13 @@ struct WmmaCore {
   using acc_t = float;
   using comp_t = comp_t_;
   static constexpr int BM = WmmaTile::BM, BN = WmmaTile::BN, BK = WmmaTile::BK;
-  static constexpr int kALd = BK + 8;   // A stored row-major [BM][BK + 8]; the pad
-  static constexpr int kBLd = BN + 8;   // staggers rows across banks
+  static constexpr int kALd = BK + 8;  // A stored row-major [BM][BK + 8]; the pad
+  static constexpr int kBLd = BN + 8;  // staggers rows across banks
   static constexpr int kCLd = BN + 4;
   static constexpr int kAElems = BM * kALd;
   static constexpr int kBElems = BK * kBLd;
-  static constexpr int kSmemBytes =
-      std::max(static_cast<int>((kAElems + kBElems) * sizeof(comp_t)),
-               static_cast<int>(BM * kCLd * sizeof(acc_t)));
+  static constexpr int kSmemBytes = std::max(static_cast<int>((kAElems + kBElems) * sizeof(comp_t)),
+                                             static_cast<int>(BM * kCLd * sizeof(acc_t)));
   static_assert(kALd * sizeof(comp_t) % 16 == 0 && kBLd * sizeof(comp_t) % 16 == 0,
                 "WMMA leading dimensions must be multiples of 16 bytes");
   static_assert(16 * kALd * sizeof(comp_t) % 32 == 0 && 16 * kBLd * sizeof(comp_t) % 32 == 0 &&
@@ -224,9 +224,8 @@ __device__ __forceinline__ Smem<Core> smem_views(unsigned char* raw) {
 // Ends with a barrier, so the caller may overwrite the tiles (or C) right away.
 template <class Core, class LoadA, class LoadB>
 __device__ __forceinline__ void gemm_k_loop(Core& core, const Smem<Core>& sm, int k_begin,
-                                            int k_end, const LoadA& load_a,
-                                            const LoadB& load_b, bool a_m_fast,
-                                            bool b_n_fast) {
+                                            int k_end, const LoadA& load_a, const LoadB& load_b,
+                                            bool a_m_fast, bool b_n_fast) {
   using acc_t = typename Core::acc_t;
   constexpr int BM = Core::BM, BN = Core::BN, BK = Core::BK;
   for (int k0 = k_begin; k0 < k_end; k0 += BK) {
@@ -260,19 +259,21 @@ Strides strides_of(const Tensor& t) {
 }
 
 // An activation's unit-stride axis is W (NCHW) unless it is channels_last.
-__host__ __device__ inline bool positions_fast(const Strides& s) { return s.w == 1; }
+__host__ __device__ inline bool positions_fast(const Strides& s) {
+  return s.w == 1;
+}
 
 template <typename scalar_t, typename acc_t>
 struct ConvArgs {
   Geo geo;
-  const scalar_t* in;   // forward: x; dx: g
+  const scalar_t* in;  // forward: x; dx: g
   Strides in_s;
-  const scalar_t* w;    // weight (C2, C1/g, kh, kw) or weights (N, C2, C1/g, kh, kw)
-  const acc_t* scale;   // (N, C2, kh, kw); aw only
-  const acc_t* bias;    // (N, C2) or null; forward only
-  scalar_t* out;        // forward: y; dx: dx
+  const scalar_t* w;   // weight (C2, C1/g, kh, kw) or weights (N, C2, C1/g, kh, kw)
+  const acc_t* scale;  // (N, C2, kh, kw); aw only
+  const acc_t* bias;   // (N, C2) or null; forward only
+  scalar_t* out;       // forward: y; dx: dx
   Strides out_s;
-  int n_mt, n_nt;       // tiles along M and N
+  int n_mt, n_nt;  // tiles along M and N
 };
 
 template <typename scalar_t, typename acc_t>
@@ -282,10 +283,10 @@ struct WgradArgs {
   Strides g_s;
   const scalar_t* x;
   Strides x_s;
-  const scalar_t* w;    // aw: weight, for dscale
-  const acc_t* scale;   // aw: (N, C2, kh, kw)
-  acc_t* dw_part;       // aw: (S_n * S_q, C2, C1/g, kh, kw); per-sample: (S_q, N, C2, C1/g, kh, kw)
-  acc_t* ds_part;       // aw: (S_q * n_nt, N, C2, kh, kw)
+  const scalar_t* w;   // aw: weight, for dscale
+  const acc_t* scale;  // aw: (N, C2, kh, kw)
+  acc_t* dw_part;      // aw: (S_n * S_q, C2, C1/g, kh, kw); per-sample: (S_q, N, C2, C1/g, kh, kw)
+  acc_t* ds_part;      // aw: (S_q * n_nt, N, C2, kh, kw)
   int n_mt, n_nt;
   int n_chunk, q_chunk;  // samples and output positions per split
   int s_n, s_q;          // number of splits
@@ -417,8 +418,8 @@ __global__ void __launch_bounds__(kThreads)
     const int c = c0 + cc;
     if (c >= g.c1g) return acc_t(0);
     const int t = k / g.c2g, j = k - t * g.c2g;
-    const acc_t v = static_cast<acc_t>(
-        w[(static_cast<int64_t>(obase + j) * g.c1g + c) * g.taps + t]);
+    const acc_t v =
+        static_cast<acc_t>(w[(static_cast<int64_t>(obase + j) * g.c1g + c) * g.taps + t]);
     if constexpr (kScaled) {
       return v * a.scale[(static_cast<int64_t>(n) * g.c2 + obase + j) * g.taps + t];
     } else {
@@ -498,8 +499,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int jj = 0; jj < BN / kRowParts; ++jj) {
       const int j = fp + kRowParts * jj;
       wreg[jj] = (m0 + fr < g.c2g && j0 + j < g.c1g)
-                     ? static_cast<acc_t>(a.w[(static_cast<int64_t>(obase + fr) * g.c1g + j0 + j) *
-                                                  g.taps + t])
+                     ? static_cast<acc_t>(
+                           a.w[(static_cast<int64_t>(obase + fr) * g.c1g + j0 + j) * g.taps + t])
                      : acc_t(0);
     }
 #pragma unroll
@@ -585,49 +586,46 @@ at::ScalarType acc_dtype_for(at::ScalarType st) {
 void check_cuda_dense(const Tensor& t, const char* name) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
-              t.layout());
+           t.layout());
   MK_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
 }
 
 void check_on_device(const Tensor& t, const char* name, const Tensor& x) {
   MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
   MK_CHECK(t.device() == x.device(), name, ": expected a tensor on x's device ", x.device(),
-              ", got device ", t.device());
+           ", got device ", t.device());
   MK_CHECK(t.layout() == at::kStrided, name, ": expected a strided (dense) tensor, got layout ",
-              t.layout());
+           t.layout());
 }
 
 // The memory format of the outputs derived from `t`: NCHW when `t` is NCHW-contiguous
 // (also when it is both, e.g. C == 1 or H == W == 1), else channels_last.
 at::MemoryFormat check_activation_layout(const Tensor& t, const char* name) {
   MK_CHECK(t.dim() == 4, name, ": expected a rank-4 (N, C, H, W) tensor, got rank ", t.dim(),
-              " with shape ", t.sizes());
+           " with shape ", t.sizes());
   const auto st = t.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              name, ": expected dtype float32, float64, bfloat16 or float16, got ", st);
+  MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
+           ": expected dtype float32, float64, bfloat16 or float16, got ", st);
   if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
   MK_CHECK(false, name,
-              ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ",
-              t.sizes(), " with strides ", t.strides(), " (make it contiguous before calling)");
+           ": expected NCHW-contiguous or channels_last-contiguous strides, got shape ", t.sizes(),
+           " with strides ", t.strides(), " (make it contiguous before calling)");
   return at::MemoryFormat::Contiguous;  // unreachable
 }
 
 void check_small(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
                  at::ScalarType dtype, const Tensor& x) {
   check_on_device(t, name, x);
-  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-              t.sizes());
+  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ", t.sizes());
   MK_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype,
-              " (the accumulation dtype for x's dtype), got ", t.scalar_type());
-  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              t.strides());
+           " (the accumulation dtype for x's dtype), got ", t.scalar_type());
+  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
 }
 
 std::array<int64_t, 2> check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
   MK_CHECK(v.size() == 2, name, ": expected two values (height, width), got ", v);
-  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum,
-              ", got ", v);
+  MK_CHECK(v[0] >= minimum && v[1] >= minimum, name, ": expected values >= ", minimum, ", got ", v);
   return {v[0], v[1]};
 }
 
@@ -656,54 +654,57 @@ Checked check_conv(const Tensor& x, at::IntArrayRef wsizes, const char* wname,
   const size_t rk = wsizes.size();
   const int64_t c2 = wsizes[rk - 4], kh = wsizes[rk - 2], kw = wsizes[rk - 1];
   MK_CHECK(c1 % groups == 0, "groups: must divide x's channel count C1 = ", c1,
-              ", got groups = ", groups);
-  MK_CHECK(c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ",
-              c2, ", got groups = ", groups);
-  MK_CHECK(wsizes[rk - 3] * groups == c1, wname, ": expected C1/groups = ", c1, "/", groups,
-              " = ", c1 / groups, " input channels (dim ", rk - 3, "), got shape ", wsizes);
-  MK_CHECK(kh >= 1 && kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ",
-              wsizes);
+           ", got groups = ", groups);
+  MK_CHECK(c2 % groups == 0, "groups: must divide ", wname, "'s output channel count C2 = ", c2,
+           ", got groups = ", groups);
+  MK_CHECK(wsizes[rk - 3] * groups == c1, wname, ": expected C1/groups = ", c1, "/", groups, " = ",
+           c1 / groups, " input channels (dim ", rk - 3, "), got shape ", wsizes);
+  MK_CHECK(kh >= 1 && kw >= 1, wname, ": expected a kernel of at least 1x1, got shape ", wsizes);
   const int64_t span_h = h + 2 * pd[0] - dl[0] * (kh - 1) - 1;
   const int64_t span_w = w + 2 * pd[1] - dl[1] * (kw - 1) - 1;
   MK_CHECK(h >= 1 && w >= 1 && span_h >= 0 && span_w >= 0, "x: spatial size (", h, ", ", w,
-              ") with padding (", pd[0], ", ", pd[1], ") is smaller than the dilated kernel (",
-              dl[0] * (kh - 1) + 1, ", ", dl[1] * (kw - 1) + 1, ")");
+           ") with padding (", pd[0], ", ", pd[1], ") is smaller than the dilated kernel (",
+           dl[0] * (kh - 1) + 1, ", ", dl[1] * (kw - 1) + 1, ")");
   const int64_t ho = span_h / st[0] + 1, wo = span_w / st[1] + 1;
   // The kernels index within one sample in int32.
   const int64_t c1g = c1 / groups, c2g = c2 / groups;
   MK_CHECK(n <= kIntMax && c1 <= kIntMax && c2 <= kIntMax && h * w <= kIntMax &&
-                  ho * wo <= kIntMax && kh * kw * std::max(c1g, c2g) <= kIntMax &&
-                  c2 * c1g * kh * kw <= kIntMax && st[0] <= kIntMax && st[1] <= kIntMax &&
-                  pd[0] <= kIntMax / 4 && pd[1] <= kIntMax / 4 && dl[0] * kh <= kIntMax / 4 &&
-                  dl[1] * kw <= kIntMax / 4,
-              "x: sizes ", x.sizes(), " with ", wname, " ", wsizes,
-              " exceed the CUDA kernels' 32-bit per-sample indexing");
+               ho * wo <= kIntMax && kh * kw * std::max(c1g, c2g) <= kIntMax &&
+               c2 * c1g * kh * kw <= kIntMax && st[0] <= kIntMax && st[1] <= kIntMax &&
+               pd[0] <= kIntMax / 4 && pd[1] <= kIntMax / 4 && dl[0] * kh <= kIntMax / 4 &&
+               dl[1] * kw <= kIntMax / 4,
+           "x: sizes ", x.sizes(), " with ", wname, " ", wsizes,
+           " exceed the CUDA kernels' 32-bit per-sample indexing");
   ck.geo = make_geo(n, c1, h, w, c2, kh, kw, st.data(), pd.data(), dl.data(), groups);
   return ck;
 }
 
 void check_weight_rank(const Tensor& weight, const Tensor& x) {
   check_on_device(weight, "weight", x);
-  MK_CHECK(weight.dim() == 4, "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
-              "rank ", weight.dim(), " with shape ", weight.sizes());
+  MK_CHECK(weight.dim() == 4,
+           "weight: expected a rank-4 (C2, C1/groups, kh, kw) tensor, got "
+           "rank ",
+           weight.dim(), " with shape ", weight.sizes());
 }
 
 void check_weights_rank(const Tensor& weights, const Tensor& x) {
   check_on_device(weights, "weights", x);
-  MK_CHECK(weights.dim() == 5, "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) "
-              "tensor, got rank ", weights.dim(), " with shape ", weights.sizes());
+  MK_CHECK(weights.dim() == 5,
+           "weights: expected a rank-5 (N, C2, C1/groups, kh, kw) "
+           "tensor, got rank ",
+           weights.dim(), " with shape ", weights.sizes());
 }
 
 void check_weight_dtype(const Tensor& w, const char* name, const Checked& ck) {
   MK_CHECK(w.scalar_type() == ck.dtype, name, ": expected x's dtype ", ck.dtype, ", got ",
-              w.scalar_type());
-  MK_CHECK(w.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-              w.strides());
+           w.scalar_type());
+  MK_CHECK(w.is_contiguous(), name, ": expected a contiguous tensor, got strides ", w.strides());
 }
 
 void check_per_sample_weights(const Tensor& weights, const Checked& ck) {
-  MK_CHECK(weights.size(0) == ck.geo.n, "weights: expected one kernel per sample of x (N = ",
-              ck.geo.n, "), got shape ", weights.sizes());
+  MK_CHECK(weights.size(0) == ck.geo.n,
+           "weights: expected one kernel per sample of x (N = ", ck.geo.n, "), got shape ",
+           weights.sizes());
   check_weight_dtype(weights, "weights", ck);
 }
 
@@ -722,10 +723,11 @@ void check_grad(const Tensor& g, const Checked& ck, const Tensor& x) {
   check_activation_layout(g, "g");
   const Geo& geo = ck.geo;
   const std::array<int64_t, 4> want = {geo.n, geo.c2, geo.ho, geo.wo};
-  MK_CHECK(g.sizes() == at::IntArrayRef(want), "g: expected the output's shape (N, C2, Ho, Wo) = ",
-              at::IntArrayRef(want), ", got ", g.sizes());
+  MK_CHECK(g.sizes() == at::IntArrayRef(want),
+           "g: expected the output's shape (N, C2, Ho, Wo) = ", at::IntArrayRef(want), ", got ",
+           g.sizes());
   MK_CHECK(g.scalar_type() == ck.dtype, "g: expected x's dtype ", ck.dtype, ", got ",
-              g.scalar_type());
+           g.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -752,7 +754,7 @@ bool use_tensor_cores() {
 
 int64_t checked_blocks(int64_t blocks, const char* op) {
   MK_CHECK(blocks <= kIntMax, op, ": problem too large for one launch (", blocks,
-              " thread blocks)");
+           " thread blocks)");
   return blocks;
 }
 
@@ -791,8 +793,7 @@ struct ConvLaunch {
     const ConvGrid cg = conv_grid(g, kDx, Core::BM, Core::BN);
     a.n_mt = cg.n_mt;
     a.n_nt = cg.n_nt;
-    const int64_t blocks = checked_blocks(cg.blocks,
-                                          kScaled ? "aw_conv2d" : "per_sample_conv2d");
+    const int64_t blocks = checked_blocks(cg.blocks, kScaled ? "aw_conv2d" : "per_sample_conv2d");
     if (blocks == 0) return;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if constexpr (kDx) {
@@ -822,14 +823,14 @@ struct WgradLaunch {
     a.g_s = strides_of(gy);
     a.x = x.const_data_ptr<scalar_t>();
     a.x_s = strides_of(x);
-    const WgradGrid wg =
-        wgrad_grid(g, Core::BM, Core::BN, Core::BK, kAw, sizeof(acc_t),
-                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const WgradGrid wg = wgrad_grid(g, Core::BM, Core::BN, Core::BK, kAw, sizeof(acc_t),
+                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     a.n_mt = wg.n_mt;
     a.n_nt = wg.n_nt;
     if (wg.base == 0) {  // no output or no input channels: every G_n is empty
       dw = at::zeros(kAw ? at::IntArrayRef({g.c2, g.c1g, g.kh, g.kw})
-                         : at::IntArrayRef({g.n, g.c2, g.c1g, g.kh, g.kw}), opts);
+                         : at::IntArrayRef({g.n, g.c2, g.c1g, g.kh, g.kw}),
+                     opts);
       if (kAw) ds = at::zeros({g.n, g.c2, g.kh, g.kw}, opts);
       return;
     }
@@ -838,8 +839,8 @@ struct WgradLaunch {
     a.q_chunk = pl.q_chunk;
     a.s_n = pl.s_n;
     a.s_q = pl.s_q;
-    const int64_t blocks = checked_blocks(wg.blocks,
-                                          kAw ? "aw_conv2d_bwd" : "per_sample_conv2d_bwd");
+    const int64_t blocks =
+        checked_blocks(wg.blocks, kAw ? "aw_conv2d_bwd" : "per_sample_conv2d_bwd");
     Tensor dw_part, ds_part;
     if constexpr (kAw) {
       a.w = w.const_data_ptr<scalar_t>();
@@ -880,14 +881,14 @@ Tensor per_sample_conv2d_fwd_cuda(const Tensor& x, const Tensor& weights,
   const Tensor* bias_ptr = bias.has_value() && bias->defined() ? &*bias : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "per_sample_conv2d_fwd", [&] {
-    with_core<scalar_t, ConvLaunch<scalar_t, false, false>>(ck, x, weights, nullptr, bias_ptr, y);
-  });
+                                    with_core<scalar_t, ConvLaunch<scalar_t, false, false>>(
+                                        ck, x, weights, nullptr, bias_ptr, y);
+                                  });
   return y;
 }
 
 std::tuple<Tensor, Tensor> per_sample_conv2d_bwd_cuda(const Tensor& gy, const Tensor& x,
-                                                      const Tensor& weights,
-                                                      at::IntArrayRef stride,
+                                                      const Tensor& weights, at::IntArrayRef stride,
                                                       at::IntArrayRef padding,
                                                       at::IntArrayRef dilation, int64_t groups) {
   check_cuda_dense(x, "x");
@@ -899,11 +900,12 @@ std::tuple<Tensor, Tensor> per_sample_conv2d_bwd_cuda(const Tensor& gy, const Te
   Tensor dx = at::empty(x.sizes(), x.options().memory_format(ck.format));
   if (ck.geo.n == 0) return {dx, at::empty(weights.sizes(), weights.options().dtype(ck.acc))};
   Tensor dws, unused;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "per_sample_conv2d_bwd", [&] {
-    with_core<scalar_t, ConvLaunch<scalar_t, false, true>>(ck, gy, weights, nullptr, nullptr, dx);
-    with_core<scalar_t, WgradLaunch<scalar_t, false>>(ck, gy, x, weights, nullptr, dws, unused);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "per_sample_conv2d_bwd", [&] {
+        with_core<scalar_t, ConvLaunch<scalar_t, false, true>>(ck, gy, weights, nullptr, nullptr,
+                                                               dx);
+        with_core<scalar_t, WgradLaunch<scalar_t, false>>(ck, gy, x, weights, nullptr, dws, unused);
+      });
   return {dx, dws.view(weights.sizes())};
 }
 

@@ -38,9 +38,8 @@ struct Geo {
 };
 
 // The geometry of a checked convolution (the caller checks ranges and int32 limits).
-inline Geo make_geo(int64_t n, int64_t c1, int64_t h, int64_t w, int64_t c2, int64_t kh,
-                    int64_t kw, const int64_t st[2], const int64_t pd[2], const int64_t dl[2],
-                    int64_t groups) {
+inline Geo make_geo(int64_t n, int64_t c1, int64_t h, int64_t w, int64_t c2, int64_t kh, int64_t kw,
+                    const int64_t st[2], const int64_t pd[2], const int64_t dl[2], int64_t groups) {
   const int64_t span_h = h + 2 * pd[0] - dl[0] * (kh - 1) - 1;
   const int64_t span_w = w + 2 * pd[1] - dl[1] * (kw - 1) - 1;
   Geo g;
@@ -88,8 +87,8 @@ struct WgradPlan {
   int n_chunk, q_chunk, s_n, s_q;
 };
 
-inline WgradPlan plan_wgrad(const Geo& g, int64_t base_blocks, int bk, bool aw,
-                            int64_t acc_size, int sms) {
+inline WgradPlan plan_wgrad(const Geo& g, int64_t base_blocks, int bk, bool aw, int64_t acc_size,
+                            int sms) {
   const int64_t target = 4 * static_cast<int64_t>(sms);
   const int64_t P = int64_t{g.ho} * g.wo;
   const int64_t wbytes = int64_t{g.c2} * g.c1g * g.taps * acc_size;

@@ -62,7 +62,9 @@ __device__ __forceinline__ void load_n(const T* p, acc_t (&out)[N]) {
   }
 }
 
-__host__ __device__ constexpr int ilog2(int v) { return v <= 1 ? 0 : 1 + ilog2(v / 2); }
+__host__ __device__ constexpr int ilog2(int v) {
+  return v <= 1 ? 0 : 1 + ilog2(v / 2);
+}
 static_assert((1 << ilog2(kThreads)) == kThreads && (1 << ilog2(kDxRows)) == kDxRows,
               "bwd_dx tiles index with shifts");
 
@@ -70,8 +72,12 @@ __device__ __forceinline__ int64_t clamp_pos(int64_t p, int64_t P) {
   return p < 0 ? 0 : (p >= P ? P - 1 : p);
 }
 
-__device__ __forceinline__ float sqrt_rn(float v) { return __fsqrt_rn(v); }
-__device__ __forceinline__ double sqrt_rn(double v) { return __dsqrt_rn(v); }
+__device__ __forceinline__ float sqrt_rn(float v) {
+  return __fsqrt_rn(v);
+}
+__device__ __forceinline__ double sqrt_rn(double v) {
+  return __dsqrt_rn(v);
+}
 
 template <typename acc_t>
 struct ReduceArgs {
@@ -84,15 +90,15 @@ struct ReduceArgs {
   acc_t* out_extra = nullptr;    // t: (B, C)
   acc_t* partial = nullptr;      // (B, nblk, nw, C) when nblk > 1
   int64_t C = 0, P = 0;
-  int64_t Ktot = 1;     // rows of probe / dmap / out_pos / out_main per sample
-  int64_t k0 = 0;       // first probe of this launch
-  int nk = 1;           // probes in this launch
-  int nw = 0;           // phase-2 weights: nk probes' weights, then t's when with_t
-  int log2l = 0;        // lanes per channel row (NCHW) or per position team (CL), log2
-  int TP = 1;           // positions per tile
-  int nsub = 1;         // CL phase 2: position subsets per channel chunk
-  int nblk = 1;         // blocks per sample
-  int64_t ntiles = 1;   // tiles per sample
+  int64_t Ktot = 1;    // rows of probe / dmap / out_pos / out_main per sample
+  int64_t k0 = 0;      // first probe of this launch
+  int nk = 1;          // probes in this launch
+  int nw = 0;          // phase-2 weights: nk probes' weights, then t's when with_t
+  int log2l = 0;       // lanes per channel row (NCHW) or per position team (CL), log2
+  int TP = 1;          // positions per tile
+  int nsub = 1;        // CL phase 2: position subsets per channel chunk
+  int nblk = 1;        // blocks per sample
+  int64_t ntiles = 1;  // tiles per sample
 };
 
 // Where the final value of weight w, channel c of sample b goes.
@@ -106,9 +112,8 @@ __device__ __forceinline__ acc_t* result_slot(const ReduceArgs<acc_t>& a, int64_
 // Phase-1 result d of probe k at tile position i (position pos): the per-position output
 // and the phase-2 weights. Positions past the map get weight 0.
 template <int MODE, typename acc_t>
-__device__ __forceinline__ void finish_position(const ReduceArgs<acc_t>& a, acc_t* swt,
-                                                int64_t b, int64_t pos, int i, int k, acc_t d,
-                                                acc_t inv_r) {
+__device__ __forceinline__ void finish_position(const ReduceArgs<acc_t>& a, acc_t* swt, int64_t b,
+                                                int64_t pos, int i, int k, acc_t d, acc_t inv_r) {
   if (pos >= a.P) {
     if constexpr (MODE != kNorms) swt[k * a.TP + i] = acc_t(0);
     return;
@@ -438,8 +443,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Sums the (B, nblk, nw, C) partials over blocks, in block order. Block = one (b, w) row;
 // 32-bit index math (the host checks B * nw < 2^31) keeps 64-bit division calls out.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    _brnpa_finalize_kernel(const ReduceArgs<acc_t> a) {
+__global__ void __launch_bounds__(kThreads) _brnpa_finalize_kernel(const ReduceArgs<acc_t> a) {
   const unsigned nw = static_cast<unsigned>(a.nw);
   const int64_t b = blockIdx.x / nw;
   const int w = static_cast<int>(blockIdx.x - b * nw);
@@ -457,8 +461,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     _brnpa_gather_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ idx,
-                         at::opmath_type<scalar_t>* __restrict__ r, int64_t B, int64_t C,
-                         int64_t P, bool cl) {
+                         at::opmath_type<scalar_t>* __restrict__ r, int64_t B, int64_t C, int64_t P,
+                         bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t total = B * C;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -480,8 +484,8 @@ struct DxArgs {
   const acc_t* row = nullptr;  // coefficients along R: m NCHW, a CL
   const acc_t* cc = nullptr;   // c (B, P)
   int64_t C = 0, P = 0, J = 0;
-  int log2l = 0;  // lanes along L per row group, log2
-  int jc = 1;     // coefficients per shared-memory stage
+  int log2l = 0;         // lanes along L per row group, log2
+  int jc = 1;            // coefficients per shared-memory stage
   int nrt = 1, nlt = 1;  // row / column tiles per sample
 };
 
@@ -640,8 +644,8 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
     auto launch = [&](auto kernel) {
       const int smem = static_cast<int>(pl.smem);
       if (pl.smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            smem));
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       }
       int per_sm = 0;
       C10_CUDA_CHECK(
@@ -649,7 +653,7 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
       const int64_t nblk = reduce_blocks_per_sample(
           per_sm, at::cuda::getCurrentDeviceProperties()->multiProcessorCount, B, pl.ntiles);
       MK_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(), op,
-                  ": expected x to have fewer than 2^31 samples, got ", B);
+               ": expected x to have fewer than 2^31 samples, got ", B);
       a.nblk = static_cast<int>(nblk);
       if (MODE != kNorms && nblk > 1) {
         partial = at::empty({B, nblk, static_cast<int64_t>(a.nw), a.C},
@@ -669,7 +673,7 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
   if (reduce_finalizes(MODE, a.nblk, a.nw)) {
     const int64_t rows = B * a.nw;
     MK_CHECK(rows <= std::numeric_limits<int32_t>::max(), op,
-                ": expected x to have fewer samples, got B = ", B);
+             ": expected x to have fewer samples, got B = ", B);
     _brnpa_finalize_kernel<acc_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -678,14 +682,16 @@ void run_reduce(const char* op, const at::Tensor& x, bool cl,
 // ---------------------------------------------------------------------------------------
 // Argument checks
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 void check_x(const char* op, const at::Tensor& x) {
   MK_CHECK(x.is_cuda(), op, ": expected x to be a CUDA tensor, got device ", x.device());
   MK_CHECK(x.dim() == 4, op, ": expected x to have rank 4 (B, C, H, W), got rank ", x.dim());
   const auto st = x.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              op, ": expected x to be float32, float16, bfloat16 or float64, got ", st);
+  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
+           ": expected x to be float32, float16, bfloat16 or float64, got ", st);
 }
 
 // true for channels_last; a tensor that is both (C == 1 or H*W == 1) counts as NCHW,
@@ -693,27 +699,26 @@ void check_x(const char* op, const at::Tensor& x) {
 bool is_channels_last(const char* op, const at::Tensor& x) {
   if (x.is_contiguous()) return false;
   MK_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": expected x to be NCHW-contiguous or channels_last-contiguous, got sizes ",
-              x.sizes(), " and strides ", x.strides());
+           ": expected x to be NCHW-contiguous or channels_last-contiguous, got sizes ", x.sizes(),
+           " and strides ", x.strides());
   return true;
 }
 
 void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                  at::ScalarType dtype, at::IntArrayRef shape) {
   MK_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(),
-              " (the device of x), got ", t.device());
+           " (the device of x), got ", t.device());
   MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
-              dtype == at::kLong ? " (flat position indices)" : " (the accumulation dtype)",
-              ", got ", t.scalar_type());
-  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
-              t.sizes());
+           dtype == at::kLong ? " (flat position indices)" : " (the accumulation dtype)", ", got ",
+           t.scalar_type());
+  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
   MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
-              t.strides());
+           t.strides());
 }
 
 void check_map(const char* op, const at::Tensor& x) {
   MK_CHECK(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op,
-              ": expected x to have C >= 1 and H*W >= 1, got sizes ", x.sizes());
+           ": expected x to have C >= 1 and H*W >= 1, got sizes ", x.sizes());
 }
 
 struct Dims {
@@ -776,8 +781,8 @@ std::tuple<at::Tensor, at::Tensor> brnpa_step_cuda(const at::Tensor& x, const at
     const int64_t total = d.B * d.C;
     const int gblocks = gather_blocks(total);
     _brnpa_gather_kernel<scalar_t><<<gblocks, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), r.data_ptr<acc_t>(), d.B,
-        d.C, d.P, cl);
+        x.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), r.data_ptr<acc_t>(), d.B, d.C,
+        d.P, cl);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ReduceArgs<acc_t> a;
     a.inv = inv_nrm.const_data_ptr<acc_t>();
@@ -794,8 +799,8 @@ std::tuple<at::Tensor, at::Tensor> brnpa_step_cuda(const at::Tensor& x, const at
     const int vec = pick_vec<scalar_t>(cl ? d.C : d.P, {x.const_data_ptr()});
     const ReducePlan pl = plan_reduce(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t), 1, 1);
     MK_CHECK(pl.smem <= smem_limit(), op, ": expected x to have at most ",
-                smem_limit() / sizeof(acc_t) / std::max(1, pl.nsub),
-                " channels (one accumulator per channel in shared memory), got C = ", d.C);
+             smem_limit() / sizeof(acc_t) / std::max(1, pl.nsub),
+             " channels (one accumulator per channel in shared memory), got C = ", d.C);
     run_reduce<scalar_t, kStep>(op, x, cl, a, d.B, pl);
   });
   return {s, sv};
@@ -823,19 +828,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_reduce_cuda(const at::T
   if (d.B == 0) return {dw, u, t};
   check_map(op, x);
   MK_CHECK(K <= std::numeric_limits<int32_t>::max(), op,
-              ": expected dv to have fewer than 2^31 parts, got K = ", K);
+           ": expected dv to have fewer than 2^31 parts, got K = ", K);
   // probe rows are read in 16-byte pieces in channels_last; a copy fixes an odd view
   const at::Tensor dvc =
       reinterpret_cast<uintptr_t>(dv.const_data_ptr()) % 16 == 0 ? dv : dv.clone();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = pick_vec<scalar_t>(cl ? d.C : d.P, {x.const_data_ptr()});
-    for (const BwdChunk& ch : plan_bwd_chunks(cl, d.C, d.P, vec, sizeof(scalar_t),
-                                              sizeof(acc_t), K, smem_limit())) {
+    for (const BwdChunk& ch :
+         plan_bwd_chunks(cl, d.C, d.P, vec, sizeof(scalar_t), sizeof(acc_t), K, smem_limit())) {
       const ReducePlan& pl = ch.pl;
       MK_CHECK(pl.smem <= smem_limit(), op, ": expected x to have fewer channels (C = ", d.C,
-                  "): two accumulators per channel must fit in shared memory (",
-                  smem_limit(), " bytes)");
+               "): two accumulators per channel must fit in shared memory (", smem_limit(),
+               " bytes)");
       ReduceArgs<acc_t> a;
       a.inv = inv_nrm.const_data_ptr<acc_t>();
       a.probe = dvc.const_data_ptr<acc_t>();
@@ -868,9 +873,9 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
   check_small(op, "m", m, x, acc, {d.B, J, d.C});
   check_small(op, "c", c, x, acc, {d.B, d.H, d.W});
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor df = at::empty(
-      x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::Contiguous));
+  at::Tensor df =
+      at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
   if (df.numel() == 0) return df;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -894,19 +899,19 @@ at::Tensor brnpa_bwd_dx_cuda(const at::Tensor& x, const at::Tensor& a, const at:
     const int64_t nlt = pl.nlt;
     const int64_t blocks = pl.blocks;
     MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op,
-                ": expected x small enough for one launch (", blocks, " tiles)");
+             ": expected x small enough for one launch (", blocks, " tiles)");
     args.nrt = static_cast<int>(nrt);
     args.nlt = static_cast<int>(nlt);
     with_vec<scalar_t>(vec, [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
       if (cl) {
-        _brnpa_bwd_dx_kernel<scalar_t, VEC, true><<<static_cast<unsigned>(blocks), kThreads, smem,
-                                                     stream>>>(x.const_data_ptr<scalar_t>(),
-                                                               df.data_ptr<scalar_t>(), args);
+        _brnpa_bwd_dx_kernel<scalar_t, VEC, true>
+            <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+                x.const_data_ptr<scalar_t>(), df.data_ptr<scalar_t>(), args);
       } else {
-        _brnpa_bwd_dx_kernel<scalar_t, VEC, false><<<static_cast<unsigned>(blocks), kThreads,
-                                                      smem, stream>>>(
-            x.const_data_ptr<scalar_t>(), df.data_ptr<scalar_t>(), args);
+        _brnpa_bwd_dx_kernel<scalar_t, VEC, false>
+            <<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+                x.const_data_ptr<scalar_t>(), df.data_ptr<scalar_t>(), args);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -137,8 +137,8 @@ inline std::vector<BwdChunk> plan_bwd_chunks(bool cl, int64_t C, int64_t P, int 
   do {
     int64_t nk = std::min(chunk, K - k0);
     const bool with_t = k0 == 0;
-    ReducePlan pl = plan_reduce(cl, C, P, vec, elem, acc_bytes, static_cast<int>(nk + with_t),
-                                kBwdGroup);
+    ReducePlan pl =
+        plan_reduce(cl, C, P, vec, elem, acc_bytes, static_cast<int>(nk + with_t), kBwdGroup);
     // Wide C: fewer probes per launch, so u's accumulators fit in shared memory.
     while (pl.smem > smem_limit && nk > 1) {
       chunk = nk = std::max<int64_t>(1, nk / 2);

@@ -50,12 +50,12 @@ __device__ __forceinline__ void store_pack(scalar_t* dst, const Pack<scalar_t, V
   if constexpr (kBytes == 16) {
     uint32_t w[4];
     memcpy(w, &p, sizeof(w));
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
-        :: "l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]));
   } else if constexpr (kBytes == 8) {
     uint32_t w[2];
     memcpy(w, &p, sizeof(w));
-    asm volatile("st.global.v2.b32 [%0], {%1, %2};" :: "l"(dst), "r"(w[0]), "r"(w[1]));
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(w[0]), "r"(w[1]));
   } else {
     *reinterpret_cast<Pack<scalar_t, VEC>*>(dst) = p;
   }
@@ -103,10 +103,18 @@ struct TileArgs {
 
 // Rounded multiply/add that nvcc may not contract into an FMA: the elementwise passes
 // and the max values then round exactly like the PyTorch reference's separate ops.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  return __fadd_rn(a, b);
+}
+__device__ __forceinline__ double add_rn(double a, double b) {
+  return __dadd_rn(a, b);
+}
 
 // (value, index) order of torch.max(dim): NaN beats every number, then the larger value,
 // then the lower index. An index < 0 marks an empty slot, which loses to anything.
@@ -301,10 +309,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           } else if constexpr (OP == kBwdDx) {
             // mc*(g*ms + da_s/C + dm_s*[c == ic]) + d_avg/P + d_mx*[p == im], in the
             // reference's order of operations
-            const acc_t inner = add_rn(add_rn(mul_rn(x0, ps.a), ps.b),
-                                       mul_rn(ps.c, acc_t(ps.i == c ? 1 : 0)));
-            po.v[v] = static_cast<scalar_t>(add_rn(add_rn(mul_rn(cs.a, inner), cs.b),
-                                                   mul_rn(cs.c, acc_t(cs.i == p ? 1 : 0))));
+            const acc_t inner =
+                add_rn(add_rn(mul_rn(x0, ps.a), ps.b), mul_rn(ps.c, acc_t(ps.i == c ? 1 : 0)));
+            po.v[v] = static_cast<scalar_t>(
+                add_rn(add_rn(mul_rn(cs.a, inner), cs.b), mul_rn(cs.c, acc_t(cs.i == p ? 1 : 0))));
           }
           if constexpr (T::kRowRed) {
             rsum[u] += val;
@@ -394,10 +402,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Combines S partials laid out (N, S, K) into (N, K), in order of s.
 template <typename acc_t, bool MAX>
-__global__ void __launch_bounds__(kThreads) _mixed_attention_finalize_kernel(
-    const acc_t* __restrict__ psum, const acc_t* __restrict__ pmax,
-    const int32_t* __restrict__ pidx, acc_t* __restrict__ osum, acc_t* __restrict__ omax,
-    int32_t* __restrict__ oidx, int64_t K, int64_t S, int64_t total, acc_t scale) {
+__global__ void __launch_bounds__(kThreads)
+    _mixed_attention_finalize_kernel(const acc_t* __restrict__ psum, const acc_t* __restrict__ pmax,
+                                     const int32_t* __restrict__ pidx, acc_t* __restrict__ osum,
+                                     acc_t* __restrict__ omax, int32_t* __restrict__ oidx,
+                                     int64_t K, int64_t S, int64_t total, acc_t scale) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; o < total;
        o += stride) {
@@ -444,12 +453,12 @@ void launch_finalize(const at::Tensor& psum, const at::Tensor& pmax, const at::T
   const int blocks = finalize_blocks(total);
   if (with_max) {
     _mixed_attention_finalize_kernel<acc_t, true><<<blocks, kThreads, 0, stream>>>(
-        psum.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), pidx.data_ptr<int32_t>(), out.sum,
-        out.max, out.idx, K, S, total, out.scale);
+        psum.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), pidx.data_ptr<int32_t>(), out.sum, out.max,
+        out.idx, K, S, total, out.scale);
   } else {
-    _mixed_attention_finalize_kernel<acc_t, false><<<blocks, kThreads, 0, stream>>>(
-        psum.data_ptr<acc_t>(), nullptr, nullptr, out.sum, nullptr, nullptr, K, S, total,
-        out.scale);
+    _mixed_attention_finalize_kernel<acc_t, false>
+        <<<blocks, kThreads, 0, stream>>>(psum.data_ptr<acc_t>(), nullptr, nullptr, out.sum,
+                                          nullptr, nullptr, K, S, total, out.scale);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -484,14 +493,14 @@ void launch_tile_vec(const TileArgs<scalar_t, at::opmath_type<scalar_t>>& a, int
 // buffers, launches, and combines the partials. `over_p` receives the (N, C) results of
 // a reduction over p, `over_c` the (N, P) results of a reduction over c.
 template <typename scalar_t, int OP, bool CL>
-void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor& act,
-              int64_t N, int64_t C, int64_t P, std::initializer_list<const void*> act_ptrs,
+void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor& act, int64_t N,
+              int64_t C, int64_t P, std::initializer_list<const void*> act_ptrs,
               Result<at::opmath_type<scalar_t>> over_p, Result<at::opmath_type<scalar_t>> over_c) {
   using acc_t = at::opmath_type<scalar_t>;
   using T = OpTraits<OP, CL>;
-  const PassPlan pp = plan_pass<OP, CL>(
-      N, C, P, static_cast<int>(sizeof(scalar_t)), plan_util::addr_bits(act_ptrs),
-      at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const PassPlan pp =
+      plan_pass<OP, CL>(N, C, P, static_cast<int>(sizeof(scalar_t)), plan_util::addr_bits(act_ptrs),
+                        at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   const int64_t R = pp.R;
   const int64_t L = pp.L;
   const Plan& pl = pp.tile;
@@ -506,9 +515,10 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
   a.inv_p = acc_t(1) / static_cast<acc_t>(P);
   const int64_t blocks = pp.blocks;
   MK_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "mixed_attention: activation too large for one launch (", blocks, " tiles)");
+           "mixed_attention: activation too large for one launch (", blocks, " tiles)");
 
-  const auto opts = act.options().dtype(c10::CppTypeToScalarType<acc_t>::value)
+  const auto opts = act.options()
+                        .dtype(c10::CppTypeToScalarType<acc_t>::value)
                         .memory_format(at::MemoryFormat::Contiguous);
   const auto iopts = opts.dtype(at::kInt);
   const Result<acc_t> row_out = CL ? over_c : over_p;
@@ -581,37 +591,35 @@ at::ScalarType acc_dtype(at::ScalarType t) {
 }
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  MK_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, got device ",
-              t.device());
+  MK_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, got device ", t.device());
   MK_CHECK(t.dim() == 4, op, ": expected ", name, " to have rank 4 (N, C, H, W), got rank ",
-              t.dim());
+           t.dim());
   const auto st = t.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              op, ": expected ", name, " to be float32, float16, bfloat16 or float64, got ", st);
+  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
+           ": expected ", name, " to be float32, float16, bfloat16 or float64, got ", st);
   MK_CHECK(t.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
-              op, ": expected ", name, " to have C and H*W below 2^31 (int32 indices), got ",
-              t.sizes());
+               t.size(2) * t.size(3) <= std::numeric_limits<int32_t>::max(),
+           op, ": expected ", name, " to have C and H*W below 2^31 (int32 indices), got ",
+           t.sizes());
 }
 
 // true for channels_last; a tensor that is both (C == 1 or H*W == 1) counts as NCHW.
 bool is_channels_last(const char* op, const char* name, const at::Tensor& t) {
   if (t.is_contiguous()) return false;
   MK_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": expected ", name,
-              " to be NCHW-contiguous or channels_last-contiguous, got sizes ", t.sizes(),
-              " and strides ", t.strides());
+           " to be NCHW-contiguous or channels_last-contiguous, got sizes ", t.sizes(),
+           " and strides ", t.strides());
   return true;
 }
 
 void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& act,
                  const char* act_name, at::ScalarType dtype, at::IntArrayRef shape) {
   MK_CHECK(t.device() == act.device(), op, ": expected ", name, " on ", act.device(),
-              " (the device of ", act_name, "), got ", t.device());
+           " (the device of ", act_name, "), got ", t.device());
   MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
-              dtype == at::kInt ? " (an index tensor)" : " (the accumulation dtype)", ", got ",
-              t.scalar_type());
-  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
-              t.sizes());
+           dtype == at::kInt ? " (an index tensor)" : " (the accumulation dtype)", ", got ",
+           t.scalar_type());
+  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
   MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
 }
 
@@ -648,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(const at::Tenso
   at::Tensor im = at::empty({d.N, d.C}, opts.dtype(at::kInt));
   if (d.N == 0) return {avg, mx, im};
   MK_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
-              "an empty set), got sizes ", x.sizes());
+           "an empty set), got sizes ", x.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TileArgs<scalar_t, acc_t> a;
@@ -661,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool_cuda(const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tensor& x,
-                                                                  const at::Tensor& mc) {
+                                                                 const at::Tensor& mc) {
   constexpr const char* op = "mixed_attention_spatial_pool";
   check_activation(op, "x", x);
   const bool cl = is_channels_last(op, "x", x);
@@ -675,7 +683,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tenso
   at::Tensor ic = at::empty({d.N, d.H, d.W}, opts.dtype(at::kInt));
   if (d.N == 0) return {sa, sm, ic};
   MK_CHECK(d.C > 0 && d.P > 0, op, ": expected x to have C >= 1 and H*W >= 1 (max over ",
-              "an empty set), got sizes ", x.sizes());
+           "an empty set), got sizes ", x.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TileArgs<scalar_t, acc_t> a;
@@ -697,9 +705,8 @@ at::Tensor apply_cuda(const at::Tensor& x, const at::Tensor& mc, const at::Tenso
   check_small(op, "mc", mc, x, "x", acc, {d.N, d.C});
   check_small(op, "ms", ms, x, "x", acc, {d.N, d.H, d.W});
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(
-                                          cl ? at::MemoryFormat::ChannelsLast
-                                             : at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -719,15 +726,15 @@ std::tuple<at::Tensor, at::Tensor> bwd_reduce_cuda(const at::Tensor& g, const at
   constexpr const char* op = "mixed_attention_bwd_reduce";
   check_activation(op, "x", x);
   const bool cl = is_channels_last(op, "x", x);
-  MK_CHECK(g.device() == x.device(), op, ": expected g on ", x.device(),
-              " (the device of x), got ", g.device());
+  MK_CHECK(g.device() == x.device(), op, ": expected g on ", x.device(), " (the device of x), got ",
+           g.device());
   MK_CHECK(g.scalar_type() == x.scalar_type(), op, ": expected g to have the dtype of x (",
-              x.scalar_type(), "), got ", g.scalar_type());
+           x.scalar_type(), "), got ", g.scalar_type());
   MK_CHECK(g.sizes() == x.sizes(), op, ": expected g of shape ", x.sizes(),
-              " (the shape of x), got ", g.sizes());
-  MK_CHECK(g.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
-              op, ": expected g in the memory format of x (",
-              cl ? "channels_last" : "NCHW-contiguous", "), got strides ", g.strides());
+           " (the shape of x), got ", g.sizes());
+  MK_CHECK(g.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous), op,
+           ": expected g in the memory format of x (", cl ? "channels_last" : "NCHW-contiguous",
+           "), got strides ", g.strides());
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x.scalar_type());
   check_small(op, "mc", mc, x, "x", acc, {d.N, d.C});
@@ -796,9 +803,9 @@ at::Tensor bwd_dx_cuda(const at::Tensor& g, const at::Tensor& mc, const at::Tens
   check_small(op, "d_mx", d_mx, g, "g", acc, {d.N, d.C});
   check_small(op, "im", im, g, "g", at::kInt, {d.N, d.C});
   const c10::cuda::CUDAGuard guard(g.device());
-  at::Tensor dx = at::empty(g.sizes(), g.options().memory_format(
-                                           cl ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::Contiguous));
+  at::Tensor dx =
+      at::empty(g.sizes(), g.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                        : at::MemoryFormat::Contiguous));
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -828,10 +835,11 @@ at::Tensor bwd_dx_cuda(const at::Tensor& g, const at::Tensor& mc, const at::Tens
 // z[n,y,x] = bias + sum_{c,i,j} w[c,i,j] * in_c[n, y+i-r, x+j-r]: the bias first, then
 // taps in (c, i, j) order, as the CPU kernel adds them. Only taps inside the map.
 template <typename T>
-__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_fwd_kernel(
-    const T* __restrict__ sa, const T* __restrict__ sm, const T* __restrict__ w,
-    const T* __restrict__ bias, T* __restrict__ z, int64_t total, int64_t H, int64_t W,
-    int k) {
+__global__ void __launch_bounds__(kConvThreads)
+    _mixed_attention_spatial_conv_fwd_kernel(const T* __restrict__ sa, const T* __restrict__ sm,
+                                             const T* __restrict__ w, const T* __restrict__ bias,
+                                             T* __restrict__ z, int64_t total, int64_t H, int64_t W,
+                                             int k) {
   const int r = k / 2;
   const int64_t HW = H * W;
   const T b = bias != nullptr ? __ldg(bias) : T(0);
@@ -864,9 +872,10 @@ __global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_fw
 // d in_c[n,y,x] = sum_{i,j} w[c,i,j] * dz[n, y-i+r, x-j+r] over dz positions in the map,
 // both channels in one thread.
 template <typename T>
-__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dmap_kernel(
-    const T* __restrict__ dz, const T* __restrict__ w, T* __restrict__ dsa,
-    T* __restrict__ dsm, int64_t total, int64_t H, int64_t W, int k) {
+__global__ void __launch_bounds__(kConvThreads)
+    _mixed_attention_spatial_conv_dmap_kernel(const T* __restrict__ dz, const T* __restrict__ w,
+                                              T* __restrict__ dsa, T* __restrict__ dsm,
+                                              int64_t total, int64_t H, int64_t W, int k) {
   const int r = k / 2;
   const int64_t HW = H * W;
   const T* __restrict__ wa = w;
@@ -903,9 +912,10 @@ __global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dm
 // positions [s*chunk, (s+1)*chunk) of the N*H*W map: per-thread strided sums, then a
 // fixed tree in shared memory. part is (taps, S).
 template <typename T>
-__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw_kernel(
-    const T* __restrict__ dz, const T* __restrict__ sa, const T* __restrict__ sm,
-    T* __restrict__ part, int64_t P, int64_t H, int64_t W, int k, int64_t chunk) {
+__global__ void __launch_bounds__(kConvThreads)
+    _mixed_attention_spatial_conv_dw_kernel(const T* __restrict__ dz, const T* __restrict__ sa,
+                                            const T* __restrict__ sm, T* __restrict__ part,
+                                            int64_t P, int64_t H, int64_t W, int k, int64_t chunk) {
   const int64_t t = blockIdx.x;
   const int64_t s = blockIdx.y;
   const int64_t S = gridDim.y;
@@ -947,9 +957,10 @@ __global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw
 
 // Sums each tap's S partials in order of s: dweight[t] for t < kk, dbias for t == kk.
 template <typename T>
-__global__ void __launch_bounds__(kConvThreads) _mixed_attention_spatial_conv_dw_finalize_kernel(
-    const T* __restrict__ part, T* __restrict__ dw, T* __restrict__ db, int64_t kk,
-    int64_t taps, int64_t S) {
+__global__ void __launch_bounds__(kConvThreads)
+    _mixed_attention_spatial_conv_dw_finalize_kernel(const T* __restrict__ part, T* __restrict__ dw,
+                                                     T* __restrict__ db, int64_t kk, int64_t taps,
+                                                     int64_t S) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= taps) return;
   T acc = T(0);
@@ -986,7 +997,8 @@ int64_t check_spatial_conv(const at::Tensor& sa, const at::Tensor& sm, const at:
 }
 
 at::Tensor spatial_conv_cuda(const at::Tensor& sa_in, const at::Tensor& sm_in,
-                             const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+                             const at::Tensor& weight_in,
+                             const std::optional<at::Tensor>& bias_in) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
   check_spatial_bias(bias_in, sa_in, [&](const at::Tensor& t, const char* name) {
     check_conv_arg(t, name, sa_in);
@@ -1005,8 +1017,8 @@ at::Tensor spatial_conv_cuda(const at::Tensor& sa_in, const at::Tensor& sm_in,
     _mixed_attention_spatial_conv_fwd_kernel<scalar_t>
         <<<conv_blocks(total), kConvThreads, 0, stream>>>(
             sa.data_ptr<scalar_t>(), sm.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>(),
-            total, H, W, static_cast<int>(k));
+            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>(), total, H,
+            W, static_cast<int>(k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return z;
@@ -1016,9 +1028,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda
     const at::Tensor& dz_in, const at::Tensor& sa_in, const at::Tensor& sm_in,
     const at::Tensor& weight_in, bool has_bias) {
   const int64_t k = check_spatial_conv(sa_in, sm_in, weight_in);
-  check_spatial_map(dz_in, "dz", sa_in, [&](const at::Tensor& t, const char* name) {
-    check_conv_arg(t, name, sa_in);
-  });
+  check_spatial_map(dz_in, "dz", sa_in,
+                    [&](const at::Tensor& t, const char* name) { check_conv_arg(t, name, sa_in); });
   const c10::cuda::CUDAGuard guard(sa_in.device());
   const at::Tensor dz = dz_in.contiguous(), sa = sa_in.contiguous(), sm = sm_in.contiguous(),
                    weight = weight_in.contiguous();
@@ -1045,13 +1056,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_conv_bwd_cuda
     const scalar_t* g = dz.data_ptr<scalar_t>();
     _mixed_attention_spatial_conv_dmap_kernel<scalar_t>
         <<<conv_blocks(P), kConvThreads, 0, stream>>>(
-            g, weight.data_ptr<scalar_t>(), dsa.data_ptr<scalar_t>(), dsm.data_ptr<scalar_t>(),
-            P, H, W, static_cast<int>(k));
+            g, weight.data_ptr<scalar_t>(), dsa.data_ptr<scalar_t>(), dsm.data_ptr<scalar_t>(), P,
+            H, W, static_cast<int>(k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     _mixed_attention_spatial_conv_dw_kernel<scalar_t>
-        <<<dim3(static_cast<unsigned>(taps), static_cast<unsigned>(S)), kConvThreads, 0,
-           stream>>>(g, sa.data_ptr<scalar_t>(), sm.data_ptr<scalar_t>(),
-                     part.data_ptr<scalar_t>(), P, H, W, static_cast<int>(k), chunk);
+        <<<dim3(static_cast<unsigned>(taps), static_cast<unsigned>(S)), kConvThreads, 0, stream>>>(
+            g, sa.data_ptr<scalar_t>(), sm.data_ptr<scalar_t>(), part.data_ptr<scalar_t>(), P, H, W,
+            static_cast<int>(k), chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     _mixed_attention_spatial_conv_dw_finalize_kernel<scalar_t>
         <<<static_cast<unsigned>(ceil_div(taps, kConvThreads)), kConvThreads, 0, stream>>>(

@@ -32,10 +32,10 @@ struct OpTraits {
   static constexpr bool kTwoInputs = OP == kBwdReduce;
   static constexpr bool kWrites = OP == kApply || OP == kBwdDx;
   // small tensors indexed by c (mc, d_avg, d_mx, im) and by p (ms, da_s, dm_s, ic)
-  static constexpr bool kCData = OP == kSpatialPool || OP == kApply || OP == kBwdReduce ||
-                                 OP == kBwdDx;
-  static constexpr bool kPData = OP == kApply || OP == kBwdReduce || OP == kBwdChannel ||
-                                 OP == kBwdDx;
+  static constexpr bool kCData =
+      OP == kSpatialPool || OP == kApply || OP == kBwdReduce || OP == kBwdDx;
+  static constexpr bool kPData =
+      OP == kApply || OP == kBwdReduce || OP == kBwdChannel || OP == kBwdDx;
   static constexpr bool kRowData = CL ? kPData : kCData;
   static constexpr bool kColData = CL ? kCData : kPData;
   // Column data and column accumulators are held in registers for the whole tile, so
@@ -54,8 +54,8 @@ struct Plan {
 // teams wide enough that a row segment is >= 64 B (coalesced), few idle lanes at a
 // row's end, >= 4 blocks per SM, and partial buffers at most a few % of the activation.
 // None of these constants has been measured yet.
-inline Plan make_plan(bool multi_chunk, bool row_red, bool col_red, int64_t N, int64_t R,
-                      int64_t L, int vec, int elem_bytes, int sms) {
+inline Plan make_plan(bool multi_chunk, bool row_red, bool col_red, int64_t N, int64_t R, int64_t L,
+                      int vec, int elem_bytes, int sms) {
   Plan pl;
   pl.vec = vec;
   const int64_t chunks = ceil_div(L, vec);
@@ -64,7 +64,9 @@ inline Plan make_plan(bool multi_chunk, bool row_red, bool col_red, int64_t N, i
   int lo = 0;
   while (lo < 5 && (vec * elem_bytes << lo) < 64) ++lo;
   lo = std::min(lo, hi);
-  auto waste = [&](int t) { return ceil_div(chunks, int64_t{1} << t) * (int64_t{1} << t) - chunks; };
+  auto waste = [&](int t) {
+    return ceil_div(chunks, int64_t{1} << t) * (int64_t{1} << t) - chunks;
+  };
   int log2tl = hi;
   // Row results split over column tiles need partials: keep those tiles wide.
   if (multi_chunk || !row_red) {
@@ -108,15 +110,13 @@ struct PassPlan {
 };
 
 template <int OP, bool CL>
-PassPlan plan_pass(int64_t N, int64_t C, int64_t P, int elem_bytes, uintptr_t addr_bits,
-                   int sms) {
+PassPlan plan_pass(int64_t N, int64_t C, int64_t P, int elem_bytes, uintptr_t addr_bits, int sms) {
   using T = OpTraits<OP, CL>;
   PassPlan pp;
   pp.R = CL ? P : C;
   pp.L = CL ? C : P;
   const int vec = plan_util::pick_vec_bits(pp.L, elem_bytes, addr_bits);
-  pp.tile = make_plan(T::kMultiChunk, T::kRowRed, T::kColRed, N, pp.R, pp.L, vec, elem_bytes,
-                      sms);
+  pp.tile = make_plan(T::kMultiChunk, T::kRowRed, T::kColRed, N, pp.R, pp.L, vec, elem_bytes, sms);
   pp.blocks = N * pp.tile.nRT * pp.tile.nLT;
   if (T::kRowRed && pp.tile.nLT > 1) pp.row_fin = N * pp.R;
   if (T::kColRed && pp.tile.nRT > 1) pp.col_fin = N * pp.L;

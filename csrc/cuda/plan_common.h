@@ -9,7 +9,9 @@
 namespace manet_kernels {
 namespace plan_util {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 inline int log2_of(int v) {
   int l = 0;
