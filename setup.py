@@ -113,7 +113,7 @@ def _extensions():
             msg = "building without CUDA kernels: " + "; ".join(reasons)
             if want in ("1", "true", "on"):
                 raise RuntimeError("MANET_KERNELS_CUDA=1 but " + msg)
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
         else:
             use_cuda = True
             os.environ["CUDA_HOME"] = home

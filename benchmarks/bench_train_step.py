@@ -56,7 +56,8 @@ TABLE = (("arch", "arch", ""), ("kernels", "kernels", ""), ("ms", "ms/step", ".2
 
 
 def make_step(arch: str, kernels: str, cfg: dict, device: torch.device, num_classes: int):
-    """A closure running one training step, and the model (for cleanup)."""
+    """A closure running one training step; it holds the model and optimizer, so
+    dropping it frees them."""
     torch.manual_seed(0)
     model = models.create(arch, num_classes, kernels=kernels).to(device)
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
@@ -76,20 +77,20 @@ def make_step(arch: str, kernels: str, cfg: dict, device: torch.device, num_clas
         loss.backward()
         opt.step()
         return loss
-    return step, model
+    return step
 
 
 def _measure(arch, kernels, cfg, device, quick, sink) -> tuple[float, float] | None:
     """(median ms, peak MB) of one training step, or None (noted) if it fails."""
     try:
-        step, model = make_step(arch, kernels, cfg, device, cfg["classes"])
+        step = make_step(arch, kernels, cfg, device, cfg["classes"])
         step()  # warm-up (and the check that it runs at all)
         return bu.time_ms(step, device, quick=quick), bu.peak_memory_mb(step, device)
     except Exception as e:  # noqa: BLE001 (reported, not fatal)
         sink.note(f"skip {arch} {kernels}: {bu.short_error(e)}")
         return None
     finally:
-        step = model = None
+        step = None  # the last reference to the model, freed below
         bu.free_memory(device)
 
 

@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", action="append", choices=krc.OPS,
                    help="an op to report (repeatable; default: all)")
-    p.add_argument("--backend", choices=BACKENDS, default="all", help="kernels to report (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, default="all",
+                   help="kernels to report (default: all)")
     p.add_argument("--kernel", action="append", metavar="SUBSTR",
                    help="keep kernels whose name contains SUBSTR (repeatable)")
     p.add_argument("--dtype", action="append", choices=krc.DTYPES,

@@ -155,7 +155,8 @@ def _launched_kernels(module) -> dict[str, object]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
     return {name: obj for name, obj in vars(module).items()
-            if isinstance(obj, Autotuner) or (isinstance(obj, JITFunction) and name.endswith("_kernel"))}
+            if isinstance(obj, Autotuner)
+            or (isinstance(obj, JITFunction) and name.endswith("_kernel"))}
 
 
 @contextlib.contextmanager
@@ -170,7 +171,8 @@ def recording(module, extra_patches=()):
         # CPU tensors pass the launchers' device checks, and the op layer's check that
         # backend="triton" on CPU means the interpreter.
         stack.enter_context(mock.patch.object(module, "_interpreting", lambda: True))
-        stack.enter_context(mock.patch("manet_kernels.ops._common.triton_interpreted", lambda: True))
+        stack.enter_context(
+            mock.patch("manet_kernels.ops._common.triton_interpreted", lambda: True))
         # Autotuned launches, as on a GPU: no forced test config, no deterministic pick.
         stack.enter_context(mock.patch.dict(module._FORCED_CONFIGS, clear=True))
         stack.enter_context(_deterministic(False))
@@ -193,7 +195,8 @@ def _deterministic(on: bool):
 def _on_h100(fn: Callable) -> Callable:
     """``fn`` with its device arguments seen as an H100: for host code that sizes a
     launch from the device's SM count (AW-conv's weight-gradient split)."""
-    props = types.SimpleNamespace(multi_processor_count=krc.H100["sms"], name="H100 (kernel report)")
+    props = types.SimpleNamespace(multi_processor_count=krc.H100["sms"],
+                                  name="H100 (kernel report)")
 
     def wrapped(*args, **kwargs):
         args = [torch.device("cuda") if isinstance(a, torch.device) else a for a in args]
@@ -437,7 +440,8 @@ def analyse(compiled) -> dict:
         ptx = compiled.asm["ptx"]
         res = krc.parse_ptxas_verbose(ptxas_verbose(compiled))
         if len(res) != 1:
-            raise RuntimeError(f"kernel report: expected one kernel in ptxas' report, got {sorted(res)}")
+            raise RuntimeError(
+                f"kernel report: expected one kernel in ptxas' report, got {sorted(res)}")
         (usage,) = res.values()
         mma, mma_n = mma_info(ptx)
         _ANALYSIS_CACHE[key] = dict(
@@ -495,7 +499,8 @@ def records(ops=None, quick: bool = False, kernels=None, dtypes=None, layouts=No
                         for cfg in configs[:1] if quick else configs:
                             rows.append(_record(op, shape, dtype, layout, launch, cfg))
                     if log is not None:
-                        print(f"[kernel report] triton {op} {krc.shape_str(shape)} {dtype} {layout}: "
-                              f"{len(rows) - n_before} rows, {time.perf_counter() - start:.1f} s",
+                        print(f"[kernel report] triton {op} {krc.shape_str(shape)} {dtype} "
+                              f"{layout}: {len(rows) - n_before} rows, "
+                              f"{time.perf_counter() - start:.1f} s",
                               file=log, flush=True)
     return rows

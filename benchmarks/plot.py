@@ -166,7 +166,8 @@ def plot(rows, metric: str, out_dir: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", nargs="*", help="result CSVs (default: the benchmark CSVs in benchmarks/results)")
+    ap.add_argument("csv", nargs="*",
+                    help="result CSVs (default: the benchmark CSVs in benchmarks/results)")
     ap.add_argument("--metric", choices=sorted(METRICS), default="ms")
     ap.add_argument("--out-dir", default=os.path.join(RESULTS, "plots"))
     ap.add_argument("--commit", help="only rows of this commit")

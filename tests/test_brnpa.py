@@ -102,7 +102,7 @@ def test_deterministic(device):
     for backend in backends_for(device):
         if backend == "triton" and device == "cpu":
             continue  # covered by the interpreter test below
-        outs = [run(lambda t: mk.brnpa(t, 3, backend=backend), x,
+        outs = [run(lambda t, backend=backend: mk.brnpa(t, 3, backend=backend), x,
                     (torch.ones(3, 3, 37, device=device), torch.ones(3, 3, 11, 9, device=device)))
                 for _ in range(2)]
         for key in outs[0]:
@@ -257,7 +257,8 @@ def test_reference_zero_sum_part_has_zero_weights_and_keeps_other_bits(case, var
     v, m = brnpa_ref(x, 3, variant=variant)
     v_a, m_a = authors_brnpa(x.detach(), 3, variant)
     zero = torch.tensor(ZERO_SUM_PARTS[case, variant], dtype=torch.bool)
-    assert torch.equal(m[zero], torch.zeros_like(m[zero])) and torch.equal(v[zero], torch.zeros_like(v[zero]))
+    assert torch.equal(m[zero], torch.zeros_like(m[zero]))
+    assert torch.equal(v[zero], torch.zeros_like(v[zero]))
     assert not torch.isfinite(m_a[zero]).any()  # 0/0, or +-s/0 for "opposite"
     assert torch.equal(m[~zero], m_a[~zero]) and torch.equal(v[~zero], v_a[~zero])
     (g,) = torch.autograd.grad((v * torch.randn_like(v)).sum() + (m * torch.randn_like(m)).sum(), x)

@@ -573,7 +573,7 @@ def assert_matches_contract(bk, shape, layout, seed, k=3, label="", only=None):
         if only in (None, name):
             for o, e in zip(run(bk, name, args), as_tuple(getattr(ref, "brnpa_" + name)(*args))):
                 torch.testing.assert_close(o, e, rtol=1e-5, atol=2e-5,
-                                           msg=lambda m: f"{name} {label}: {m}")
+                                           msg=lambda m, name=name: f"{name} {label}: {m}")
 
 
 @pytest.mark.parametrize("bk", on("triton"))

@@ -431,7 +431,8 @@ def test_spatial_norm_training_needs_more_than_one_value():
 def test_env_backend(monkeypatch):
     args = functional_args((2, 8, 3, 3), dtype=torch.float32)
     monkeypatch.setenv("MANET_KERNELS_BACKEND", "reference")
-    assert mk.ops._common.resolve_backend("auto", torch.device("cpu"), "mixed_attention_apply") == "reference"
+    backend = mk.ops._common.resolve_backend("auto", torch.device("cpu"), "mixed_attention_apply")
+    assert backend == "reference"
     monkeypatch.setenv("MANET_KERNELS_BACKEND", "cpu")
     torch.testing.assert_close(mk.mixed_attention(*args),
                                mk.mixed_attention(*args, backend="reference"))

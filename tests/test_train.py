@@ -288,7 +288,8 @@ def test_trains_on_cifar_and_image_folders(tmp_path, kind):
                  "--batch-size", "8", "--threads", "1", "--no-progress", "--workers", "1",
                  "--explain-images", "2", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["image_size"] == 8 and summary["train_images"] == (20 if kind == "cifar10" else 12)
+    assert summary["image_size"] == 8
+    assert summary["train_images"] == (20 if kind == "cifar10" else 12)
     model, ckpt = load_model(out / "last.pt")
     assert ckpt["in_channels"] == 3 and ckpt["num_classes"] == (10 if kind == "cifar10" else 3)
     assert ckpt["data"] == data and model(torch.zeros(1, 3, 8, 8)).shape == (1, ckpt["num_classes"])

@@ -50,6 +50,7 @@ RECIPES = {
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
               "images_per_s", "seconds"]
 
+# Printed as written (RawDescriptionHelpFormatter), so the flag lines stay whole.
 _EPILOG = """\
 recipe defaults (each overridable):
   digits (the default --data; sklearn's bundled 8x8 digits, offline):
@@ -71,7 +72,7 @@ resume: --epochs, --batch-size, --schedule and --warmup-epochs default to the
 
 distributed: torchrun --nproc_per_node N -m manet_kernels.train ...
   (NCCL on GPU, gloo on CPU; --batch-size is per process)
-""".format(d=RECIPES["digits"], c=RECIPES["cifar"], f=RECIPES["folder"])
+""".format(d=RECIPES["digits"], c=RECIPES["cifar"], f=RECIPES["folder"])  # noqa: E501
 
 
 # The arguments that define a run's learning-rate schedule. On resume they default to

@@ -9,8 +9,8 @@ from torch import Tensor
 
 def _batched(maps: Tensor, norms: Tensor) -> tuple[Tensor, Tensor, bool]:
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
-        raise ValueError("maps must be (K, H, W) or (B, K, H, W), got "
-                         f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}")
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be (K, H, W) or (B, K, H, W), got {got}")
     single = maps.dim() == 3
     if single:
         maps = maps[None]

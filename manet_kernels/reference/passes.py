@@ -60,7 +60,8 @@ def mixed_attention_apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     return _like_x(y, x)
 
 
-def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor,
+                               ms: Tensor) -> tuple[Tensor, Tensor]:
     """B1: ``dms[n,h,w] = sum_c g*mc*x`` and ``dmc[n,c] = sum_p g*ms*x``."""
     gx = g.to(mc.dtype) * x.to(mc.dtype)
     dms = (gx * mc[:, :, None, None]).sum(1)

@@ -83,37 +83,58 @@ _INTERP_WGRAD_BLOCK_N = 16
 # without autotuning.
 _GEMM_CONFIGS = {  # forward and dx: (positions, channels, K) tiles
     16: [
-        ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8),   # general case; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4),    # small maps (14x14, 7x7); not yet measured on a GPU
-        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8),  # wide layers; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8),   # wide layers, small maps; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8),    # deep K (C/g >= 256); not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4),    # narrow groups; not yet measured on a GPU
-        ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 4),   # first layer (C1 = 3); not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, 2),    # depthwise; not yet measured on a GPU
+        # general case; not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8),
+        # small maps (14x14, 7x7); not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4),
+        # wide layers; not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8),
+        # wide layers, small maps; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, 8),
+        # deep K (C/g >= 256); not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8),
+        # narrow groups; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4),
+        # first layer (C1 = 3); not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 4),
+        # depthwise; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, 2),
     ],
     32: [
-        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8),    # general case; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4),    # narrow groups, small maps; not yet measured on a GPU
-        ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8),   # large maps; not yet measured on a GPU
-        ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, 4),    # wide layers, small maps; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, 4),    # depthwise; not yet measured on a GPU
+        # general case; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 8),
+        # narrow groups, small maps; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, 4),
+        # large maps; not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8),
+        # wide layers, small maps; not yet measured on a GPU
+        ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, 4),
+        # depthwise; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, 4),
     ],
 }
 # Weight grad: BLOCK_N (input channels) is the launcher's pick, because it sizes
 # the dscale partials that are allocated before the launch.
 _WGRAD_CONFIGS = {  # (output channels, positions) tiles
     16: [
-        ({"BLOCK_M": 64, "BLOCK_K": 32}, 8),    # general case; not yet measured on a GPU
-        ({"BLOCK_M": 128, "BLOCK_K": 32}, 8),   # wide layers; not yet measured on a GPU
-        ({"BLOCK_M": 64, "BLOCK_K": 64}, 8),    # large maps; not yet measured on a GPU
-        ({"BLOCK_M": 32, "BLOCK_K": 128}, 8),   # few output channels per group; not yet measured on a GPU
-        ({"BLOCK_M": 16, "BLOCK_K": 128}, 4),   # depthwise; not yet measured on a GPU
+        # general case; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_K": 32}, 8),
+        # wide layers; not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_K": 32}, 8),
+        # large maps; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_K": 64}, 8),
+        # few output channels per group; not yet measured on a GPU
+        ({"BLOCK_M": 32, "BLOCK_K": 128}, 8),
+        # depthwise; not yet measured on a GPU
+        ({"BLOCK_M": 16, "BLOCK_K": 128}, 4),
     ],
     32: [
-        ({"BLOCK_M": 64, "BLOCK_K": 16}, 8),    # general case; not yet measured on a GPU
-        ({"BLOCK_M": 32, "BLOCK_K": 16}, 4),    # few output channels per group; not yet measured on a GPU
-        ({"BLOCK_M": 128, "BLOCK_K": 16}, 8),   # wide layers; not yet measured on a GPU
+        # general case; not yet measured on a GPU
+        ({"BLOCK_M": 64, "BLOCK_K": 16}, 8),
+        # few output channels per group; not yet measured on a GPU
+        ({"BLOCK_M": 32, "BLOCK_K": 16}, 4),
+        # wide layers; not yet measured on a GPU
+        ({"BLOCK_M": 128, "BLOCK_K": 16}, 8),
     ],
 }
 # The loops nest (taps, then channels; samples, then positions), so the software
@@ -160,7 +181,8 @@ def _autotune(table: dict, interp: dict, operand: str, key: list[str]):
 # kernels
 # --------------------------------------------------------------------------- #
 
-@_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "x_ptr", key=["C1G", "C2G", "P_OUT", "T", "CHANNELS_LAST", "SCALED"])
+@_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "x_ptr",
+           key=["C1G", "C2G", "P_OUT", "T", "CHANNELS_LAST", "SCALED"])
 @triton.jit
 def _aw_conv2d_fwd_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
@@ -223,9 +245,10 @@ def _aw_conv2d_fwd_kernel(
             for c0 in range(0, C1G, BLOCK_K):
                 c = c0 + ck
                 mask_c = c < C1G
-                a = tl.load(x_base + row_off[:, None] + c[None, :] * xsC, mask=ok[:, None] & mask_c[None, :],
-                            other=0.0)
-                b = tl.load(w_tap + c[:, None] * wsC + co[None, :], mask=mask_c[:, None] & mask_n2, other=0.0)
+                a = tl.load(x_base + row_off[:, None] + c[None, :] * xsC,
+                            mask=ok[:, None] & mask_c[None, :], other=0.0)
+                b = tl.load(w_tap + c[:, None] * wsC + co[None, :],
+                            mask=mask_c[:, None] & mask_n2, other=0.0)
                 if SCALED:
                     # The per-sample weight exists only as this tile: one multiply
                     # per weight element, rounded once to the operand dtype.
@@ -238,7 +261,8 @@ def _aw_conv2d_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n2)
 
 
-@_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "g_ptr", key=["C1G", "C2G", "PA_MAX", "T", "CHANNELS_LAST", "SCALED"])
+@_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "g_ptr",
+           key=["C1G", "C2G", "PA_MAX", "T", "CHANNELS_LAST", "SCALED"])
 @triton.jit
 def _aw_conv2d_bwd_input_kernel(
     g_ptr, w_ptr, s_ptr, dx_ptr,
@@ -399,15 +423,17 @@ def _aw_conv2d_bwd_weight_kernel(
             iw = ow * SW + iw_t
             mask_q = q < q_hi
             ok = mask_q & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(g_rows + n * gsN + (oh * gsH + ow * gsW)[None, :], mask=mask_m2 & mask_q[None, :],
-                        other=0.0)
-            b = tl.load(x_cols + n * xsN + (ih * xsH + iw * xsW)[:, None], mask=ok[:, None] & mask_n2, other=0.0)
+            a = tl.load(g_rows + n * gsN + (oh * gsH + ow * gsW)[None, :],
+                        mask=mask_m2 & mask_q[None, :], other=0.0)
+            b = tl.load(x_cols + n * xsN + (ih * xsH + iw * xsW)[:, None],
+                        mask=ok[:, None] & mask_n2, other=0.0)
             gn = tl.dot(a, b, gn, input_precision="ieee", out_dtype=ACC)
         if AW:
             # G_n is folded into both gradients while it is in registers, so the
             # (N, C2, C1/g, kh, kw) per-sample gradient is never written. The
             # weight tile is re-read per sample (cache-resident) to spare registers.
-            wv = tl.load(w_ptr + t * wsT + c1[None, :] * wsC + co[:, None], mask=mask_m2 & mask_n2, other=0.0)
+            wv = tl.load(w_ptr + t * wsT + c1[None, :] * wsC + co[:, None],
+                         mask=mask_m2 & mask_n2, other=0.0)
             ds_off = (ps * num_nb + nb) * dssR + n * dssN + co * T + t
             tl.store(ds_ptr + ds_off, tl.sum(wv.to(ACC) * gn, axis=1), mask=mask_m)
             sv = tl.load(s_ptr + n * ssN + t * ssT + co, mask=mask_m, other=0.0).to(ACC)
@@ -454,7 +480,8 @@ def _launch(kernel, grid, dtype: torch.dtype, *args, **kwargs) -> None:
     if cfg is None:
         kernel[grid](*args, **kwargs)
     else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel.fn[grid](*args, **kwargs, **cfg.kwargs,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _interpreting() -> bool:
@@ -499,7 +526,8 @@ def _pair(name: str, v, minimum: int) -> tuple[int, int]:
     try:
         vals = list(vals)
     except TypeError:
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {type(v).__name__}") from None
+        raise TypeError(
+            f"{name}: expected an int or a pair of ints, got {type(v).__name__}") from None
     if len(vals) == 1:
         vals = vals * 2
     if len(vals) != 2 or any(isinstance(e, bool) or not isinstance(e, int) for e in vals):
@@ -544,16 +572,21 @@ def _geometry(x, wname: str, wt, per_sample: bool, stride, padding, dilation, gr
     want = 5 if per_sample else 4
     layout = "(N, C2, C1/groups, kh, kw)" if per_sample else "(C2, C1/groups, kh, kw)"
     if wt.dim() != want:
-        raise ValueError(f"{wname}: expected a {want}-D {layout} tensor, got shape {tuple(wt.shape)}")
+        raise ValueError(
+            f"{wname}: expected a {want}-D {layout} tensor, got shape {tuple(wt.shape)}")
     if wt.dtype != x.dtype:
-        raise TypeError(f"{wname}: expected x's dtype {x.dtype} (the caller casts), got {wt.dtype}")
+        raise TypeError(
+            f"{wname}: expected x's dtype {x.dtype} (the caller casts), got {wt.dtype}")
     if wt.device != x.device:
-        raise ValueError(f"{wname}: expected a tensor on {x.device} (x's device), got one on {wt.device}")
+        raise ValueError(
+            f"{wname}: expected a tensor on {x.device} (x's device), got one on {wt.device}")
     if per_sample and wt.shape[0] != n:
-        raise ValueError(f"{wname}: expected {n} samples (x's batch) in dim 0, got shape {tuple(wt.shape)}")
+        raise ValueError(
+            f"{wname}: expected {n} samples (x's batch) in dim 0, got shape {tuple(wt.shape)}")
     c2, c1g, kh, kw = wt.shape[-4:]
     if min(c2, c1g, kh, kw) < 1:
-        raise ValueError(f"{wname}: expected non-empty C2, C1/groups, kh, kw, got shape {tuple(wt.shape)}")
+        raise ValueError(
+            f"{wname}: expected non-empty C2, C1/groups, kh, kw, got shape {tuple(wt.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups: expected an int, got {type(groups).__name__}")
     if groups < 1:
@@ -561,16 +594,16 @@ def _geometry(x, wname: str, wt, per_sample: bool, stride, padding, dilation, gr
     if c1 % groups or c2 % groups:
         raise ValueError(f"groups: {groups} must divide both C1 ({c1}) and C2 ({c2})")
     if c1g * groups != c1:
-        raise ValueError(f"{wname}: expected C1/groups = {c1 // groups} input channels in dim {want - 3}, "
-                         f"got shape {tuple(wt.shape)}")
+        raise ValueError(f"{wname}: expected C1/groups = {c1 // groups} input channels "
+                         f"in dim {want - 3}, got shape {tuple(wt.shape)}")
     st = _pair("stride", stride, 1)
     pd = _pair("padding", padding, 0)
     dl = _pair("dilation", dilation, 1)
     ho = (h + 2 * pd[0] - dl[0] * (kh - 1) - 1) // st[0] + 1
     wo = (w + 2 * pd[1] - dl[1] * (kw - 1) - 1) // st[1] + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"x: spatial size {(h, w)} with padding {pd} is smaller than the dilated kernel "
-                         f"{(dl[0] * (kh - 1) + 1, dl[1] * (kw - 1) + 1)}")
+        raise ValueError(f"x: spatial size {(h, w)} with padding {pd} is smaller than the "
+                         f"dilated kernel {(dl[0] * (kh - 1) + 1, dl[1] * (kw - 1) + 1)}")
     return _Geo(n, c1, h, w, c2, c1g, c2 // groups, kh, kw, ho, wo, st, pd, dl, groups, x_cl,
                 _acc_dtype(x.dtype))
 
@@ -646,14 +679,17 @@ def _input_grad(g: Tensor, g_cl: bool, wp: Tensor, sp: Tensor | None, geo: _Geo,
     ds = _strides(dx.shape, geo.x_cl)
     ws = (wp.stride(0) if per_sample else 0, wp.stride(-3), wp.stride(-2))
     ss = (sp.stride(0), sp.stride(1)) if sp is not None else (0, 0)
-    grid = lambda meta: (geo.n * geo.groups * sh * sw * triton.cdiv(pa_max, meta["BLOCK_M"])  # noqa: E731
+    grid = lambda meta: (geo.n * geo.groups * sh * sw  # noqa: E731
+                         * triton.cdiv(pa_max, meta["BLOCK_M"])
                          * triton.cdiv(geo.c1g, meta["BLOCK_N"]),)
     with _device_ctx(x):
         _launch(_aw_conv2d_bwd_input_kernel, grid, x.dtype,
                 g, wp, sp if sp is not None else wp, dx,
-                geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.ho, geo.wo, geo.kh, geo.kw, geo.taps, pa_max,
+                geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.ho, geo.wo, geo.kh, geo.kw,
+                geo.taps, pa_max,
                 *geo.conv_args(), *gs, *ws, *ss, *ds,
-                SCALED=sp is not None, ACC=_tl_acc(x.dtype), CHANNELS_LAST=g_cl, I64=_i64(g, dx, wp))
+                SCALED=sp is not None, ACC=_tl_acc(x.dtype), CHANNELS_LAST=g_cl,
+                I64=_i64(g, dx, wp))
     return dx
 
 
@@ -715,14 +751,15 @@ def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor
         dss = wsp = ssp = (0, 0)
     gs = _strides(g.shape, g_cl)
     xs = _strides(x.shape, geo.x_cl)
-    grid = lambda meta: (ns * ps * geo.groups * t * triton.cdiv(geo.c2g, meta["BLOCK_M"]) * num_nb,)  # noqa: E731
+    grid = lambda meta: (  # noqa: E731
+        ns * ps * geo.groups * t * triton.cdiv(geo.c2g, meta["BLOCK_M"]) * num_nb,)
     with _device_ctx(x):
         _launch(_aw_conv2d_bwd_weight_kernel, grid, x.dtype,
                 g, x, wp if aw else x, sp if aw else x, dw_part, ds_part,
                 geo.n, geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.wo, p_out, geo.kw, t,
                 *geo.conv_args(), n_chunk, q_chunk, ps, *gs, *xs, *wsp, *ssp, *dws, *dss,
-                AW=aw, ACC=_tl_acc(x.dtype), CHANNELS_LAST=geo.x_cl, I64=_i64(g, x, dw_part, ds_part),
-                BLOCK_N=block_n)
+                AW=aw, ACC=_tl_acc(x.dtype), CHANNELS_LAST=geo.x_cl,
+                I64=_i64(g, x, dw_part, ds_part), BLOCK_N=block_n)
     wshape = (geo.c2, geo.c1g, geo.kh, geo.kw)
     # Partials are added in index order: the same bits every run.
     dw = dw_part[0] if dw_part.shape[0] == 1 else dw_part.sum(0)

@@ -109,7 +109,8 @@ def _mask_if(mask, ok):
     return tl.where(ok, mask, False)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_NORMS_CONFIGS,
+                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_norms_kernel(
@@ -196,7 +197,8 @@ def _brnpa_step_kernel(
         if I64:
             offs_c = offs_c.to(tl.int64)
         f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0)
-        tl.store(sv_part_ptr + part * C + offs_c, tl.sum(f.to(acc_t) * s[None, :], axis=1), mask=mask_c)
+        tl.store(sv_part_ptr + part * C + offs_c, tl.sum(f.to(acc_t) * s[None, :], axis=1),
+                 mask=mask_c)
 
 
 @triton.autotune(configs=_configs(_BWD_REDUCE_CONFIGS, {"BLOCK_C": _INTERP_BLOCK}),
@@ -238,9 +240,10 @@ def _brnpa_bwd_reduce_kernel(
         mask_c = offs_c < C
         if I64:
             offs_c = offs_c.to(tl.int64)
-        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(acc_t)
-        d = tl.load(dv_ptr + rows_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :],
-                    other=0.0)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :],
+                    other=0.0).to(acc_t)
+        d = tl.load(dv_ptr + rows_k[:, None] * C + offs_c[None, :],
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)
         if DOT:
             # ieee: tf32 would lose ~3 digits against the fp32 reference.
             dw = tl.dot(d, f, acc=dw, input_precision="ieee")
@@ -258,7 +261,8 @@ def _brnpa_bwd_reduce_kernel(
         mask_c = offs_c < C
         if I64:
             offs_c = offs_c.to(tl.int64)
-        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(acc_t)
+        f = tl.load(cols + offs_c[:, None] * sC, mask=mask_c[:, None] & mask_p[None, :],
+                    other=0.0).to(acc_t)
         fn = f * inv[None, :]
         if DOT:
             u = tl.dot(dw, tl.trans(fn), input_precision="ieee")
@@ -270,7 +274,8 @@ def _brnpa_bwd_reduce_kernel(
         tl.store(t_part_ptr + part * C + offs_c, tl.sum(fn, axis=1), mask=_mask_if(mask_c, kc == 0))
 
 
-@triton.autotune(configs=_configs(_BWD_DX_CONFIGS, {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_BWD_DX_CONFIGS,
+                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_bwd_dx_kernel(
@@ -441,7 +446,8 @@ def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
     with _device_ctx(x):
         _launch(_brnpa_bwd_reduce_kernel, (b * num_pb, num_kc),
                 x, inv_nrm, dv, dmap, dw, u_part, t_part, c, p, k, sb, sc, sp,
-                CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k, BLOCK_P=block_p)
+                CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k,
+                BLOCK_P=block_p)
     return dw, u_part.sum(1), t_part.sum(1)
 
 
@@ -463,7 +469,8 @@ def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
     dsb, dsc, dsp, _ = _check_x("df", df)
     with _device_ctx(x):
         _launch(_brnpa_bwd_dx_kernel,
-                lambda meta: (b * triton.cdiv(ch, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),),
+                lambda meta: (b * triton.cdiv(ch, meta["BLOCK_C"])
+                              * triton.cdiv(p, meta["BLOCK_P"]),),
                 x, a, m, c, df, ch, p, j, sb, sc, sp, dsb, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_i64(x, a, m))
     return df

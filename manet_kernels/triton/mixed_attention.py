@@ -45,21 +45,25 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.use_deterministic_algorithms the first serves NCHW and the last
 # channels_last, without autotuning (see _launch).
 # Every GPU list below is a first guess, not yet measured on a GPU.
-_POOL_C_CONFIGS = [  # channel_pool: tile (BLOCK_C, BLOCK_P), loop over P. Not yet measured on a GPU.
+
+# channel_pool: tile (BLOCK_C, BLOCK_P), loop over P. Not yet measured on a GPU.
+_POOL_C_CONFIGS = [
     ({"BLOCK_C": 4, "BLOCK_P": 256}, 4),
     ({"BLOCK_C": 8, "BLOCK_P": 128}, 4),
     ({"BLOCK_C": 16, "BLOCK_P": 64}, 4),
     ({"BLOCK_C": 64, "BLOCK_P": 16}, 4),
     ({"BLOCK_C": 128, "BLOCK_P": 8}, 4),
 ]
-_POOL_P_CONFIGS = [  # spatial_pool: tile (BLOCK_C, BLOCK_P), loop over C. Not yet measured on a GPU.
+# spatial_pool: tile (BLOCK_C, BLOCK_P), loop over C. Not yet measured on a GPU.
+_POOL_P_CONFIGS = [
     ({"BLOCK_C": 8, "BLOCK_P": 128}, 4),
     ({"BLOCK_C": 16, "BLOCK_P": 64}, 4),
     ({"BLOCK_C": 32, "BLOCK_P": 32}, 4),
     ({"BLOCK_C": 64, "BLOCK_P": 16}, 4),
     ({"BLOCK_C": 128, "BLOCK_P": 8}, 4),
 ]
-_ELEMENTWISE_CONFIGS = [  # apply / bwd_dx: one (BLOCK_C, BLOCK_P) tile per program. Not yet measured on a GPU.
+# apply / bwd_dx: one (BLOCK_C, BLOCK_P) tile per program. Not yet measured on a GPU.
+_ELEMENTWISE_CONFIGS = [
     ({"BLOCK_C": 16, "BLOCK_P": 128}, 4),
     ({"BLOCK_C": 32, "BLOCK_P": 64}, 4),
     ({"BLOCK_C": 64, "BLOCK_P": 64}, 8),
@@ -74,7 +78,8 @@ _BWD_REDUCE_CONFIGS = [  # not yet measured on a GPU.
     ({"BLOCK_C": 64}, 4),
     ({"BLOCK_C": 128}, 8),
 ]
-_BWD_CHANNEL_CONFIGS = _POOL_C_CONFIGS  # same loop shape as channel_pool; not yet measured on a GPU.
+# Same loop shape as channel_pool; not yet measured on a GPU.
+_BWD_CHANNEL_CONFIGS = _POOL_C_CONFIGS
 
 # Interpreter tiles: small enough that the odd test shapes (C=33, P=35) take
 # several loop iterations and partial blocks.
@@ -156,7 +161,8 @@ def _mixed_attention_channel_pool_kernel(
         # Lanes keep their own running (max, argmax); later blocks have higher
         # indices, so the combine keeps the earlier one on ties.
         best_v, best_i = _argmax_combine(
-            best_v, best_i, tl.where(m, xv, float("-inf")), tl.where(m, offs_p[None, :], 2147483647))
+            best_v, best_i, tl.where(m, xv, float("-inf")),
+            tl.where(m, offs_p[None, :], 2147483647))
 
     mx, im = _max_argmax(best_v, best_i, 1)
     out = n * C + offs_c
@@ -202,7 +208,8 @@ def _mixed_attention_spatial_pool_kernel(
         x1 = xv * mcv[:, None]
         total += x1
         best_v, best_i = _argmax_combine(
-            best_v, best_i, tl.where(m, x1, float("-inf")), tl.where(m, offs_c[:, None], 2147483647))
+            best_v, best_i, tl.where(m, x1, float("-inf")),
+            tl.where(m, offs_c[:, None], 2147483647))
 
     sm, ic = _max_argmax(best_v, best_i, 0)
     out = n * P + offs_p
@@ -211,7 +218,8 @@ def _mixed_attention_spatial_pool_kernel(
     tl.store(ic_ptr + out, ic, mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_ELEMENTWISE_CONFIGS, _INTERP_TILE), key=["C", "P", "CHANNELS_LAST"])
+@triton.autotune(configs=_configs(_ELEMENTWISE_CONFIGS, _INTERP_TILE),
+                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _mixed_attention_apply_kernel(
     x_ptr, mc_ptr, ms_ptr, y_ptr,
@@ -284,11 +292,13 @@ def _mixed_attention_bwd_reduce_kernel(
         dms += gx * mcv[:, None]
         # One partial per (n, P-block, c); torch sums them over P-blocks in a
         # fixed order, which keeps dmc deterministic without atomics.
-        tl.store(dmc_part_ptr + part_row * C + offs_c, tl.sum(gx * msv[None, :], axis=1), mask=mask_c)
+        tl.store(dmc_part_ptr + part_row * C + offs_c, tl.sum(gx * msv[None, :], axis=1),
+                 mask=mask_c)
     tl.store(dms_ptr + n * P + offs_p, tl.sum(dms, axis=0), mask=mask_p)
 
 
-@triton.autotune(configs=_configs(_BWD_CHANNEL_CONFIGS, _INTERP_TILE), key=["C", "P", "CHANNELS_LAST"])
+@triton.autotune(configs=_configs(_BWD_CHANNEL_CONFIGS, _INTERP_TILE),
+                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _mixed_attention_bwd_channel_kernel(
     x_ptr, da_ptr, dm_ptr, ic_ptr, out_ptr,
@@ -329,7 +339,8 @@ def _mixed_attention_bwd_channel_kernel(
     tl.store(out_ptr + n * C + offs_c, tl.sum(dense, axis=1) + tl.sum(sparse, axis=1), mask=mask_c)
 
 
-@triton.autotune(configs=_configs(_ELEMENTWISE_CONFIGS, _INTERP_TILE), key=["C", "P", "CHANNELS_LAST"])
+@triton.autotune(configs=_configs(_ELEMENTWISE_CONFIGS, _INTERP_TILE),
+                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _mixed_attention_bwd_dx_kernel(
     g_ptr, mc_ptr, ms_ptr, da_ptr, dm_ptr, ic_ptr, davg_ptr, dmx_ptr, im_ptr, dx_ptr,
@@ -364,7 +375,8 @@ def _mixed_attention_bwd_dx_kernel(
     da = tl.load(da_ptr + per_p, mask=mask_p, other=0.0)
     dm = tl.load(dm_ptr + per_p, mask=mask_p, other=0.0)
     icv = tl.load(ic_ptr + per_p, mask=mask_p, other=-1)
-    gv = tl.load(g_ptr + n * sN + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=m, other=0.0).to(acc_t)
+    gv = tl.load(g_ptr + n * sN + offs_c[:, None] * sC + offs_p[None, :] * sP,
+                 mask=m, other=0.0).to(acc_t)
     # Indicator multiplies (not tl.where) so inf/NaN in dm_s / d_mx spread as
     # in the reference.
     inner = (gv * msv[None, :] + (da / C)[None, :]
@@ -426,15 +438,18 @@ def _activation(name: str, t) -> tuple[int, int, int, bool]:
                      f"got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
-def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype,
+           device: torch.device) -> Tensor:
     return small(name, t, shape, dtype, device, device_of=None)
 
 
 def _same_shape(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
     if t.shape != ref.shape:
-        raise ValueError(f"{name}: expected the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
     if t.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} like {ref_name}, got one on {t.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {ref.device} like {ref_name}, got one on {t.device}")
 
 
 def mixed_attention_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -494,12 +509,14 @@ def mixed_attention_apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     ysn, ysc, ysp, _ = _activation("y", y)
     with _device_ctx(x):
         _launch(_mixed_attention_apply_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),),
+                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
+                              * triton.cdiv(p, meta["BLOCK_P"]),),
                 x, mc, ms, y, c, p, sn, sc, sp, ysn, ysc, ysp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return y
 
 
-def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor,
+                               ms: Tensor) -> tuple[Tensor, Tensor]:
     """B1: ``dms[n,h,w] = sum_c g*mc*x`` and ``dmc[n,c] = sum_p g*ms*x``, in one
     read of ``g`` and ``x``."""
     gsn, gsc, gsp, gcl = _activation("g", g)
@@ -522,7 +539,8 @@ def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> 
     with _device_ctx(x):
         _launch(_mixed_attention_bwd_reduce_kernel, (n * num_pb,),
                 g, x, mc, ms, dms, dmc_part, c, p, gsn, gsc, gsp, xsn, xsc, xsp,
-                G_CHANNELS_LAST=gcl, X_CHANNELS_LAST=xcl, I64=_needs_i64(x, dmc_part), BLOCK_P=block_p)
+                G_CHANNELS_LAST=gcl, X_CHANNELS_LAST=xcl, I64=_needs_i64(x, dmc_part),
+                BLOCK_P=block_p)
     return dms, dmc_part.sum(1)
 
 
@@ -570,7 +588,8 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     dsn, dsc, dsp, _ = _activation("dx", dx)
     with _device_ctx(g, "g"):
         _launch(_mixed_attention_bwd_dx_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),),
+                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
+                              * triton.cdiv(p, meta["BLOCK_P"]),),
                 g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx, c, p, sn, sc, sp, dsn, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_needs_i64(g))
     return dx
