@@ -66,32 +66,15 @@ inline void put(std::string& s, const c10::Device& v) {
 }
 inline void put(std::string& s, c10::Layout v) {
   switch (v) {
-    case c10::kStrided:
-      s += "Strided";
-      return;
-    case c10::kSparse:
-      s += "Sparse";
-      return;
-    case c10::kSparseCsr:
-      s += "SparseCsr";
-      return;
-    case c10::kSparseCsc:
-      s += "SparseCsc";
-      return;
-    case c10::kSparseBsr:
-      s += "SparseBsr";
-      return;
-    case c10::kSparseBsc:
-      s += "SparseBsc";
-      return;
-    case c10::kMkldnn:
-      s += "Mkldnn";
-      return;
-    case c10::kJagged:
-      s += "Jagged";
-      return;
-    default:
-      s += "Layout(" + std::to_string(static_cast<int>(v)) + ")";
+    case c10::kStrided: s += "Strided"; return;
+    case c10::kSparse: s += "Sparse"; return;
+    case c10::kSparseCsr: s += "SparseCsr"; return;
+    case c10::kSparseCsc: s += "SparseCsc"; return;
+    case c10::kSparseBsr: s += "SparseBsr"; return;
+    case c10::kSparseBsc: s += "SparseBsc"; return;
+    case c10::kMkldnn: s += "Mkldnn"; return;
+    case c10::kJagged: s += "Jagged"; return;
+    default: s += "Layout(" + std::to_string(static_cast<int>(v)) + ")";
   }
 }
 
@@ -107,20 +90,13 @@ inline std::string cat(const Parts&... parts) {
 // The Python spelling of a dtype, which is what users of the ops know.
 inline const char* dtype_name(at::ScalarType st) {
   switch (st) {
-    case at::kFloat:
-      return "float32";
-    case at::kDouble:
-      return "float64";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kInt:
-      return "int32";
-    case at::kLong:
-      return "int64";
-    default:
-      return c10::toString(st);
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(st);
   }
 }
 

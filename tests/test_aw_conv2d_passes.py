@@ -29,21 +29,11 @@ import itertools
 import re
 from dataclasses import dataclass, fields, replace
 
+import passes_common as pc
 import pytest
 import torch
 from helpers import LOW_PRECISION, assert_low_precision, assert_matches, use_cpu_isa
-from passes_common import (
-    HAS_GPU,
-    LAYOUTS,
-    Backend,
-    Seeded,
-    acc_dtype,
-    amax,
-    assert_all_within,
-    assert_same_format,
-    backend_params,
-    backends,
-)
+from passes_common import backends
 
 from manet_kernels.reference import passes as ref
 
@@ -55,8 +45,8 @@ OUTPUTS = {AW: ("y", "dx", "dweight", "dscale"), PS: ("y", "dx", "dweights")}
 ACT = ("y", "dx")  # in x's dtype; the other outputs in the accumulation dtype
 OTHER = {"nchw": "channels_last", "channels_last": "nchw"}
 
-INTERPRETING = Backend("triton", OP, KERNEL).interpreting
-TRITON_GPU = HAS_GPU and not INTERPRETING
+INTERPRETING = pc.Backend("triton", OP, KERNEL).interpreting
+TRITON_GPU = pc.HAS_GPU and not INTERPRETING
 triton_gpu_only = pytest.mark.skipif(
     not TRITON_GPU, reason="needs a CUDA device (bf16 and big shapes are GPU-only)")
 interp_only = pytest.mark.skipif(not INTERPRETING, reason="interpreter-only check")
@@ -177,19 +167,20 @@ def grid(*axes):
 def alternating(ops, dtype, cases, marks=()):
     """One layout per case, taking turns (per-sample the other one): the interpreter is
     slow, and autotuning on a GPU costs per shape."""
-    return [pytest.param(op, dtype, LAYOUTS[(i + (op == PS)) % 2], case, marks=marks)
+    return [pytest.param(op, dtype, pc.LAYOUTS[(i + (op == PS)) % 2], case, marks=marks)
             for op in ops for i, case in enumerate(cases)]
 
 
 MATCH_CASES = {
-    "cpu": grid(OPS, (F32, F64), LAYOUTS, CPU_CASES)
+    "cpu": grid(OPS, (F32, F64), pc.LAYOUTS, CPU_CASES)
     + grid(OPS, (BF16, F16), ("channels_last",), [CPU_LOW]),
-    "cuda": grid(OPS, (F32, F64), LAYOUTS, CUDA_CASES) + grid(OPS, (F16, BF16), LAYOUTS, CUDA_LOW)
+    "cuda": grid(OPS, (F32, F64), pc.LAYOUTS, CUDA_CASES)
+    + grid(OPS, (F16, BF16), pc.LAYOUTS, CUDA_LOW)
     # the training setting (bf16) runs channels_last, fp32 NCHW
     + grid(OPS, (F32,), ("nchw",), RESNET) + grid(OPS, (BF16,), ("channels_last",), RESNET),
-    "triton": grid(OPS, (F32,), LAYOUTS, TRITON_CASES)
-    + [(op, F64, LAYOUTS[i % 2], c) for op in OPS for i, c in enumerate(TRITON_CASES)]
-    + [(op, F16, LAYOUTS[i % 2], c) for op in OPS for i, c in enumerate(TRITON_F16)]
+    "triton": grid(OPS, (F32,), pc.LAYOUTS, TRITON_CASES)
+    + [(op, F64, pc.LAYOUTS[i % 2], c) for op in OPS for i, c in enumerate(TRITON_CASES)]
+    + [(op, F16, pc.LAYOUTS[i % 2], c) for op in OPS for i, c in enumerate(TRITON_F16)]
     + alternating(OPS, BF16, TRITON_CASES, triton_gpu_only),
 }
 
@@ -214,7 +205,7 @@ class Inputs:
 def make_inputs(case, dtype, layout, device, seed=0, g_layout=None) -> Inputs:
     """float64 draws from one seeded CPU generator, cast and moved; scale and bias in the
     accumulation dtype."""
-    src, acc = Seeded(seed, device), acc_dtype(dtype)
+    src, acc = pc.Seeded(seed, device), pc.acc_dtype(dtype)
     wshape = (case.c2, case.c1 // case.groups, *case.k)
     x = src.act((case.n, case.c1, *case.hw), dtype, layout)
     weight, weights = src.normal(wshape, dtype), src.normal((case.n, *wshape), dtype)
@@ -303,7 +294,7 @@ def assert_cpu_close(name, out, expect, dtype):
     """fp32/fp64: ``CPU_TOL``. fp16/bf16: one rounding of the output's dtype (2e-5 for
     the fp32 weight/scale gradients), scaled by the largest value."""
     assert_layout_of(name, out, expect)
-    scale = max(1.0, amax(expect))
+    scale = max(1.0, pc.amax(expect))
     if dtype in LOW_PRECISION:
         tol = (torch.finfo(dtype).eps if out.dtype == dtype else 2e-5) * scale
         torch.testing.assert_close(out.double(), expect.double(), atol=tol, rtol=0,
@@ -331,7 +322,7 @@ def check_cuda(backend, op, case, dtype, layout, g_layout=None):
     for name, o in out.items():
         assert_layout_of(f"{op} {name}", o, expect[name])
         lim = bound_tol(name, dtype) * bound[name] + torch.finfo(o.dtype).tiny
-        assert_all_within((o.double() - truth[name]).abs(), lim, o.numel(), f"{op} {name}")
+        pc.assert_all_within((o.double() - truth[name]).abs(), lim, o.numel(), f"{op} {name}")
     if dtype in LOW_PRECISION:
         y, dx = eager_low_precision(op, t, case.bias)
         assert_matches({k: out[k] for k in ACT}, {k: truth[k] for k in ACT},
@@ -348,10 +339,10 @@ def check_triton(backend, op, case, dtype, layout, g_layout=None, seed=0):
         assert torch.isfinite(o).all(), f"{what}: non-finite values"
         tol = bound_tol(name, dtype)
         # The floor covers entries whose terms cancel to (nearly) nothing.
-        lim = tol * b + tol * 1e-3 * amax(b)
-        assert_all_within((o.double() - e.double()).abs(), lim, o.numel(), what)
+        lim = tol * b + tol * 1e-3 * pc.amax(b)
+        pc.assert_all_within((o.double() - e.double()).abs(), lim, o.numel(), what)
         if name in ACT:
-            assert_same_format(o, e)
+            pc.assert_same_format(o, e)
 
 
 CHECKS = {"cpu": check_cpu, "cuda": check_cuda, "triton": check_triton}
@@ -369,8 +360,8 @@ def assert_no_worse(name, out, truth, lowp):
     if out.dtype in LOW_PRECISION:
         assert_low_precision(name, o, t, r, out.dtype)
         return
-    base, err = amax(r - t), amax(o - t)
-    assert err <= 2 * base + torch.finfo(out.dtype).eps * amax(t), \
+    base, err = pc.amax(r - t), pc.amax(o - t)
+    assert err <= 2 * base + torch.finfo(out.dtype).eps * pc.amax(t), \
         f"{name}: error {err:.3g}, torch's own {base:.3g}"
 
 
@@ -385,26 +376,26 @@ def check_no_worse(backend, op, case, dtype, layout):
     for name, o in out.items():
         assert_no_worse(f"{op} {name}", o, truth[name], lowp[name])
     for name in ACT:
-        assert_same_format(out[name], expect[name])
+        pc.assert_same_format(out[name], expect[name])
 
 
 # --------------------------------------------------------------------------- every backend
 
 
-@pytest.mark.parametrize("backend,op,dtype,layout,case", backend_params(OP, KERNEL, MATCH_CASES))
+@pytest.mark.parametrize("backend,op,dtype,layout,case", pc.backend_params(OP, KERNEL, MATCH_CASES))
 def test_matches_reference(backend, op, dtype, layout, case):
     CHECKS[backend.name](backend, op, case, dtype, layout)
 
 
 OTHER_LAYOUT_CASES = {
-    "cpu": grid(OPS, LAYOUTS, [Conv(3, 16, 16, (14, 14), 3, padding=1)]),
-    "cuda": grid(OPS, LAYOUTS, CUDA_TILES[:1]),
-    "triton": grid(OPS, LAYOUTS, [Conv(2, 8, 8, (5, 4), 3, stride=2, padding=1)]),
+    "cpu": grid(OPS, pc.LAYOUTS, [Conv(3, 16, 16, (14, 14), 3, padding=1)]),
+    "cuda": grid(OPS, pc.LAYOUTS, CUDA_TILES[:1]),
+    "triton": grid(OPS, pc.LAYOUTS, [Conv(2, 8, 8, (5, 4), 3, stride=2, padding=1)]),
 }
 
 
 @pytest.mark.parametrize("backend,op,layout,case",
-                         backend_params(OP, KERNEL, OTHER_LAYOUT_CASES))
+                         pc.backend_params(OP, KERNEL, OTHER_LAYOUT_CASES))
 def test_grad_in_other_layout(backend, op, layout, case):
     # x and g in different layouts: each is read in its own.
     CHECKS[backend.name](backend, op, case, F32, layout, g_layout=OTHER[layout])
@@ -413,15 +404,15 @@ def test_grad_in_other_layout(backend, op, layout, case):
 EMPTY = Conv(0, 4, 6, (5, 7), 3, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
 
 
-@pytest.mark.parametrize("backend,dtype,layout,case", backend_params(OP, KERNEL, {
-    "cpu": grid((F32, F64), LAYOUTS, [EMPTY]),
-    "cuda": grid((F32,), LAYOUTS, [EMPTY]),
-    "triton": grid((F32,), LAYOUTS, [Conv(0, 3, 4, (5, 4), 3, stride=2, padding=1)]),
-    "torch": grid((F32, F64), LAYOUTS, [EMPTY]),
+@pytest.mark.parametrize("backend,dtype,layout,case", pc.backend_params(OP, KERNEL, {
+    "cpu": grid((F32, F64), pc.LAYOUTS, [EMPTY]),
+    "cuda": grid((F32,), pc.LAYOUTS, [EMPTY]),
+    "triton": grid((F32,), pc.LAYOUTS, [Conv(0, 3, 4, (5, 4), 3, stride=2, padding=1)]),
+    "torch": grid((F32, F64), pc.LAYOUTS, [EMPTY]),
 }))
 def test_empty_batch(backend, dtype, layout, case):
     t = make_inputs(case, dtype, layout, backend.device)
-    acc = acc_dtype(dtype)
+    acc = pc.acc_dtype(dtype)
     like = {"dx": (t.x.shape, dtype), "dweight": (t.weight.shape, acc),
             "dscale": (t.scale.shape, acc), "dweights": (t.weights.shape, acc)}
     for op in OPS:
@@ -541,7 +532,7 @@ CPP_BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend,case", backend_params(OP, KERNEL, {
+@pytest.mark.parametrize("backend,case", pc.backend_params(OP, KERNEL, {
     name: [(b,) for b in CPP_BAD if name in b.backends] for name in ("cpu", "cuda")}))
 def test_bad_arguments(backend, case):
     args = good_args(CPP_GOOD, backend.device)  # built here: CUDA tensors need a GPU
@@ -624,7 +615,7 @@ def test_cpu_tensors_need_the_interpreter(backend, monkeypatch):
 # --------------------------------------------------------------------------- determinism
 
 
-@pytest.mark.parametrize("backend,dtype,deterministic,case", backend_params(OP, KERNEL, {
+@pytest.mark.parametrize("backend,dtype,deterministic,case", pc.backend_params(OP, KERNEL, {
     # 5 samples of a 9x9 map: the weight-grad work splits over samples and positions
     "cuda": grid((F32, F16), (False,), [Conv(5, 16, 16, (9, 9), 3, padding=1)]),
     "triton": [pytest.param(F16, flag, Conv(8, 64, 64, (28, 28), 3, padding=1),
@@ -665,7 +656,7 @@ def check_threads(backend, threads, layout, case):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 @pytest.mark.parametrize("backend", backends(OP, KERNEL, "cpu"))
 def test_deterministic_and_thread_count(backend, layout, threads):
     check_threads(backend, threads, layout, THREADS_CASE)
@@ -674,7 +665,7 @@ def test_deterministic_and_thread_count(backend, layout, threads):
 # --------------------------------------------------------------------------- Triton only
 
 
-@pytest.mark.parametrize("backend,op,layout", backend_params(OP, KERNEL, {
+@pytest.mark.parametrize("backend,op,layout", pc.backend_params(OP, KERNEL, {
     "triton": [(AW, "nchw"), (PS, "channels_last")]}))
 def test_weight_grad_splits(backend, op, layout, monkeypatch):
     # Several sample chunks (3 samples in chunks of 2: one ragged) and position chunks
@@ -684,7 +675,7 @@ def test_weight_grad_splits(backend, op, layout, monkeypatch):
     check_triton(backend, op, Conv(3, 3, 8, (7, 7), 3, padding=1), F64, layout, seed=3)
 
 
-@pytest.mark.parametrize("backend,op,layout,case", backend_params(OP, KERNEL, {"triton": [
+@pytest.mark.parametrize("backend,op,layout,case", pc.backend_params(OP, KERNEL, {"triton": [
     pytest.param(AW, "channels_last", Conv(2, 3, 4, (5, 4), 3, stride=2, padding=1),
                  marks=interp_only),
     pytest.param(PS, "nchw", Conv(1, 2, 2, (5, 4), 3, padding=1, groups=2), marks=interp_only),
@@ -696,7 +687,7 @@ def test_int32_indexing(backend, op, layout, case, monkeypatch):
     check_triton(backend, op, case, F32, layout, seed=5)
 
 
-@pytest.mark.parametrize("backend,dtype", backend_params(OP, KERNEL, {
+@pytest.mark.parametrize("backend,dtype", pc.backend_params(OP, KERNEL, {
     "triton": [pytest.param(d, marks=interp_only) for d in (F16, F32)]}))
 def test_every_gpu_config_under_interpreter(backend, dtype, monkeypatch):
     # Only the interpreter's tiles run in the other tests; here every tile that autotune
@@ -710,7 +701,7 @@ def test_every_gpu_config_under_interpreter(backend, dtype, monkeypatch):
     for i in range(max(map(len, lists))):
         for kernel, cfgs in zip(kernels, lists):
             monkeypatch.setitem(tri._FORCED_CONFIGS, kernel, cfgs[i % len(cfgs)])
-        check_triton(backend, AW, case, dtype, LAYOUTS[i % 2], seed=8 + i)
+        check_triton(backend, AW, case, dtype, pc.LAYOUTS[i % 2], seed=8 + i)
 
 
 def gpu_shape_cases():
@@ -720,12 +711,12 @@ def gpu_shape_cases():
         for op in OPS if case.groups == 1 and case.hw[0] <= 14 else (AW,):
             out += [pytest.param(op, dtype, layout, case, marks=triton_gpu_only)
                     for dtype in (BF16, F16, F32)
-                    for layout in (LAYOUTS if dtype != F32 else ("channels_last",))]
+                    for layout in (pc.LAYOUTS if dtype != F32 else ("channels_last",))]
     return out
 
 
 @pytest.mark.parametrize("backend,op,dtype,layout,case",
-                         backend_params(OP, KERNEL, {"triton": gpu_shape_cases()}))
+                         pc.backend_params(OP, KERNEL, {"triton": gpu_shape_cases()}))
 def test_gpu_shapes(backend, op, dtype, layout, case):
     # Reductions here run over up to 2e5 terms (dscale at 56x56), where a bound on the
     # worst case is too loose to catch a wrong tap: judged against a float64 truth.
@@ -770,8 +761,8 @@ def winograd(request, monkeypatch):
 
 
 @with_winograd
-@pytest.mark.parametrize("backend,op,dtype,layout,case", backend_params(OP, KERNEL, {
-    "cpu": grid(OPS, (F32, F64), LAYOUTS, WINO_CASES) + grid(OPS, (BF16, F16), LAYOUTS,
+@pytest.mark.parametrize("backend,op,dtype,layout,case", pc.backend_params(OP, KERNEL, {
+    "cpu": grid(OPS, (F32, F64), pc.LAYOUTS, WINO_CASES) + grid(OPS, (BF16, F16), pc.LAYOUTS,
                                                              [WINO_LOW])}))
 def test_winograd_matches_reference(backend, op, dtype, layout, case, winograd):
     check_cpu(backend, op, case, dtype, layout)
@@ -780,7 +771,7 @@ def test_winograd_matches_reference(backend, op, dtype, layout, case, winograd):
 @with_winograd
 @pytest.mark.parametrize("case", [THREADS_CASE, BLOCKED], ids=["chunks", "blocked"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 @pytest.mark.parametrize("backend", backends(OP, KERNEL, "cpu"))
 def test_winograd_deterministic_and_thread_count(backend, layout, threads, case, winograd):
     check_threads(backend, threads, layout, case)
@@ -788,7 +779,7 @@ def test_winograd_deterministic_and_thread_count(backend, layout, threads, case,
 
 @with_winograd
 @pytest.mark.parametrize("backend,op,layout,case",
-                         backend_params(OP, KERNEL, OTHER_LAYOUT_CASES, names=CPU))
+                         pc.backend_params(OP, KERNEL, OTHER_LAYOUT_CASES, names=CPU))
 def test_winograd_grad_in_other_layout(backend, op, layout, case, winograd):
     check_cpu(backend, op, case, F32, layout, g_layout=OTHER[layout])
 

@@ -25,32 +25,16 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import passes_common as pc
 import pytest
 import torch
-from passes_common import (
-    HAS_GPU,
-    LAYOUTS,
-    SUM_ULPS,
-    Backend,
-    acc_dtype,
-    amax,
-    as_tuple,
-    assert_all_within,
-    assert_same_format,
-    assert_sum_close,
-    backend_params,
-    backends,
-    case_id,
-    source,
-    to_layout,
-)
 
 from manet_kernels.reference import passes as ref
 
 OP, KERNEL = "brnpa", "brnpa_step"
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-TRITON = Backend("triton", OP, KERNEL)
-TRITON_GPU = HAS_GPU and not TRITON.interpreting
+TRITON = pc.Backend("triton", OP, KERNEL)
+TRITON_GPU = pc.HAS_GPU and not TRITON.interpreting
 triton_gpu_only = pytest.mark.skipif(not TRITON_GPU, reason="bf16 and big shapes are GPU-only")
 
 # The passes, each with its arguments (names as in the schemas) and outputs.
@@ -61,20 +45,20 @@ OUTPUTS = {"norms": ("nrm",), "step": ("s", "sv"), "bwd_reduce": ("dw", "u", "t"
 
 
 def on(*names):
-    return backends(OP, KERNEL, *names)
+    return pc.backends(OP, KERNEL, *names)
 
 
 def cases(table):
     """``table``: backend name -> its cases. A backend this machine cannot run keeps one
     (skipped) case a test: thousands of skipped CUDA cases cost seconds on a CPU."""
-    return backend_params(OP, KERNEL, {
-        name: rows[:1] if Backend(name, OP, KERNEL).skip_reason() else rows
+    return pc.backend_params(OP, KERNEL, {
+        name: rows[:1] if pc.Backend(name, OP, KERNEL).skip_reason() else rows
         for name, rows in table.items()})
 
 
 def grid(dtypes, *more):
     """(dtype, layout, *more) for every combination."""
-    return list(itertools.product(dtypes, LAYOUTS, *more))
+    return list(itertools.product(dtypes, pc.LAYOUTS, *more))
 
 
 def gpu_cases(rows):
@@ -164,12 +148,12 @@ def contract_params() -> list:
     table = {}
     for name, plan in PLANS.items():
         table[name] = rows = []
-        for op, dtype, layout in itertools.product(SIGS, plan.dtypes, LAYOUTS):
+        for op, dtype, layout in itertools.product(SIGS, plan.dtypes, pc.LAYOUTS):
             pairs = [(s, plan.counts(op, s)) for s in plan.shapes(dtype)]
             if plan.grouped:
                 rows.append((op, dtype, layout, Sizes("all_shapes", pairs)))
                 continue
-            rows += [(op, dtype, layout, Sizes(case_id(s) if n is None else case_id(s, n),
+            rows += [(op, dtype, layout, Sizes(pc.case_id(s) if n is None else pc.case_id(s, n),
                                                [(s, (n,))])) for s, ns in pairs for n in ns]
     return cases(table)
 
@@ -180,8 +164,8 @@ def contract_params() -> list:
 class Draw:
     """The passes' arguments, from the backend's input source (``passes_common.source``)."""
 
-    def __init__(self, bk: Backend, seed: int):
-        self.src = source(bk, seed)
+    def __init__(self, bk: pc.Backend, seed: int):
+        self.src = pc.source(bk, seed)
 
     def normal(self, shape, dtype=F32):
         return self.src.normal(shape, dtype)
@@ -201,12 +185,12 @@ class Draw:
 
     def bwd_reduce_args(self, x, k):
         b, c, h, w = x.shape
-        acc = acc_dtype(x.dtype)
+        acc = pc.acc_dtype(x.dtype)
         return x, inv_norms(x), self.normal((b, k, c), acc), self.normal((b, k, h, w), acc)
 
     def bwd_dx_args(self, x, j):
         b, c, h, w = x.shape
-        acc = acc_dtype(x.dtype)
+        acc = pc.acc_dtype(x.dtype)
         return (x, self.normal((b, j, h, w), acc), self.normal((b, j, c), acc),
                 self.normal((b, h, w), acc))
 
@@ -236,7 +220,7 @@ def offset_copy(t, offset):
 
 
 def run(bk, name, args):
-    return as_tuple(getattr(bk, "brnpa_" + name)(*args))
+    return pc.as_tuple(getattr(bk, "brnpa_" + name)(*args))
 
 
 # --------------------------------------------------------------------------- tolerance rules
@@ -255,29 +239,30 @@ def close_cpu(out, exp, bound, n_terms, x, rounded, what):
         assert out.stride() == exp.stride(), (what, out.stride(), exp.stride())
     rtol, atol_frac = (OUT_TOL if rounded else ACC_TOL)[x.dtype]
     torch.testing.assert_close(out.double(), exp.double(), rtol=rtol,
-                               atol=atol_frac * max(amax(exp), 1e-30), msg=lambda m: f"{what}: {m}")
+                               atol=atol_frac * max(pc.amax(exp), 1e-30),
+                               msg=lambda m: f"{what}: {m}")
 
 
 def close_cuda(out, exp, bound, n_terms, x, rounded, what):
     if not rounded:
-        return assert_sum_close(out, exp, bound(), what)
+        return pc.assert_sum_close(out, exp, bound(), what)
     assert out.dtype == exp.dtype and out.shape == exp.shape, what
     assert out.stride() == exp.stride(), f"{what}: memory format differs"
     bnd = bound()
     fx, fa = torch.finfo(out.dtype), torch.finfo(bnd.dtype)
     o, e = out.to(bnd.dtype), exp.to(bnd.dtype)
-    tol = fx.eps * torch.maximum(o.abs(), e.abs()) + SUM_ULPS * fa.eps * bnd + fx.tiny
-    assert_all_within((o - e).abs(), tol, out.numel(), what)
+    tol = fx.eps * torch.maximum(o.abs(), e.abs()) + pc.SUM_ULPS * fa.eps * bnd + fx.tiny
+    pc.assert_all_within((o - e).abs(), tol, out.numel(), what)
 
 
 def close_triton(out, exp, bound, n_terms, x, rounded, what):
     """``|out - exp| <= 4 * eps(acc) * n_terms * bound``: both sides sum the same terms
     in the accumulation dtype in different orders."""
     if rounded:
-        assert_same_format(out, x)
+        pc.assert_same_format(out, x)
     assert out.dtype == exp.dtype and out.shape == exp.shape and out.device == exp.device, what
     o, e, bnd = out.double().cpu(), exp.double().cpu(), bound().double().cpu().abs()
-    acc = torch.finfo(acc_dtype(exp.dtype))
+    acc = torch.finfo(pc.acc_dtype(exp.dtype))
     tol = 4 * acc.eps * n_terms * bnd + acc.tiny
     if rounded:
         tol = tol + torch.finfo(x.dtype).eps * e.abs()
@@ -313,10 +298,10 @@ def n_terms(name, x, *rest):
 def check_pass(bk, name, args, what=""):
     """One pass of ``bk`` against the contract, output by output, by the backend's rule;
     returns the backend's outputs."""
-    out, exp = run(bk, name, args), as_tuple(getattr(ref, "brnpa_" + name)(*args))
+    out, exp = run(bk, name, args), pc.as_tuple(getattr(ref, "brnpa_" + name)(*args))
     assert len(out) == len(exp), name
     # the bounds cost a second evaluation of the contract: only for the rules that use them
-    bounds = functools.cache(lambda: as_tuple(abs_bound(name, *args)))
+    bounds = functools.cache(lambda: pc.as_tuple(abs_bound(name, *args)))
     n = n_terms(name, *args)
     for i, (o, e, label) in enumerate(zip(out, exp, OUTPUTS[name])):
         RULES[bk.name](o, e, lambda i=i: bounds()[i], n, args[0], name == "bwd_dx",
@@ -401,20 +386,20 @@ def test_no_parts(bk, dtype, layout, shape):
 
 
 @pytest.mark.parametrize("bk", on("cpu"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_zero_features(bk, layout):
     """An all-zero position has norm 0; its similarities come out 0 (inv finite)."""
     draw = Draw(bk, 9)
     x = draw.normal((2, 8, 4, 5))
     x[:, :, 1, 2] = 0
-    x = to_layout(x, layout)
+    x = pc.to_layout(x, layout)
     check_pass(bk, "norms", (x,))
     check_pass(bk, "step", draw.step_args(x))
     check_pass(bk, "bwd_reduce", draw.bwd_reduce_args(x, 3))
 
 
 @pytest.mark.parametrize("bk", on("cpu"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_zero_channels(bk, layout):
     draw = Draw(bk, 10)
     x = draw.act((2, 0, 3, 4), F32, layout)
@@ -425,7 +410,7 @@ def test_zero_channels(bk, layout):
 
 
 @pytest.mark.parametrize("bk", on("triton"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_step_every_representative(bk, layout):
     """The representative is read from any P-block, another program's and the partial
     last one included."""
@@ -443,7 +428,7 @@ def test_step_every_representative(bk, layout):
 
 
 @pytest.mark.parametrize("bk", on("cuda"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 @pytest.mark.parametrize("dtype", (F32, F16, BF16), ids=str)
 def test_out_of_range_idx_is_clamped(bk, layout, dtype):
     """idx is not range-checked (that would sync): out-of-range values read the nearest
@@ -457,7 +442,7 @@ def test_out_of_range_idx_is_clamped(bk, layout, dtype):
 
 
 @pytest.mark.parametrize("bk", on("triton"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_step_index_out_of_range_reads_nothing(bk, layout):
     x = Draw(bk, 13).act((2, 7, 3, 3), F32, layout)
     s, sv = run(bk, "step", (x, inv_norms(x), torch.tensor([-1, 9], device=x.device)))
@@ -468,7 +453,7 @@ def test_step_index_out_of_range_reads_nothing(bk, layout):
 
 
 @pytest.mark.parametrize("bk", on("cuda"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_wide_channels_fewer_parts_per_launch(bk, layout):
     """u's accumulators for C = 16384 and 5 parts do not fit in shared memory at once."""
     draw = Draw(bk, 14)
@@ -478,7 +463,7 @@ def test_wide_channels_fewer_parts_per_launch(bk, layout):
 
 
 @pytest.mark.parametrize("bk", on("cuda"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 @pytest.mark.parametrize("dtype", (F32, F16, BF16), ids=str)
 def test_misaligned_activation_uses_scalar_path(bk, layout, dtype):
     """A view starting one element into its storage cannot take vector loads."""
@@ -489,7 +474,7 @@ def test_misaligned_activation_uses_scalar_path(bk, layout, dtype):
 
 
 @pytest.mark.parametrize("bk", on("cuda"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_misaligned_dv(bk, layout):
     """dv starting one float into its storage (channels_last reads it in vectors)."""
     draw = Draw(bk, 16)
@@ -571,13 +556,13 @@ def assert_matches_contract(bk, shape, layout, seed, k=3, label="", only=None):
     draw = Draw(bk, seed)
     for name, args in draw.every_pass(draw.act(shape, F32, layout), k):
         if only in (None, name):
-            for o, e in zip(run(bk, name, args), as_tuple(getattr(ref, "brnpa_" + name)(*args))):
+            for o, e in zip(run(bk, name, args), pc.as_tuple(getattr(ref, "brnpa_" + name)(*args))):
                 torch.testing.assert_close(o, e, rtol=1e-5, atol=2e-5,
                                            msg=lambda m, name=name: f"{name} {label}: {m}")
 
 
 @pytest.mark.parametrize("bk", on("triton"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_deterministic_algorithms_fixed_config(bk, layout):
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -588,7 +573,7 @@ def test_deterministic_algorithms_fixed_config(bk, layout):
 
 
 @pytest.mark.parametrize("bk", on("triton"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_int64_offsets_path(bk, layout, monkeypatch):
     # 2**31-element tensors do not fit a test; force the int64 offset code on a small one.
     monkeypatch.setattr(bk.namespace, "_i64", lambda *ts: True)
@@ -599,7 +584,7 @@ def test_int64_offsets_path(bk, layout, monkeypatch):
 @pytest.mark.skipif(not TRITON.interpreting,
                     reason="GPU autotune covers these on a GPU")
 @pytest.mark.parametrize("bk", on("triton"))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 def test_every_gpu_config_under_interpreter(bk, layout, monkeypatch):
     """The other tests run the interpreter's single tile; here every tile that autotune
     may pick on a GPU, with the launcher's GPU choice of BLOCK_P."""
@@ -624,7 +609,7 @@ def test_every_gpu_config_under_interpreter(bk, layout, monkeypatch):
 
 @pytest.mark.parametrize("bk", on("cpu", "cuda"))
 @pytest.mark.parametrize("variant_paper", (False, True))
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", pc.LAYOUTS)
 @pytest.mark.parametrize("dtype", (F32, F64), ids=str)
 def test_composed_forward_backward_match_torch_passes(bk, variant_paper, layout, dtype):
     """The registered forward / backward compositions with the backend's passes against
@@ -656,7 +641,7 @@ def test_empty_batch(bk, dtype, layout):
     n, c, h, w, k = 0, 5, 7, 3, 2
     draw = Draw(bk, 24)
     x = draw.act((n, c, h, w), dtype, layout)
-    a = acc_dtype(dtype)
+    a = pc.acc_dtype(dtype)
     inv = torch.ones(n, h, w, device=x.device, dtype=a)
     idx = torch.zeros(n, device=x.device, dtype=torch.int64)
     expect = [
@@ -671,7 +656,7 @@ def test_empty_batch(bk, dtype, layout):
         for t, (shape, dt) in zip(got, want):
             assert tuple(t.shape) == shape and t.dtype == dt and t.device == x.device
     if bk.name == "triton":  # its launchers keep x's format even with nothing in it
-        assert_same_format(expect[-1][0][0], x)
+        pc.assert_same_format(expect[-1][0][0], x)
 
 
 # --------------------------------------------------------------------------- bad arguments

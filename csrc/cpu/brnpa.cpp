@@ -250,18 +250,10 @@ using Int = std::integral_constant<int, N>;
 template <typename F>
 inline void with_count(int64_t n, F&& f) {
   switch (n) {
-    case 1:
-      f(Int<1>{});
-      break;
-    case 2:
-      f(Int<2>{});
-      break;
-    case 3:
-      f(Int<3>{});
-      break;
-    default:
-      f(Int<4>{});
-      break;
+    case 1: f(Int<1>{}); break;
+    case 2: f(Int<2>{}); break;
+    case 3: f(Int<3>{}); break;
+    default: f(Int<4>{}); break;
   }
 }
 
@@ -834,21 +826,11 @@ void bwd_dx_impl(const Tensor& x, Layout layout, const Tensor& a, const Tensor& 
     };
     auto with_ni = [&](auto NO, auto kTmp) {
       switch (J - last) {
-        case 0:
-          fin(NO, Int<0>{}, kTmp);
-          break;
-        case 1:
-          fin(NO, Int<1>{}, kTmp);
-          break;
-        case 2:
-          fin(NO, Int<2>{}, kTmp);
-          break;
-        case 3:
-          fin(NO, Int<3>{}, kTmp);
-          break;
-        default:
-          fin(NO, Int<4>{}, kTmp);
-          break;
+        case 0: fin(NO, Int<0>{}, kTmp); break;
+        case 1: fin(NO, Int<1>{}, kTmp); break;
+        case 2: fin(NO, Int<2>{}, kTmp); break;
+        case 3: fin(NO, Int<3>{}, kTmp); break;
+        default: fin(NO, Int<4>{}, kTmp); break;
       }
     };
     auto with_tmp = [&](auto NO) {

@@ -30,12 +30,9 @@ enum class CpuIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::kAvx512:
-      return "avx512";
-    case CpuIsa::kAvx2:
-      return "avx2";
-    default:
-      return "generic";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "generic";
   }
 }
 

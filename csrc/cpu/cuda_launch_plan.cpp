@@ -42,16 +42,11 @@ struct Gpu {
 
 std::string scalar_name(c10::ScalarType t) {
   switch (t) {
-    case c10::kBFloat16:
-      return "c10::BFloat16";
-    case c10::kHalf:
-      return "c10::Half";
-    case c10::kFloat:
-      return "float";
-    case c10::kDouble:
-      return "double";
-    default:
-      TORCH_CHECK(false, "_cuda_launch_plan: dtype: expected a floating dtype, got ", t);
+    case c10::kBFloat16: return "c10::BFloat16";
+    case c10::kHalf: return "c10::Half";
+    case c10::kFloat: return "float";
+    case c10::kDouble: return "double";
+    default: TORCH_CHECK(false, "_cuda_launch_plan: dtype: expected a floating dtype, got ", t);
   }
 }
 
