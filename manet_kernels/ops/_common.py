@@ -119,7 +119,11 @@ class CppPasses:
     CUDA kernel from the tensors' device."""
 
     def __getattr__(self, name: str):
-        return getattr(torch.ops.manet_kernels, _ext.pass_op(name))
+        # Looked up once per pass: the attribute set here answers every later call
+        # without __getattr__ (this sits on every op's hot path).
+        op = getattr(torch.ops.manet_kernels, _ext.pass_op(name))
+        setattr(self, name, op)
+        return op
 
 
 CPP_PASSES = CppPasses()
