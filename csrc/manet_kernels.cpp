@@ -40,6 +40,34 @@ TORCH_LIBRARY(manet_kernels, m) {
       "_mixed_attention_spatial_conv_bwd(Tensor dz, Tensor sa, Tensor sm, Tensor weight, "
       "bool has_bias) -> (Tensor dsa, Tensor dsm, Tensor dweight, Tensor dbias)");
 
+  // The fused stages (issue 16; definitions in manet_kernels/reference/stages.py): a pass
+  // with the tiny work after it, one op each. Absent parameters' gradients are empty.
+  m.def(
+      "_mixed_attention_channel_attn(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
+      "-> (Tensor mc, Tensor avg, Tensor mx, Tensor im)");
+  m.def(
+      "_mixed_attention_spatial_attn(Tensor x, Tensor mc, Tensor conv_w, Tensor? conv_b, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, Tensor? bn_var, float eps, "
+      "bool batch_norm) -> (Tensor ms, Tensor z, Tensor sa, Tensor sm, Tensor ic)");
+  m.def(
+      "_mixed_attention_spatial_norm(Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float? momentum, float eps) -> (Tensor ms, Tensor stats)");
+  m.def(
+      "_mixed_attention_spatial_norm_bwd(Tensor dms, Tensor? gms, Tensor ms, Tensor z, "
+      "Tensor stats, Tensor? bn_weight, bool has_bias, float eps) -> (Tensor dz, "
+      "Tensor dbn_weight, Tensor dbn_bias)");
+  m.def(
+      "_mixed_attention_spatial_attn_bwd(Tensor d, Tensor? gms, Tensor? ms, Tensor z, "
+      "Tensor sa, Tensor sm, Tensor conv_w, bool has_conv_bias, Tensor? bn_weight, "
+      "bool has_bn_bias, Tensor? bn_mean, Tensor? bn_var, float eps) -> (Tensor da_s, "
+      "Tensor dm_s, Tensor dconv_w, Tensor dconv_b, Tensor dbn_weight, Tensor dbn_bias)");
+  m.def(
+      "_mixed_attention_channel_attn_bwd(Tensor x, Tensor da_s, Tensor dm_s, Tensor ic, "
+      "Tensor dmc, Tensor? gmc, Tensor mc, Tensor avg, Tensor mx, Tensor w1, Tensor? b1, "
+      "Tensor w2, bool has_b2) -> (Tensor d_avg, Tensor d_mx, Tensor dw1, Tensor db1, "
+      "Tensor dw2, Tensor db2)");
+
   // BR-NPA (docs/design.md §3); definitions in manet_kernels/reference/passes.py.
   m.def("_brnpa_norms(Tensor x) -> Tensor");
   m.def("_brnpa_step(Tensor x, Tensor inv_nrm, Tensor idx) -> (Tensor s, Tensor sv)");
@@ -47,6 +75,16 @@ TORCH_LIBRARY(manet_kernels, m) {
       "_brnpa_bwd_reduce(Tensor x, Tensor inv_nrm, Tensor dv, Tensor dmap) -> (Tensor dw, "
       "Tensor u, Tensor t)");
   m.def("_brnpa_bwd_dx(Tensor x, Tensor a, Tensor m, Tensor c) -> Tensor");
+
+  // BR-NPA stages (issue 16; manet_kernels/reference/stages.py).
+  m.def(
+      "_brnpa_prepare(Tensor x, bool paper, float eps) -> (Tensor nrm, Tensor inv, Tensor score)");
+  m.def(
+      "_brnpa_part(Tensor x, Tensor inv, Tensor(a!) score, int j, bool paper, Tensor(b!) idx, "
+      "Tensor(c!) s, Tensor(d!) total, Tensor(e!) vectors, Tensor(f!) maps) -> ()");
+  m.def(
+      "_brnpa_bwd_finish(Tensor x, Tensor dw, Tensor u, Tensor t, Tensor inv, Tensor nrm, "
+      "Tensor idx, Tensor s, Tensor total, Tensor? gv) -> (Tensor a, Tensor m, Tensor c)");
 
   // AW-convolution (docs/design.md §2); definitions in manet_kernels/reference/passes.py.
   m.def(
