@@ -40,6 +40,7 @@ depends on the machine's core count.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 
@@ -139,6 +140,32 @@ def fwd_bwd_step(forward: Callable[[], object], inputs: Sequence[torch.Tensor]
     def step():
         return torch.autograd.grad(outputs(), list(inputs), grads)
     return step
+
+
+@contextlib.contextmanager
+def triton_launches_as_ops():
+    """Each Triton kernel launch (compiled or interpreted) shows in the profiler as one
+    ``manet_kernels::triton::<kernel>`` range, which the count treats as one kernel:
+    what the interpreter runs inside (NumPy, tensor copies) is not looked at."""
+    import triton.runtime.jit as jit
+    from triton.runtime import interpreter
+
+    patched = []
+    for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+        run = cls.run
+
+        def counted(self, *args, _run=run, **kwargs):
+            if kwargs.get("warmup"):
+                return _run(self, *args, **kwargs)
+            with torch.profiler.record_function(f"{KERNEL_PREFIX}triton::{self.__name__}"):
+                return _run(self, *args, **kwargs)
+        cls.run = counted
+        patched.append((cls, run))
+    try:
+        yield
+    finally:
+        for cls, run in patched:
+            cls.run = run
 
 
 def format_counts(counts: collections.Counter) -> str:

@@ -288,12 +288,12 @@ def test_opcheck_cpu():
         tensors = [t.clone().requires_grad_(requires_grad) for t in (x, w1, b1, w2, b2, cw, cb)]
         torch.library.opcheck(
             torch.ops.manet_kernels.mixed_attention.default,
-            (*tensors, None, None, None, None, False, False, 0.0, "cpu"))
+            (*tensors, None, None, None, None, None, False, False, 0.0, None, "cpu"))
     bn = (torch.rand(1) + 0.5, torch.randn(1), torch.zeros(1), torch.ones(1))
     torch.library.opcheck(
         torch.ops.manet_kernels.mixed_attention.default,
         (x.contiguous(memory_format=torch.channels_last), w1, b1, w2, b2, cw, None, *bn,
-         True, True, 1e-5, "cpu"))
+         None, True, True, 1e-5, 0.1, "cpu"))
 
 
 @requires_ext

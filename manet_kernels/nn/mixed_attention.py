@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from manet_kernels.ops.mixed_attention import SpatialNorm, check_args, fused
@@ -15,8 +14,8 @@ class MixedAttention(_reference.MixedAttention):
     Same constructor and ``state_dict`` keys as
     ``manet_kernels.reference.MixedAttention``: weights load either way. The spatial
     BatchNorm (``spatial_norm=True``) runs between the fused passes on the tiny
-    ``(N, 1, H, W)`` map, in train mode (batch statistics, running-stat update) and
-    eval mode alike.
+    ``(N, 1, H, W)`` map, in train mode (batch statistics; the running statistics are
+    updated inside the fused op, on the device, without a host sync) and eval mode alike.
     """
 
     def forward(self, x: Tensor, return_maps: bool = False):
@@ -34,19 +33,12 @@ class MixedAttention(_reference.MixedAttention):
         bn = self.bn
         if bn is not None:
             batch_stats = self.training or bn.running_mean is None
-            norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                               batch_stats, bn.eps)
-        y, mc, ms, stats = fused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                                 self.conv.bias, norm, backend)
-        if bn is not None and self.training and bn.track_running_stats:
-            self._update_running_stats(stats, x.shape[0] * x.shape[2] * x.shape[3])
+            update = self.training and bn.track_running_stats  # as nn.BatchNorm2d
+            keep = update or not batch_stats
+            norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean if keep else None,
+                               bn.running_var if keep else None, batch_stats, bn.eps,
+                               bn.num_batches_tracked if update else None, bn.momentum)
+        y, mc, ms, _ = fused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
+                             self.conv.bias, norm, backend)
         return (y, mc, ms) if return_maps else y
 
-    @torch.no_grad()
-    def _update_running_stats(self, stats: Tensor, count: int) -> None:
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        mean, var = stats[0], stats[1] * (count / (count - 1))  # running var is unbiased
-        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
-        bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m)

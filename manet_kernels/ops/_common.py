@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -140,6 +142,85 @@ def pass_kernels(backend: str, op: str):
         from manet_kernels.reference import passes
         return passes
     raise ValueError(f"no pass kernels for backend {backend!r}")
+
+
+# Whether the CUDA kernels of the fused stages (csrc/cuda, issue 16) have passed their
+# GPU tests (tests/test_<op>_stages.py -k cuda): until then the "cuda" backend composes
+# each stage from its verified pass kernels and PyTorch (reference/stages.py over the
+# CUDA passes), which is correct but launches the tiny parts one op at a time.
+CUDA_STAGES_VERIFIED = False
+
+
+class ComposedStages:
+    """The stage contract (``reference/stages.py``) composed over a namespace of pass
+    kernels: a stage's pass runs there, its tiny part in PyTorch. Names that are not
+    stages (the passes that are stages of their own) go to the pass namespace."""
+
+    def __init__(self, passes):
+        self._passes = passes
+
+    def __getattr__(self, name: str):
+        from manet_kernels.reference import stages
+        fn = getattr(stages, name, None)
+        if fn is None:
+            fn = getattr(self._passes, name)
+        elif "passes" in inspect.signature(fn).parameters:
+            fn = functools.partial(fn, passes=self._passes)
+        setattr(self, name, fn)
+        return fn
+
+
+class CppStages:
+    """The compiled stages for one device type: a stage op with a kernel for it (and, on
+    CUDA, ``CUDA_STAGES_VERIFIED``), else the stage composed over the compiled passes."""
+
+    def __init__(self, device_type: str):
+        self._device = device_type
+        self._composed = ComposedStages(CPP_PASSES)
+
+    def __getattr__(self, name: str):
+        usable = _ext.has_kernel(name, self._device) and (
+            self._device != "cuda" or CUDA_STAGES_VERIFIED)
+        fn = getattr(CPP_PASSES if usable else self._composed, name)
+        setattr(self, name, fn)
+        return fn
+
+
+_CPP_STAGES = {"cpu": CppStages("cpu"), "cuda": CppStages("cuda")}
+
+
+def stage_kernels(backend: str, op: str, device_type: str):
+    """The fused stages of ``op`` (and its passes) for a backend, as a namespace: the
+    C++ stage ops on CPU (CUDA once verified), the Triton module's stages, or the
+    contract composed over the backend's passes where a stage has no kernel yet."""
+    if backend in ("cpu", "cuda"):
+        return _CPP_STAGES[device_type]
+    return _composed(backend, op)
+
+
+class _Chain:
+    """Names from the first namespace that has them."""
+
+    def __init__(self, *spaces):
+        self._spaces = spaces
+
+    def __getattr__(self, name: str):
+        for space in self._spaces:
+            fn = getattr(space, name, None)
+            if fn is not None:
+                return fn
+        raise AttributeError(name)
+
+
+@functools.cache
+def _composed(backend: str, op: str):
+    """Triton: the module's own stages and passes, the contract for the rest (a stage
+    composed over the Triton passes; the spatial conv, which has no Triton kernel)."""
+    from manet_kernels.reference import passes as torch_passes
+    passes = pass_kernels(backend, op)
+    if backend == "torch":
+        return ComposedStages(passes)
+    return _Chain(passes, ComposedStages(_Chain(passes, torch_passes)))
 
 
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())

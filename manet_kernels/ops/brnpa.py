@@ -1,10 +1,10 @@
 """Fused BR-NPA grouping: public function, argument checks, forward/backward bodies.
 
-Forward = one pass for the norms, then one pass per part (similarities and the
-weighted sum of the features from the same read); backward = two passes (one read
-for every part's ``<f_i, dv_k>`` and the two C-vector sums, one read + one write for
-``dx``). docs/design.md §3 has the formulas. Tiny (B, K, P) / (B, K, C) work
-stays in PyTorch between the passes.
+Forward = one stage for the norms, then one stage per part (similarities and the
+weighted sum of the features from the same read, then the part's normalisation, score
+update and outputs); backward = three stages (one read for every part's ``<f_i, dv_k>``
+and the two C-vector sums, the tiny algebra, one read + one write for ``dx``).
+docs/design.md §3 has the formulas, manet_kernels/reference/stages.py the contract.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 
 from manet_kernels.ops._boundary import Boundary, drop_in_function
-from manet_kernels.ops._common import activation_format, check_dtype, pass_kernels, resolve_backend
+from manet_kernels.ops._common import (
+    activation_format,
+    check_dtype,
+    resolve_backend,
+    stage_kernels,
+)
 from manet_kernels.reference import brnpa as _reference
 from manet_kernels.reference.brnpa import NORM_EPS, VARIANTS
 from manet_kernels.reference.passes import acc_dtype
@@ -21,102 +26,58 @@ from manet_kernels.reference.passes import acc_dtype
 __all__ = ["brnpa", "BRNPAFunction"]
 
 
-def _passes(backend: str):
-    return pass_kernels(backend, "brnpa")
+def _stages(backend: str, device: torch.device):
+    return stage_kernels(backend, "brnpa", device.type)
 
 
 def _forward_impl(x: Tensor, n_parts: int, paper: bool, backend: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kern = _passes(backend)
+    """The prepare stage (norms, ``1 / (nrm + eps)``, the first score), then one stage
+    per part, each writing its slice of the outputs (reference/stages.py)."""
+    st = _stages(backend, x.device)
     x = x.contiguous(memory_format=activation_format(x))
     b, c, h, w = x.shape
     if b == 0:
         return _fake_forward(x, n_parts)
-    nrm0 = kern.brnpa_norms(x).reshape(b, h * w)
-    inv = 1.0 / (nrm0 + NORM_EPS)
-    score = nrm0 * nrm0 if paper else nrm0 + NORM_EPS
-    idxs, sims, sums, vectors = [], [], [], []
-    for _ in range(n_parts):
-        idx = score.argmax(1)  # first maximum, as the reference
-        s, sv = kern.brnpa_step(x, inv.reshape(b, h, w), idx)
-        s = s.reshape(b, h * w)
-        total = _nonzero_sum(s)
-        wgt = s / total
-        vectors.append(sv / total)
-        score = score * (1 - (wgt if paper else s))
-        idxs.append(idx)
-        sims.append(s)
-        sums.append(total)
-    s = torch.stack(sims, 1)
-    total = torch.cat(sums, 1)
-    maps = (s / total[..., None]).reshape(b, n_parts, h, w)
-    return (torch.stack(vectors, 1).to(x.dtype), maps.to(x.dtype), inv, nrm0,
-            torch.stack(idxs, 1), s, total)
+    nrm, inv, score = st.brnpa_prepare(x, paper, NORM_EPS)
+    vectors, maps, idx, s, total = _part_outputs(x, n_parts)
+    for j in range(n_parts):
+        st.brnpa_part(x, inv, score, j, paper, idx, s, total, vectors, maps)
+    return vectors, maps, inv, nrm, idx, s, total
+
+
+def _part_outputs(x: Tensor, k: int):
+    """``(vectors, maps, idx, s, total)``, allocated (no fill) for the part stages."""
+    b, c, h, w = x.shape
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty((b, k, c)), x.new_empty((b, k, h, w)),
+            x.new_empty((b, k), dtype=torch.int64), x.new_empty((b, k, h, w), dtype=acc),
+            x.new_empty((b, k), dtype=acc))
 
 
 def _fake_forward(x, n_parts):
     b, c, h, w = x.shape
-    acc = acc_dtype(x.dtype)
-    bp = x.new_empty((b, h * w), dtype=acc)
-    return (x.new_empty((b, n_parts, c)), x.new_empty((b, n_parts, h, w)), bp, bp.clone(),
-            x.new_empty((b, n_parts), dtype=torch.int64),
-            x.new_empty((b, n_parts, h * w), dtype=acc), x.new_empty((b, n_parts), dtype=acc))
-
-
-def _nonzero_sum(s: Tensor) -> Tensor:
-    """``S = sum_i s_i`` per sample, ``(B, 1)``, with ``+inf`` where it is exactly 0.
-
-    A part whose similarities sum to 0 (e.g. its representative is an all-zero
-    vector) gets weights 0 instead of 0/0 (issue 12.5). Dividing by ``+inf`` gives
-    exactly 0 in the map, the vector, the paper's score update and every backward
-    term that divides by ``S`` (``ds``, ``q``), and is the same division as the
-    official formula wherever ``S != 0``, so those results keep their bits."""
-    total = s.sum(1, keepdim=True)
-    return torch.where(total == 0, torch.inf, total)
+    bp = x.new_empty((b, h, w), dtype=acc_dtype(x.dtype))
+    vectors, maps, idx, s, total = _part_outputs(x, n_parts)
+    return vectors, maps, bp, bp.clone(), idx, s, total
 
 
 def _backward_impl(gv: Tensor | None, gmap: Tensor | None, x: Tensor, inv: Tensor,
-                   nrm0: Tensor, idx: Tensor, s: Tensor, total: Tensor, backend: str) -> Tensor:
-    kern = _passes(backend)
+                   nrm: Tensor, idx: Tensor, s: Tensor, total: Tensor, backend: str) -> Tensor:
+    """Three stages: one read of ``x`` for every part's sums, the tiny algebra between
+    (reference/stages.py, brnpa_bwd_finish), one read + one write for ``dx``."""
+    st = _stages(backend, x.device)
     acc = inv.dtype
     x = x.contiguous(memory_format=activation_format(x))
     b, c, h, w = x.shape
     if b == 0:
         return torch.zeros_like(x)
     k = idx.shape[1]
-    gv = gv.to(acc) if gv is not None else inv.new_zeros(b, k, c)
-    gmap = gmap.to(acc) if gmap is not None else inv.new_zeros(b, k, h, w)
-
-    dw, u, t = kern.brnpa_bwd_reduce(x, inv.reshape(b, h, w), gv.contiguous(),
-                                     gmap.contiguous())
-    dw = dw.reshape(b, k, h * w)
-    wgt = s / total[..., None]
-    ck = (dw * wgt).sum(2)                                   # (B, K)
-    ds = (dw - ck[..., None]) / total[..., None]             # grad of the similarities
-    q = (u - ck[..., None] * t[:, None]) / total[..., None]  # sum_i ds_i f_i / nrm_i
-    r = x.flatten(2).gather(2, idx[:, None, :].expand(b, c, k)).transpose(1, 2).to(acc)  # (B, K, C)
-    inv_r = inv.gather(1, idx)
-    # docs/design.md's dr also has -(sum_i ds_i s_i) r / (nrm_r ||r||), through the
-    # representative's own norm. That sum is 0: w = s / S does not change when s is
-    # scaled, so sum_i ds_i s_i = sum_i (dw_i - c_k) w_i = c_k - c_k (sum_i w_i = 1; and
-    # ds = 0 for a part with S = 0). Computed, it is only rounding noise.
-    dr = q * inv_r[..., None]
-
-    a = torch.cat([wgt, ds * inv[:, None] * inv_r[..., None]], 1).reshape(b, 2 * k, h, w)
-    m = torch.cat([gv, r], 1)
-    safe = torch.where(nrm0 > 0, inv / nrm0.clamp_min(1e-300), torch.zeros_like(inv))
-    cc = ((ds * s).sum(1) * safe).reshape(b, h, w)
-    dx = kern.brnpa_bwd_dx(x, a.contiguous(), m.contiguous(), cc.contiguous())
-    # The representatives' own dependence: K columns added in place, one part after the
-    # other (a position chosen twice gets both, in order: deterministic). index_put_
-    # with accumulate=True would do it in one call, but on CUDA it sorts on a contiguous
-    # copy of the (B, P, C) view, i.e. two full copies of dx in NCHW.
-    dxf = dx.flatten(2)  # (B, C, P), a view in either layout
-    drt = dr.to(dx.dtype)
-    for j in range(k):
-        at = idx[:, j].view(b, 1, 1).expand(b, c, 1)
-        dxf.scatter_(2, at, dxf.gather(2, at) + drt[:, j, :, None])
-    return dx
+    gv = None if gv is None else gv.to(acc).contiguous()
+    dmap = inv.new_zeros(b, k, h, w) if gmap is None else gmap.to(acc).contiguous()
+    dw, u, t = st.brnpa_bwd_reduce(x, inv, inv.new_zeros(b, k, c) if gv is None else gv, dmap)
+    a, m, cc = st.brnpa_bwd_finish(x, dw, u, t, inv, nrm, idx, s, total, gv)
+    return st.brnpa_bwd_dx(x, a, m, cc)
 
 
 def _fake_backward(gv, gmap, x, inv, nrm0, idx, s, total, backend):

@@ -13,118 +13,80 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from manet_kernels import _ext
+from manet_kernels.ops import _common
 from manet_kernels.ops._boundary import Boundary, drop_in_function
 from manet_kernels.ops._common import (
     CPP_PASSES,
+    ComposedStages,
     activation_format,
     check_dtype,
     check_same_device,
     check_shape,
-    pass_kernels,
     resolve_backend,
+    stage_kernels,
 )
 from manet_kernels.reference import mixed_attention as _reference
 from manet_kernels.reference import passes as _torch_passes
+from manet_kernels.reference import stages as _ref_stages
 from manet_kernels.reference.passes import acc_dtype
 
 __all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm", "check_args", "fused"]
 
 
 class SpatialNorm(NamedTuple):
-    """BatchNorm2d(1) applied to the spatial conv output, between passes."""
+    """BatchNorm2d(1) applied to the spatial conv output ``(N, 1, H, W)``.
+
+    ``training``: batch statistics (``mixed_attention_spatial_norm``, which also updates
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` in place when given),
+    else the running ones."""
     weight: Tensor | None
     bias: Tensor | None
     running_mean: Tensor | None
     running_var: Tensor | None
     training: bool
     eps: float
-
-
-def _passes(backend: str):
-    return pass_kernels(backend, "mixed_attention")
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
-# ---------------------------------------------------------------------------
-# Tiny parts (size N*C or N*H*W), in the accumulation dtype.
-
-def _mlp_fwd(v, w1, b1, w2, b2):
-    h = F.linear(v, w1, b1)
-    return F.linear(F.relu(h), w2, b2), h
-
-
-def _mlp_bwd(dl, v, h, w1, w2):
-    """Grads of ``w2 @ relu(w1 @ v + b1) + b2`` for the stacked rows ``v = [avg; max]``
-    (2N rows) when both halves get the same upstream gradient ``dl`` (N rows), as the
-    sum ``mlp(avg) + mlp(max)`` gives them: the products with ``dl`` are taken once."""
-    n = dl.shape[0]
-    r = F.relu(h)
-    dr = dl @ w2
-    dh = torch.ops.aten.threshold_backward(torch.cat([dr, dr]), h, 0)
-    dw2 = dl.t() @ (r[:n] + r[n:])
-    return dh @ w1, dh.t() @ v, dh.sum(0), dw2, 2 * dl.sum(0)  # dv, dw1, db1, dw2, db2
-
-
-def _normalize(z, norm: SpatialNorm, stats):
-    """The BatchNorm's normalised input and inverse std, from the batch statistics
-    ``stats = [mean, biased var]`` in training mode or the running ones otherwise."""
-    mean, var = (stats[0], stats[1]) if norm.training else (norm.running_mean[0],
-                                                            norm.running_var[0])
-    rstd = torch.rsqrt(var + norm.eps)
-    return (z - mean) * rstd, rstd
+    num_batches_tracked: Tensor | None = None
+    momentum: float | None = None
 
 
 # The CUDA kernels for the k x k conv (csrc/cuda/mixed_attention.cu, spatial_conv_*)
 # compile and were checked against the contract by a NumPy emulation of their index
-# math, but have not run on a GPU yet: until the cuda cases of tests/test_mixed_attention_passes.py
-# pass on one, the fused op keeps cuDNN's conv there (which the H100 run verified).
+# math, but have not run on a GPU yet: until the cuda cases of
+# tests/test_mixed_attention_passes.py pass on one, the CUDA composition of the stages
+# keeps cuDNN's conv (which the H100 run verified).
 CUDA_SPATIAL_CONV_VERIFIED = False
 
 
-def _conv_passes(device: torch.device, backend: str):
-    """Where the k x k conv on the [mean, max] map runs: the extension's kernel when it
-    has one for the device (ATen's conv pays im2col/oneDNN setup on CPU that dwarfs
-    2*k*k MACs per position; on GPU cuDNN's weight-gradient kernel alone took 0.086 ms
-    of a 0.82 ms H100 step), else ATen's conv. The "torch" backend is the pure-PyTorch
-    contract throughout."""
-    if backend == "torch" or (device.type == "cuda" and not CUDA_SPATIAL_CONV_VERIFIED):
-        return _torch_passes
-    if _ext.has_kernel("mixed_attention_spatial_conv", device.type):
-        return CPP_PASSES
-    return _torch_passes
+class _CudaPasses:
+    """The verified CUDA passes: the compiled ones, with ATen's conv for the spatial conv
+    while ``CUDA_SPATIAL_CONV_VERIFIED`` is False (read at each call)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("mixed_attention_spatial_conv") and not CUDA_SPATIAL_CONV_VERIFIED:
+            return getattr(_torch_passes, name)
+        return getattr(CPP_PASSES, name)
 
 
-def _spatial_fwd(sa, sm, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    """``ms = sigmoid(BN(conv(cat[sa, sm])))``; also the conv output ``z`` and the batch
-    statistics (mean, biased var) the backward and the running-stat update need."""
-    z = _conv_passes(sa.device, backend).mixed_attention_spatial_conv(sa, sm, conv_w, conv_b)
-    stats = z.new_empty(0)
-    a = z
-    if norm is not None:
-        if norm.training:
-            if z.numel() <= 1:
-                raise ValueError("spatial BatchNorm in training mode needs more than one "
-                                 f"value (N*H*W > 1), got input of shape {tuple(z.shape)}")
-            stats = torch.stack([z.mean(), z.var(unbiased=False)])
-        a = _normalize(z, norm, stats)[0]
-        if norm.weight is not None:
-            a = a * norm.weight[0]
-        if norm.bias is not None:
-            a = a + norm.bias[0]
-    return torch.sigmoid(a), z, stats
+_CUDA_COMPOSED = ComposedStages(_CudaPasses())
+
+
+def _stages(backend: str, device: torch.device):
+    """The stage namespace (reference/stages.py names) the forward and backward call."""
+    if backend == "cuda" and not _common.CUDA_STAGES_VERIFIED:
+        return _CUDA_COMPOSED
+    return stage_kernels(backend, "mixed_attention", device.type)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _no_autocast(fn):
-    """The tiny parts between the passes compute in the accumulation dtype, which the
-    pass kernels check: autocast (AMP) must not lower them to half precision. ``x``
-    itself may be half: the kernels take a half ``x`` with float32 parameters."""
+    """The tiny parts compute in the accumulation dtype, which the stage kernels check:
+    autocast (AMP) must not lower them to half precision. ``x`` itself may be half: the
+    kernels take a half ``x`` with float32 parameters."""
     def wrapper(*args):
         device = next(a for a in args if a is not None).device.type  # gy may be None
         if torch.is_autocast_enabled(device):
@@ -134,113 +96,114 @@ def _no_autocast(fn):
     return wrapper
 
 
+def _params(acc, *ts):
+    return tuple(_cast(t, acc) for t in ts)
+
+
 @_no_autocast
 def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    kern = _passes(backend)
+    """Three stages (four with BatchNorm in training mode): channel attention, spatial
+    attention, (batch norm,) apply. Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z,
+    stats)``."""
+    st = _stages(backend, x.device)
     acc = acc_dtype(x.dtype)
     x = x.contiguous(memory_format=activation_format(x))
-    w1, b1, w2, b2 = (_cast(t, acc) for t in (w1, b1, w2, b2))
-    avg, mx, im = kern.mixed_attention_channel_pool(x)
-    o = _mlp_fwd(torch.cat([avg, mx]), w1, b1, w2, b2)[0]  # the shared MLP, both rows at once
-    n = avg.shape[0]
-    mc = torch.sigmoid(o[:n] + o[n:])
-    sa, sm, ic = kern.mixed_attention_spatial_pool(x, mc)
-    ms, z, stats = _spatial_fwd(sa, sm, conv_w.to(acc), _cast(conv_b, acc),
-                                _norm_cast(norm, acc), backend)
-    y = kern.mixed_attention_apply(x, mc, ms)
+    w1, b1, w2, b2, conv_w, conv_b = _params(acc, w1, b1, w2, b2, conv_w, conv_b)
+    mc, avg, mx, im = st.mixed_attention_channel_attn(x, w1, b1, w2, b2)
+    nb = norm if norm is not None else _NO_NORM
+    batch = norm is not None and norm.training
+    bw, bb, bm, bv = _params(acc, nb.weight, nb.bias, nb.running_mean, nb.running_var)
+    ms, z, sa, sm, ic = st.mixed_attention_spatial_attn(
+        x, mc, conv_w, conv_b, bw, bb, None if batch else bm, None if batch else bv,
+        nb.eps, batch)
+    stats = z.new_empty(0)
+    if batch:  # running statistics updated in place when given with their count
+        upd = nb.num_batches_tracked is not None
+        ms, stats = st.mixed_attention_spatial_norm(
+            z, bw, bb, nb.running_mean if upd else None, nb.running_var if upd else None,
+            nb.num_batches_tracked, nb.momentum, nb.eps)
+    y = st.mixed_attention_apply(x, mc, ms)
     return y, mc, ms, im, ic, avg, mx, sa, sm, z, stats
 
 
-def _norm_cast(norm: SpatialNorm | None, acc) -> SpatialNorm | None:
-    if norm is None:
-        return None
-    return SpatialNorm(*(_cast(t, acc) for t in norm[:4]), norm.training, norm.eps)
+_NO_NORM = SpatialNorm(None, None, None, None, False, 0.0)
+
+
+def _small_grad(t: Tensor | None, acc) -> Tensor | None:
+    return None if t is None else _cast(t, acc).contiguous()
+
+
+def _grad_or_none(g: Tensor, p: Tensor | None) -> Tensor | None:
+    """A stage's gradient for parameter ``p`` (None when ``p`` is absent), in its dtype."""
+    return None if p is None else _cast(g, p.dtype)
 
 
 @_no_autocast
 def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
                    w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    kern = _passes(backend)
+    """Four stages (five with BatchNorm in training mode), the forward's in reverse."""
+    st = _stages(backend, x.device)
     acc = mc.dtype
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     # y's gradient is None when only the maps are used (gradients are not materialised)
     g = torch.zeros_like(x) if gy is None else gy.to(x.dtype).contiguous(memory_format=fmt)
-    w1a, b1a, w2a, b2a = (_cast(t, acc) for t in (w1, b1, w2, b2))
-    cwa = conv_w.to(acc)
-    norm_a = _norm_cast(norm, acc)
+    gmc, gms = _small_grad(gmc, acc), _small_grad(gms, acc)
+    w1a, b1a, w2a, cwa = _params(acc, w1, b1, w2, conv_w)
+    nb = norm if norm is not None else _NO_NORM
+    bw = _cast(nb.weight, acc)
 
-    # B1: sum_c g*mc*x and sum_p g*ms*x in one pass.
-    dms, dmc = kern.mixed_attention_bwd_reduce(g, x, mc, ms)
-    if gms is not None:
-        dms = dms + gms.to(acc)
-    if gmc is not None:
-        dmc = dmc + gmc.to(acc)
-
-    # Tiny: back through sigmoid, BatchNorm and the conv.
-    dz = torch.ops.aten.sigmoid_backward(dms, ms)
-    dbn_w = dbn_b = None
-    if norm_a is not None:
-        zh, rstd = _normalize(z, norm_a, stats)
-        if norm_a.weight is not None:
-            dbn_w = (dz * zh).sum().reshape(1)
-        if norm_a.bias is not None:
-            dbn_b = dz.sum().reshape(1)
-        dzh = dz * norm_a.weight[0] if norm_a.weight is not None else dz
-        if norm_a.training:
-            dz = rstd * (dzh - dzh.mean() - zh * (dzh * zh).mean())
-        else:
-            dz = dzh * rstd
-    da_s, dm_s, dconv_w, dconv_b = _conv_passes(
-        x.device, backend).mixed_attention_spatial_conv_bwd(dz, sa, sm, cwa, conv_b is not None)
-    if conv_b is None:
-        dconv_b = None
-
-    # B2: the part of d(mc) that flows through the spatial pooling.
-    dmc = dmc + kern.mixed_attention_bwd_channel(x, da_s, dm_s, ic)
-
-    # Tiny: back through the channel sigmoid and the shared MLP (avg and max rows).
-    dlogit = torch.ops.aten.sigmoid_backward(dmc, mc)
-    rows = torch.cat([avg, mx], 0)
-    h = F.linear(rows, w1a, b1a)
-    dv, dw1, db1, dw2, db2 = _mlp_bwd(dlogit, rows, h, w1a, w2a)
-    n = avg.shape[0]
-    d_avg, d_mx = dv[:n].contiguous(), dv[n:].contiguous()
-
-    # B3: dx.
-    dx = kern.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im)
-
-    def like(grad, p):
-        return None if p is None else grad.to(p.dtype)
-
-    return (dx, like(dw1, w1), like(db1, b1), like(dw2, w2), like(db2, b2),
-            like(dconv_w, conv_w), like(dconv_b, conv_b),
-            like(dbn_w, norm.weight if norm else None), like(dbn_b, norm.bias if norm else None))
+    dms, dmc = st.mixed_attention_bwd_reduce(g, x, mc, ms)
+    if norm is not None and norm.training:
+        dz, dbn_w, dbn_b = st.mixed_attention_spatial_norm_bwd(
+            dms, gms, ms, z, stats, bw, nb.bias is not None, nb.eps)
+        da_s, dm_s, dconv_w, dconv_b, _, _ = st.mixed_attention_spatial_attn_bwd(
+            dz, None, None, z, sa, sm, cwa, conv_b is not None, None, False, None, None, nb.eps)
+    else:
+        bm, bv = _params(acc, nb.running_mean, nb.running_var)
+        da_s, dm_s, dconv_w, dconv_b, dbn_w, dbn_b = st.mixed_attention_spatial_attn_bwd(
+            dms, gms, ms, z, sa, sm, cwa, conv_b is not None, bw, nb.bias is not None, bm, bv,
+            nb.eps)
+    d_avg, d_mx, dw1, db1, dw2, db2 = st.mixed_attention_channel_attn_bwd(
+        x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1a, b1a, w2a, b2 is not None)
+    dx = st.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im)
+    return (dx, _grad_or_none(dw1, w1), _grad_or_none(db1, b1), _grad_or_none(dw2, w2),
+            _grad_or_none(db2, b2), _grad_or_none(dconv_w, conv_w), _grad_or_none(dconv_b, conv_b),
+            _grad_or_none(dbn_w, nb.weight), _grad_or_none(dbn_b, nb.bias))
 
 
 # ---------------------------------------------------------------------------
 # The op boundary: manet_kernels::mixed_attention and its backward.
 
-def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm):
+def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm,
+                    bn_count=None, bn_momentum=None):
     if not has_norm:
         return None
-    return SpatialNorm(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps)
+    return SpatialNorm(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, bn_count,
+                       bn_momentum)
 
 
 def _forward(
         x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
         conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
-        bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
-        bn_eps: float, backend: str,
+        bn_mean: Tensor | None, bn_var: Tensor | None, bn_count: Tensor | None, has_norm: bool,
+        bn_training: bool, bn_eps: float, bn_momentum: float | None, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z, bn_stats)``; everything but
-    ``y`` is small (N*C or N*H*W) and kept for the backward."""
-    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
+    ``y`` is small (N*C or N*H*W) and kept for the backward. In training mode with
+    ``bn_count`` given, the spatial BatchNorm's running statistics (``bn_mean``,
+    ``bn_var``, ``bn_count``) are updated in place, on the device: only the direct path
+    passes it (the registered op is functional, see ``fused``)."""
+    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm,
+                           bn_count, bn_momentum)
+    if has_norm and bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError("spatial BatchNorm in training mode needs more than one value "
+                         f"(N*H*W > 1), got input of shape {tuple(x.shape)}")
     return _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
 
 
 def _forward_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
-                  has_norm, bn_training, bn_eps, backend):
+                  bn_count, has_norm, bn_training, bn_eps, bn_momentum, backend):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     nc = x.new_empty((n, c), dtype=acc)
@@ -275,9 +238,9 @@ def _backward_fake(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w
 
 
 def _save(inputs, outputs):
-    (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, has_norm,
-     bn_training, bn_eps, backend) = inputs
-    if bn_training:  # batch statistics: the running ones (updated in place later) are unused
+    (x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, bn_count, has_norm,
+     bn_training, bn_eps, bn_momentum, backend) = inputs
+    if bn_training:  # batch statistics: the running ones (updated in place) are unused
         bn_mean = bn_var = None
     return ((x, *outputs[1:11], w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean,
              bn_var), (has_norm, bn_training, bn_eps, backend))
@@ -330,17 +293,33 @@ def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
 
 
 def _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    nb = norm if norm is not None else SpatialNorm(None, None, None, None, False, 0.0)
+    nb = norm if norm is not None else _NO_NORM
+    momentum = None if nb.momentum is None else float(nb.momentum)
     return (x, w1, b1, w2, b2, conv_w, conv_b, nb.weight, nb.bias, nb.running_mean,
-            nb.running_var, norm is not None, nb.training, float(nb.eps), backend)
+            nb.running_var, nb.num_batches_tracked, norm is not None, nb.training,
+            float(nb.eps), momentum, backend)
 
 
 def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     """The fused op with autograd on checked arguments (``check_args``); returns
     ``(y, mc, ms, bn_stats)`` with the maps in ``x``'s dtype (``ms`` as ``(N, 1, H, W)``)
-    and the spatial BatchNorm's batch ``[mean, biased var]`` (empty unless it trains)."""
-    y, mc, ms, *_, stats = _MIXED_ATTENTION(*_op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm,
-                                                      backend))
+    and the spatial BatchNorm's batch ``[mean, biased var]`` (empty unless it trains).
+
+    A training BatchNorm's running statistics are updated on the device: inside the
+    BatchNorm stage on the direct path; after the registered op (which is functional:
+    torch.compile traces the update and fuses it) otherwise."""
+    args = _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+    late = norm is not None and norm.training and norm.running_mean is not None \
+        and not _MIXED_ATTENTION.eager(args)
+    if late:
+        args = _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm._replace(
+            running_mean=None, running_var=None, num_batches_tracked=None), backend)
+    y, mc, ms, *_, stats = _MIXED_ATTENTION(*args)
+    if late:
+        with torch.no_grad():
+            _ref_stages.bn_running_update(norm.running_mean, norm.running_var,
+                                          norm.num_batches_tracked, stats.detach(),
+                                          norm.momentum, ms.numel())
     return y, mc.to(x.dtype), ms.unsqueeze(1).to(x.dtype), stats
 
 

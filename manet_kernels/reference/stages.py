@@ -93,15 +93,26 @@ def mixed_attention_spatial_norm(z: Tensor, bn_weight: Tensor | None, bn_bias: T
         a = a * bn_weight[0]
     if bn_bias is not None:
         a = a + bn_bias[0]
+    stats = torch.stack([mean, var])
     with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if running_mean is not None:
-            m = momentum if momentum is not None else 1.0 / num_batches_tracked.to(z.dtype)
-            unbiased = var * (count / (count - 1))
-            running_mean.copy_((1 - m) * running_mean.to(z.dtype) + m * mean)
-            running_var.copy_((1 - m) * running_var.to(z.dtype) + m * unbiased)
-    return torch.sigmoid(a), torch.stack([mean, var])
+        bn_running_update(running_mean, running_var, num_batches_tracked, stats, momentum,
+                          count)
+    return torch.sigmoid(a), stats
+
+
+def bn_running_update(running_mean: Tensor | None, running_var: Tensor | None,
+                      num_batches_tracked: Tensor | None, stats: Tensor,
+                      momentum: float | None, count: int) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update from the batch ``stats = [mean,
+    biased var]`` of ``count`` values, in place and on the device (no host sync)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if running_mean is None:
+        return
+    m = momentum if momentum is not None else 1.0 / num_batches_tracked.to(stats.dtype)
+    unbiased = stats[1] * (count / (count - 1))
+    running_mean.copy_((1 - m) * running_mean.to(stats.dtype) + m * stats[0])
+    running_var.copy_((1 - m) * running_var.to(stats.dtype) + m * unbiased)
 
 
 def mixed_attention_spatial_norm_bwd(dms: Tensor, gms: Tensor | None, ms: Tensor, z: Tensor,
