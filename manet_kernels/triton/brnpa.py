@@ -13,9 +13,10 @@ launches with ``brnpa_bwd_reduce`` and ``brnpa_bwd_dx``.
 The activation is seen as ``(B, C, P)`` with strides ``(sB, sC, sP)``:
 ``(C*P, P, 1)`` for NCHW and ``(P*C, 1, C)`` for channels_last, so one kernel
 serves both layouts. Sums over positions that span programs (``sv``, ``u``,
-``t``) are written as one partial per (sample, block of positions) and added by
-torch in a fixed order: there are no float atomics, so results are bitwise
-reproducible run to run for a given tile config. Under
+``t``) are written as one partial per (sample, block of positions) and added in
+a fixed order (by torch for ``sv``; for ``u`` and ``t`` by the last program of
+the sample to finish, in the same launch): there are no float atomics, so
+results are bitwise reproducible run to run for a given tile config. Under
 ``torch.use_deterministic_algorithms(True)`` the tile config is fixed instead of
 autotuned, so they are also reproducible across processes.
 
@@ -38,6 +39,7 @@ from manet_kernels.triton._common import configs as _configs
 from manet_kernels.triton._common import device_ctx, interpreting
 from manet_kernels.triton._common import needs_i64 as _i64
 from manet_kernels.triton._common import small as _check_small
+from manet_kernels.triton.mixed_attention import _sample_counters
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx",
            "brnpa_prepare", "brnpa_part", "brnpa_bwd_finish"]
@@ -223,7 +225,7 @@ def _brnpa_step_kernel(
                  key=["C", "P", "CHANNELS_LAST", "BLOCK_P", "BLOCK_K", "DOT"])
 @triton.jit
 def _brnpa_bwd_reduce_kernel(
-    x_ptr, inv_ptr, dv_ptr, dmap_ptr, dw_ptr, u_part_ptr, t_part_ptr,
+    x_ptr, inv_ptr, dv_ptr, dmap_ptr, dw_ptr, u_part_ptr, t_part_ptr, u_ptr, t_ptr, count_ptr,
     C, P, K, sB, sC, sP,
     CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
     I64: tl.constexpr,
@@ -290,6 +292,40 @@ def _brnpa_bwd_reduce_kernel(
                  mask=mask_k[:, None] & mask_c[None, :])
         # Every K-chunk has fn at hand; only the first writes t.
         tl.store(t_part_ptr + part * C + offs_c, tl.sum(fn, axis=1), mask=_mask_if(mask_c, kc == 0))
+
+    # The last program of (sample, K-chunk) to finish (an int32 counter each) sums
+    # that chunk's u partials, and the chunk-0 one t's, over the P-blocks in block
+    # order (deterministic, no float atomics), then resets its counter to 0. Every
+    # thread's partial stores come before the (acq_rel, gpu-scope) increment; the
+    # program that sees num_pb - 1 comes after every other one's increment, hence
+    # after their stores.
+    tl.debug_barrier()
+    cnt = count_ptr + b * tl.num_programs(1) + kc
+    done = tl.atomic_add(cnt, 1)
+    if done == num_pb - 1:
+        tl.debug_barrier()
+        u_rows = u_part_ptr + (b * num_pb * K + offs_k[:, None]) * C  # block 0's rows
+        t_rows = t_part_ptr + b * num_pb * C
+        mask_t = kc == 0
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            if I64:
+                offs_c = offs_c.to(tl.int64)
+            kc_mask = mask_k[:, None] & mask_c[None, :]
+            u_tot = tl.zeros((BLOCK_K, BLOCK_C), dtype=acc_t)
+            t_tot = tl.zeros((BLOCK_C,), dtype=acc_t)
+            u_ptrs = u_rows + offs_c[None, :]
+            t_ptrs = t_rows + offs_c
+            for _ in range(0, num_pb):
+                u_tot += tl.load(u_ptrs, mask=kc_mask, other=0.0)
+                t_tot += tl.load(t_ptrs, mask=_mask_if(mask_c, mask_t), other=0.0)
+                u_ptrs += K * C
+                t_ptrs += C
+            tl.store(u_ptr + (b * K + offs_k[:, None]) * C + offs_c[None, :], u_tot,
+                     mask=kc_mask)
+            tl.store(t_ptr + b * C + offs_c, t_tot, mask=_mask_if(mask_c, mask_t))
+        tl.atomic_xchg(cnt, 0)  # ready for the next launch, without a fill
 
 
 @triton.autotune(configs=_configs(_BWD_DX_CONFIGS,
@@ -748,12 +784,16 @@ def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
     dw = torch.empty((b, k, h, w), dtype=acc, device=x.device)
     u_part = torch.empty((b, num_pb, k, c), dtype=acc, device=x.device)
     t_part = torch.empty((b, num_pb, c), dtype=acc, device=x.device)
+    u = torch.empty((b, k, c), dtype=acc, device=x.device)
+    t = torch.empty((b, c), dtype=acc, device=x.device)
     with _device_ctx(x):
+        # The last program of each (sample, K-chunk) sums the partials: one launch.
         _launch(_brnpa_bwd_reduce_kernel, (b * num_pb, num_kc),
-                x, inv_nrm, dv, dmap, dw, u_part, t_part, c, p, k, sb, sc, sp,
+                x, inv_nrm, dv, dmap, dw, u_part, t_part, u, t,
+                _sample_counters(b * num_kc, x.device), c, p, k, sb, sc, sp,
                 CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k,
                 BLOCK_P=block_p)
-    return dw, u_part.sum(1), t_part.sum(1)
+    return dw, u, t
 
 
 def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:

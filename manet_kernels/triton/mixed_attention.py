@@ -270,7 +270,7 @@ def _mixed_attention_apply_kernel(
                  key=["C", "P", "G_CHANNELS_LAST", "X_CHANNELS_LAST", "BLOCK_P"])
 @triton.jit
 def _mixed_attention_bwd_reduce_kernel(
-    g_ptr, x_ptr, mc_ptr, ms_ptr, dms_ptr, dmc_part_ptr,
+    g_ptr, x_ptr, mc_ptr, ms_ptr, dms_ptr, dmc_part_ptr, dmc_ptr, count_ptr,
     C, P, gsN, gsC, gsP, xsN, xsC, xsP,
     G_CHANNELS_LAST: tl.constexpr, X_CHANNELS_LAST: tl.constexpr,  # only key the autotune cache
     I64: tl.constexpr,
@@ -303,11 +303,32 @@ def _mixed_attention_bwd_reduce_kernel(
         xv = tl.load(x_cols + offs_c[:, None] * xsC, mask=m, other=0.0).to(acc_t)
         gx = gv * xv
         dms += gx * mcv[:, None]
-        # One partial per (n, P-block, c); torch sums them over P-blocks in a
-        # fixed order, which keeps dmc deterministic without atomics.
+        # One partial per (n, P-block, c); the last program of the sample sums them
+        # over P-blocks in a fixed order, which keeps dmc deterministic without
+        # float atomics.
         tl.store(dmc_part_ptr + part_row * C + offs_c, tl.sum(gx * msv[None, :], axis=1),
                  mask=mask_c)
     tl.store(dms_ptr + n * P + offs_p, tl.sum(dms, axis=0), mask=mask_p)
+    # Every thread's partial stores before the (acq_rel, gpu-scope) increment; the
+    # program that sees num_pb - 1 comes after every other program's increment,
+    # hence after their stores (as in channel_attn_bwd).
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + n, 1)
+    if done == num_pb - 1:
+        tl.debug_barrier()
+        rows = dmc_part_ptr + n * num_pb * C  # this sample's (num_pb, C) partials
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            if I64:
+                offs_c = offs_c.to(tl.int64)
+            tot = tl.zeros((BLOCK_C,), dtype=acc_t)
+            ptrs = rows + offs_c
+            for _ in range(0, num_pb):  # block order: the same sum every run
+                tot += tl.load(ptrs, mask=mask_c, other=0.0)
+                ptrs += C
+            tl.store(dmc_ptr + n * C + offs_c, tot, mask=mask_c)
+        tl.atomic_xchg(count_ptr + n, 0)  # ready for the next launch, without a fill
 
 
 @triton.jit
@@ -1061,12 +1082,15 @@ def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor,
     num_pb = triton.cdiv(p, block_p)
     dms = torch.empty((n, h, w), dtype=acc, device=x.device)
     dmc_part = torch.empty((n, num_pb, c), dtype=acc, device=x.device)
+    dmc = torch.empty((n, c), dtype=acc, device=x.device)
     with _device_ctx(x):
+        # The last program of each sample sums its dmc partials (one launch, no torch sum).
         _launch(_mixed_attention_bwd_reduce_kernel, (n * num_pb,),
-                g, x, mc, ms, dms, dmc_part, c, p, gsn, gsc, gsp, xsn, xsc, xsp,
+                g, x, mc, ms, dms, dmc_part, dmc, _sample_counters(n, x.device),
+                c, p, gsn, gsc, gsp, xsn, xsc, xsp,
                 G_CHANNELS_LAST=gcl, X_CHANNELS_LAST=xcl, I64=_needs_i64(x, dmc_part),
                 BLOCK_P=block_p)
-    return dms, dmc_part.sum(1)
+    return dms, dmc
 
 
 def mixed_attention_bwd_channel(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: Tensor) -> Tensor:
@@ -1168,9 +1192,10 @@ def _conv_weight(conv_w, acc: torch.dtype, device: torch.device) -> tuple[Tensor
     return _small("conv_w", conv_w, (1, 2, k, k), acc, device), k
 
 
-# Per device: an int32 counter per sample for channel_attn_bwd's last-program finish,
+# Per device: an int32 counter per sample for the last-program finishes of
+# channel_attn_bwd and bwd_reduce (and BR-NPA's bwd_reduce, which imports this),
 # zero-filled once; every launch leaves it at zero again. Launches that use it run in
-# stream order (two streams running channel_attn_bwd at once would share it).
+# stream order (two streams running these kernels at once would share it).
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 
