@@ -43,6 +43,7 @@
 #include "../check.h"
 #include "../spatial_conv_checks.h"
 #include "cpu_isa.h"
+#include "mixed_attention.h"
 
 namespace {
 
@@ -411,6 +412,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> spatial_conv_bwd(const Tensor& dz_in,
 }
 
 }  // namespace
+
+// For the stage ops (mixed_attention.h).
+namespace manet_kernels::cpu {
+
+std::tuple<Tensor, Tensor, Tensor> mixed_attention_channel_pool(const Tensor& x) {
+  return channel_pool(x);
+}
+std::tuple<Tensor, Tensor, Tensor> mixed_attention_spatial_pool(const Tensor& x, const Tensor& mc) {
+  return spatial_pool(x, mc);
+}
+Tensor mixed_attention_bwd_channel(const Tensor& x, const Tensor& da_s, const Tensor& dm_s,
+                                   const Tensor& ic) {
+  return bwd_channel(x, da_s, dm_s, ic);
+}
+Tensor mixed_attention_spatial_conv(const Tensor& sa, const Tensor& sm, const Tensor& weight,
+                                    const std::optional<Tensor>& bias) {
+  return spatial_conv(sa, sm, weight, bias);
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor> mixed_attention_spatial_conv_bwd(
+    const Tensor& dz, const Tensor& sa, const Tensor& sm, const Tensor& weight, bool has_bias) {
+  return spatial_conv_bwd(dz, sa, sm, weight, has_bias);
+}
+
+}  // namespace manet_kernels::cpu
 
 TORCH_LIBRARY_IMPL(manet_kernels, CPU, m) {
   m.impl("_mixed_attention_channel_pool", &channel_pool);
