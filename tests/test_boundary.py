@@ -138,9 +138,9 @@ def _op_args(op, backend):
                   torch.randn(1, 2, 3, 3), torch.randn(1))
         bn = (torch.rand(1) + 0.5, torch.randn(1), torch.zeros(1), torch.ones(1))
         return ma_ops._MIXED_ATTENTION, [
-            (x, *params, None, None, None, None, False, False, 0.0, backend),
-            (x.contiguous(memory_format=torch.channels_last), *params[:5], None, *bn,
-             True, True, 1e-5, backend)]
+            (x, *params, None, None, None, None, None, False, False, 0.0, None, backend),
+            (x.contiguous(memory_format=torch.channels_last), *params[:5], None, *bn, None,
+             True, True, 1e-5, 0.1, backend)]
     if op == "brnpa":
         return brnpa_ops._BRNPA, [(x, 3, paper, backend) for paper in (False, True)]
     conv = ([1, 1], [1, 1], [1, 1], 2)

@@ -54,9 +54,22 @@ def _setup(case, backend):
     return m, x, grads
 
 
+PATHS = ["stages", "composed"]  # the stage kernels (as if verified), or today's default
+
+
+@pytest.fixture
+def path(request):
+    if request.param == "stages":
+        with _common.unverified_stages():
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["mixed_attention", "mixed_attention_bn_train", "brnpa"])
-def test_gpu_kernels_per_step(case, backend):
+def test_gpu_kernels_per_step(case, backend, path):
     m, x, grads = _setup(case, backend)
     for _ in range(2):  # autotuning and first-call work happen before the counted step
         _step(m, x, grads)
@@ -65,16 +78,18 @@ def test_gpu_kernels_per_step(case, backend):
         _step(m, x, grads)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    print(f"\n{case} ({backend}): {len(kernels)} GPU kernels: {kernels}")
-    if backend == "cuda" and not _common.CUDA_STAGES_VERIFIED:
-        pytest.xfail(f"{len(kernels)} kernels: the CUDA stage kernels have not passed on a "
-                     "GPU yet, so the cuda backend composes the stages from its passes")
+    print(f"\n{case} ({backend}, {path}): {len(kernels)} GPU kernels: {kernels}")
+    verified = {"cuda": _common.CUDA_STAGES_VERIFIED, "triton": _common.TRITON_STAGES_VERIFIED}
+    if not verified[backend]:
+        pytest.xfail(f"{len(kernels)} kernels: the {backend} stage kernels have not passed on "
+                     f"a GPU yet, so the {backend} backend composes the stages from its passes")
     assert len(kernels) <= TARGETS[case], kernels
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["mixed_attention", "mixed_attention_bn_train", "brnpa"])
-def test_cuda_graph_replay_matches_eager(case, backend):
+def test_cuda_graph_replay_matches_eager(case, backend, path):
     """Capture forward+backward once, replay on new inputs, compare with eager on the
     same inputs (and the BatchNorm's running statistics with eager's)."""
     m, x, grads = _setup(case, backend)

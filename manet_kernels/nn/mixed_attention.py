@@ -21,12 +21,13 @@ class MixedAttention(_reference.MixedAttention):
     def forward(self, x: Tensor, return_maps: bool = False):
         if isinstance(x, Tensor) and (x.dim() != 4 or x.shape[1] != self.channels):
             raise ValueError(f"x must be (N, {self.channels}, H, W), got {tuple(x.shape)}")
-        conv_w = self.conv.weight
+        conv = self.conv
+        conv_w, conv_b = conv.weight, conv.bias
         if self.pool_order == "max_avg":
             conv_w = conv_w.flip(1)  # the kernels always produce [mean, max]
         fc1, fc2 = self.fc1, self.fc2
-        backend = check_args(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                             self.conv.bias, self.backend)
+        w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        backend = check_args(x, w1, b1, w2, b2, conv_w, conv_b, self.backend)
         if backend == "reference":
             return super().forward(x, return_maps)
         norm = None
@@ -38,7 +39,6 @@ class MixedAttention(_reference.MixedAttention):
             norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean if keep else None,
                                bn.running_var if keep else None, batch_stats, bn.eps,
                                bn.num_batches_tracked if update else None, bn.momentum)
-        y, mc, ms, _ = fused(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_w,
-                             self.conv.bias, norm, backend)
+        y, mc, ms, _ = fused(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend, return_maps)
         return (y, mc, ms) if return_maps else y
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -149,6 +150,10 @@ def pass_kernels(backend: str, op: str):
 # each stage from its verified pass kernels and PyTorch (reference/stages.py over the
 # CUDA passes), which is correct but launches the tiny parts one op at a time.
 CUDA_STAGES_VERIFIED = False
+# The same for the Triton stages on a GPU (tested under the interpreter only): until
+# tests/test_<op>_stages.py -k triton and tests/test_gpu_steps.py pass on a GPU, the
+# "triton" backend on CUDA tensors composes its stages from the Triton passes.
+TRITON_STAGES_VERIFIED = False
 
 
 class ComposedStages:
@@ -195,6 +200,8 @@ def stage_kernels(backend: str, op: str, device_type: str):
     contract composed over the backend's passes where a stage has no kernel yet."""
     if backend in ("cpu", "cuda"):
         return _CPP_STAGES[device_type]
+    if backend == "triton" and device_type == "cuda" and not TRITON_STAGES_VERIFIED:
+        return _composed("triton_passes", op)
     return _composed(backend, op)
 
 
@@ -217,10 +224,34 @@ def _composed(backend: str, op: str):
     """Triton: the module's own stages and passes, the contract for the rest (a stage
     composed over the Triton passes; the spatial conv, which has no Triton kernel)."""
     from manet_kernels.reference import passes as torch_passes
+    if backend == "triton_passes":  # the stage contract over the Triton passes only
+        return ComposedStages(_Chain(pass_kernels("triton", op), torch_passes))
     passes = pass_kernels(backend, op)
     if backend == "torch":
         return ComposedStages(passes)
     return _Chain(passes, ComposedStages(_Chain(passes, torch_passes)))
+
+
+def _clear_stage_caches() -> None:
+    """Forget the looked-up stages (each namespace caches its lookups)."""
+    for device_type in _CPP_STAGES:
+        _CPP_STAGES[device_type] = CppStages(device_type)
+    _composed.cache_clear()
+
+
+@contextlib.contextmanager
+def unverified_stages():
+    """Within: the CUDA and Triton stage kernels are used on a GPU as if verified (for
+    the GPU tests that verify them, tests/test_gpu_steps.py)."""
+    global CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
+    saved = CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
+    CUDA_STAGES_VERIFIED = TRITON_STAGES_VERIFIED = True
+    _clear_stage_caches()
+    try:
+        yield
+    finally:
+        CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED = saved
+        _clear_stage_caches()
 
 
 _INFRA_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())

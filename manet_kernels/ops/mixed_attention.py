@@ -83,24 +83,30 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _no_autocast(fn):
+def _no_autocast(x_arg: int):
     """The tiny parts compute in the accumulation dtype, which the stage kernels check:
-    autocast (AMP) must not lower them to half precision. ``x`` itself may be half: the
-    kernels take a half ``x`` with float32 parameters."""
-    def wrapper(*args):
-        device = next(a for a in args if a is not None).device.type  # gy may be None
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return fn(*args)
-        return fn(*args)
-    return wrapper
+    autocast (AMP) must not lower them to half precision. ``x`` (argument ``x_arg``)
+    itself may be half: the kernels take a half ``x`` with float32 parameters."""
+    def decorate(fn):
+        def wrapper(*args):
+            device = args[x_arg].device.type
+            if torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    return fn(*args)
+            return fn(*args)
+        return wrapper
+    return decorate
 
 
 def _params(acc, *ts):
-    return tuple(_cast(t, acc) for t in ts)
+    """``ts`` in the acc dtype (None stays None); as given when they already are."""
+    for t in ts:
+        if t is not None and t.dtype != acc:
+            return tuple(_cast(t, acc) for t in ts)
+    return ts
 
 
-@_no_autocast
+@_no_autocast(0)
 def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     """Three stages (four with BatchNorm in training mode): channel attention, spatial
     attention, (batch norm,) apply. Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z,
@@ -138,7 +144,7 @@ def _grad_or_none(g: Tensor, p: Tensor | None) -> Tensor | None:
     return None if p is None else _cast(g, p.dtype)
 
 
-@_no_autocast
+@_no_autocast(3)
 def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
                    w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
     """Four stages (five with BatchNorm in training mode), the forward's in reverse."""
@@ -147,7 +153,7 @@ def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
     fmt = activation_format(x)
     x = x.contiguous(memory_format=fmt)
     # y's gradient is None when only the maps are used (gradients are not materialised)
-    g = torch.zeros_like(x) if gy is None else gy.to(x.dtype).contiguous(memory_format=fmt)
+    g = torch.zeros_like(x) if gy is None else _cast(gy, x.dtype).contiguous(memory_format=fmt)
     gmc, gms = _small_grad(gmc, acc), _small_grad(gms, acc)
     w1a, b1a, w2a, cwa = _params(acc, w1, b1, w2, conv_w)
     nb = norm if norm is not None else _NO_NORM
@@ -300,10 +306,13 @@ def _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backen
             float(nb.eps), momentum, backend)
 
 
-def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
+def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str,
+          maps: bool = True):
     """The fused op with autograd on checked arguments (``check_args``); returns
     ``(y, mc, ms, bn_stats)`` with the maps in ``x``'s dtype (``ms`` as ``(N, 1, H, W)``)
-    and the spatial BatchNorm's batch ``[mean, biased var]`` (empty unless it trains).
+    and the spatial BatchNorm's batch ``[mean, biased var]`` (empty unless it trains);
+    ``maps=False``: ``mc`` and ``ms`` as the op returns them (``(N, C)``, ``(N, H, W)``,
+    acc dtype), for a caller that drops them.
 
     A training BatchNorm's running statistics are updated on the device: inside the
     BatchNorm stage on the direct path; after the registered op (which is functional:
@@ -320,7 +329,9 @@ def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: 
             _ref_stages.bn_running_update(norm.running_mean, norm.running_var,
                                           norm.num_batches_tracked, stats.detach(),
                                           norm.momentum, ms.numel())
-    return y, mc.to(x.dtype), ms.unsqueeze(1).to(x.dtype), stats
+    if maps:
+        mc, ms = _cast(mc, x.dtype), _cast(ms.unsqueeze(1), x.dtype)
+    return y, mc, ms, stats
 
 
 def mixed_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -345,7 +356,7 @@ def mixed_attention(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Te
     if backend == "reference":
         return _reference.mixed_attention(x, w1, b1, w2, b2, conv_w, conv_b,
                                           return_maps=return_maps)
-    y, mc, ms, _ = fused(x, w1, b1, w2, b2, conv_w, conv_b, None, backend)
+    y, mc, ms, _ = fused(x, w1, b1, w2, b2, conv_w, conv_b, None, backend, return_maps)
     return (y, mc, ms) if return_maps else y
 
 

@@ -1288,8 +1288,8 @@ def mixed_attention_spatial_norm(z: Tensor, bn_weight: Tensor | None, bn_bias: T
     dev = z.device
     count = z.numel()
     if count <= 1:
-        raise ValueError(f"z: BatchNorm in training mode needs more than one value, got "
-                         f"shape {tuple(z.shape)}")
+        raise ValueError(f"z: expected more than one value (N*H*W > 1) for batch "
+                         f"statistics, got shape {tuple(z.shape)}")
     bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
     bn_bias = _opt("bn_bias", bn_bias, (1,), acc, dev)
     running = running_mean is not None
