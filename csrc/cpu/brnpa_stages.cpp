@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../brnpa_stage_checks.h"
 #include "brnpa_kernels.h"
 
 namespace {
@@ -33,34 +34,18 @@ using at::Tensor;
 using namespace manet_kernels::brnpa_cpu;
 
 // ---------------------------------------------------------------------------
-// Argument checks (each message starts with the argument's name).
+// Argument checks: ../brnpa_stage_checks.h, with `arg` a dense CPU tensor.
 
-// An output of x's dtype that a stage writes in place: contiguous, of shape `sizes`.
-void check_like_x(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
-                  at::ScalarType x_dtype) {
-  check_cpu_dense(t, name);
-  MK_CHECK(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ", t.sizes());
-  MK_CHECK(t.scalar_type() == x_dtype, name, ": expected dtype ", x_dtype, " (x's dtype), got ",
-           t.scalar_type());
-  MK_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides());
+void check_dense_cpu(const Tensor& t, const char* name) {
+  manet_kernels::brnpa_stage::check_dense(t, name);
+  MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
-// idx (B, K) int64 contiguous; returns K. With `P` >= 0 every value is checked to lie
-// in [0, P).
-int64_t check_part_idx(const Tensor& idx, int64_t B, int64_t P) {
-  check_cpu_dense(idx, "idx");
-  MK_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ", idx.scalar_type());
-  MK_CHECK(idx.dim() == 2 && idx.size(0) == B, "idx: expected shape (B, K) with B = ", B, ", got ",
-           idx.sizes());
-  MK_CHECK(idx.is_contiguous(), "idx: expected a contiguous tensor, got strides ", idx.strides());
-  const int64_t K = idx.size(1);
-  if (P >= 0) {
-    const int64_t* ip = idx.const_data_ptr<int64_t>();
-    for (int64_t e = 0; e < B * K; ++e)
-      MK_CHECK(ip[e] >= 0 && ip[e] < P, "idx: expected values in [0, H*W) = [0, ", P, "), got idx[",
-               e / K, ", ", e % K, "] = ", ip[e]);
-  }
-  return K;
+namespace checks = manet_kernels::brnpa_stage;
+constexpr auto cpu_arg = &check_dense_cpu;
+
+Layout layout_of(const checks::Checked& c) {
+  return c.channels_last ? Layout::kNHWC : Layout::kNCHW;
 }
 
 // ---------------------------------------------------------------------------
@@ -245,7 +230,7 @@ void bwd_finish_impl(const Tensor& x, Layout layout, const Tensor& dw, const Ten
 // Op entry points: check, allocate, dispatch.
 
 std::tuple<Tensor, Tensor, Tensor> brnpa_prepare(const Tensor& x, bool paper, double eps) {
-  const Layout layout = check_x(x);
+  const Layout layout = layout_of(checks::check_brnpa_prepare(x, cpu_arg));
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
   const auto opts = x.options().dtype(acc_type_of(x.scalar_type()));
   Tensor nrm = at::empty({B, H, W}, opts);
@@ -261,21 +246,10 @@ std::tuple<Tensor, Tensor, Tensor> brnpa_prepare(const Tensor& x, bool paper, do
 void brnpa_part(const Tensor& x, const Tensor& inv, const Tensor& score, int64_t j, bool paper,
                 const Tensor& idx, const Tensor& s, const Tensor& total, const Tensor& vectors,
                 const Tensor& maps) {
-  const Layout layout = check_x(x);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto st = x.scalar_type(), acc = acc_type_of(st);
-  check_small(inv, "inv", "(B, H, W)", {B, H, W}, acc, st);
-  check_small(score, "score", "(B, H, W)", {B, H, W}, acc, st);
-  const int64_t K = check_part_idx(idx, B, -1);
-  MK_CHECK(j >= 0 && j < K, "j: expected a part in [0, K) = [0, ", K,
-           ") with K = idx.size(1), got ", j);
-  check_small(s, "s", "(B, K, H, W) with K = idx.size(1)", {B, K, H, W}, acc, st);
-  check_small(total, "total", "(B, K) with K = idx.size(1)", {B, K}, acc, st);
-  check_like_x(vectors, "vectors", "(B, K, C) with K = idx.size(1)", {B, K, C}, st);
-  check_like_x(maps, "maps", "(B, K, H, W) with K = idx.size(1)", {B, K, H, W}, st);
-  if (B == 0) return;
-  MK_CHECK(H * W > 0, "x: expected H*W >= 1 (a part needs a position to represent it), got shape ",
-           x.sizes());
+  const Layout layout =
+      layout_of(checks::check_brnpa_part(x, inv, score, j, idx, s, total, vectors, maps, cpu_arg));
+  const auto st = x.scalar_type();
+  if (x.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "brnpa_part", [&] {
     part_impl<scalar_t>(x, layout, inv, score, j, paper, idx, s, total, vectors, maps);
   });
@@ -287,19 +261,12 @@ std::tuple<Tensor, Tensor, Tensor> brnpa_bwd_finish(const Tensor& x, const Tenso
                                                     const Tensor& idx, const Tensor& s,
                                                     const Tensor& total,
                                                     const std::optional<Tensor>& gv) {
-  const Layout layout = check_x(x);
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto checked =
+      checks::check_brnpa_bwd_finish(x, dw, u, t, inv, nrm, idx, s, total, gv, true, cpu_arg);
+  const Layout layout = layout_of(checked);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = checked.K;
   const auto st = x.scalar_type(), acc = acc_type_of(st);
-  const int64_t K = check_part_idx(idx, B, H * W);
-  check_small(dw, "dw", "(B, K, H, W) with K = idx.size(1)", {B, K, H, W}, acc, st);
-  check_small(u, "u", "(B, K, C) with K = idx.size(1)", {B, K, C}, acc, st);
-  check_small(t, "t", "(B, C)", {B, C}, acc, st);
-  check_small(inv, "inv", "(B, H, W)", {B, H, W}, acc, st);
-  check_small(nrm, "nrm", "(B, H, W)", {B, H, W}, acc, st);
-  check_small(s, "s", "(B, K, H, W) with K = idx.size(1)", {B, K, H, W}, acc, st);
-  check_small(total, "total", "(B, K) with K = idx.size(1)", {B, K}, acc, st);
   const Tensor* g = gv.has_value() && gv->defined() ? &*gv : nullptr;
-  if (g) check_small(*g, "gv", "(B, K, C) with K = idx.size(1)", {B, K, C}, acc, st);
   const auto opts = x.options().dtype(acc);
   Tensor a = at::empty({B, 3 * K, H, W}, opts);
   Tensor m = at::empty({B, 3 * K, C}, opts);

@@ -23,96 +23,25 @@
 #include <vector>
 
 #include "../check.h"
+#include "../mixed_attention_stage_checks.h"
 #include "mixed_attention.h"
 
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using manet_kernels::dtype_name;
 namespace pass = manet_kernels::cpu;
 
 // ---------------------------------------------------------------------------
-// Argument checks. Each message starts with the argument's name; wrong dtypes raise
-// TypeError, wrong shapes or strides ValueError (as the pass ops do).
+// Argument checks: ../mixed_attention_stage_checks.h, with `arg` a dense CPU tensor.
 
 void check_dense_cpu(const Tensor& t, const char* name) {
-  MK_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  MK_CHECK_VALUE(t.layout() == at::kStrided, name,
-                 ": expected a strided (dense) tensor, got layout ", t.layout());
+  manet_kernels::ma_stage::check_dense(t, name);
   MK_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
 }
 
-// A contiguous tensor of shape `sizes` (named `dims`) in the acc dtype `acc`, which is
-// that of `by` (e.g. "x of dtype bfloat16").
-void check_acc(const Tensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
-               at::ScalarType acc, const std::string& by) {
-  check_dense_cpu(t, name);
-  MK_CHECK_VALUE(t.sizes() == sizes, name, ": expected shape ", dims, " = ", sizes, ", got ",
-                 t.sizes());
-  MK_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", dtype_name(acc), " (", by,
-                "), got ", dtype_name(t.scalar_type()));
-  MK_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-                 t.strides());
-}
-
-void check_acc(const OptTensor& t, const char* name, const char* dims, at::IntArrayRef sizes,
-               at::ScalarType acc, const std::string& by) {
-  if (t.has_value()) check_acc(*t, name, dims, sizes, acc, by);
-}
-
-std::string acc_of(const char* name, at::ScalarType st) {
-  return manet_kernels::msg::cat("the accumulation dtype for ", name, " of dtype ", dtype_name(st));
-}
-
-// The shared MLP's parameters for C channels; returns C_r.
-int64_t check_mlp(const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
-                  int64_t C, at::ScalarType acc, const std::string& by) {
-  check_dense_cpu(w1, "w1");
-  MK_CHECK_VALUE(w1.dim() == 2, "w1: expected a rank-2 (C_r, C) tensor, got shape ", w1.sizes());
-  const int64_t Cr = w1.size(0);
-  check_acc(w1, "w1", "(C_r, C)", {Cr, C}, acc, by);
-  check_acc(b1, "b1", "(C_r,)", {Cr}, acc, by);
-  check_acc(w2, "w2", "(C, C_r)", {C, Cr}, acc, by);
-  check_acc(b2, "b2", "(C,)", {C}, acc, by);
-  return Cr;
-}
-
-// z (N, H, W), contiguous, float32 or float64: the dtype of a spatial stage.
-void check_map(const Tensor& z, const char* name) {
-  check_dense_cpu(z, name);
-  MK_CHECK_VALUE(z.dim() == 3, name, ": expected a rank-3 (N, H, W) tensor, got shape ", z.sizes());
-  const auto st = z.scalar_type();
-  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble, name,
-                ": expected dtype float32 or float64 (an accumulation dtype), got ",
-                dtype_name(st));
-  MK_CHECK_VALUE(z.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
-                 z.strides());
-}
-
-// A map like z (its shape and dtype).
-void check_like(const OptTensor& t, const char* name, const Tensor& z, const char* z_name) {
-  if (!t.has_value()) return;
-  check_acc(*t, name, "(N, H, W)", z.sizes(), z.scalar_type(),
-            manet_kernels::msg::cat("the dtype of ", z_name));
-}
-
-// One BatchNorm value: (1,) in the acc dtype.
-void check_bn(const OptTensor& t, const char* name, at::ScalarType acc, const std::string& by) {
-  check_acc(t, name, "(1,)", {1}, acc, by);
-}
-
-int64_t check_conv_w(const Tensor& w, const OptTensor& b, at::ScalarType acc,
-                     const std::string& by) {
-  check_dense_cpu(w, "conv_w");
-  MK_CHECK_VALUE(w.dim() == 4 && w.size(0) == 1 && w.size(1) == 2 && w.size(2) == w.size(3) &&
-                     w.size(2) % 2 == 1,
-                 "conv_w: expected shape (1, 2, k, k) with k odd, got ", w.sizes());
-  MK_CHECK_TYPE(w.scalar_type() == acc, "conv_w: expected dtype ", dtype_name(acc), " (", by,
-                "), got ", dtype_name(w.scalar_type()));
-  check_bn(b, "conv_b", acc, by);
-  return w.size(2);
-}
+namespace checks = manet_kernels::ma_stage;
+constexpr auto cpu_arg = &check_dense_cpu;
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -195,10 +124,10 @@ Mlp<T> mlp_of(const Tensor& w1, const OptTensor& b1, const Tensor& w2, const Opt
 std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attn(const Tensor& x, const Tensor& w1,
                                                         const OptTensor& b1, const Tensor& w2,
                                                         const OptTensor& b2) {
+  const int64_t Cr = checks::check_channel_attn(x, w1, b1, w2, b2, cpu_arg);
   auto [avg, mx, im] = pass::mixed_attention_channel_pool(x);
   const int64_t N = avg.size(0), C = avg.size(1);
   const auto acc = avg.scalar_type();
-  const int64_t Cr = check_mlp(w1, b1, w2, b2, C, acc, acc_of("x", x.scalar_type()));
   Tensor mc = at::empty({N, C}, avg.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "mixed_attention_channel_attn", [&] {
     using T = scalar_t;
@@ -305,16 +234,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> channel_attn_bwd(
     const Tensor& x, const Tensor& da_s, const Tensor& dm_s, const Tensor& ic, const Tensor& dmc,
     const OptTensor& gmc, const Tensor& mc, const Tensor& avg, const Tensor& mx, const Tensor& w1,
     const OptTensor& b1, const Tensor& w2, bool has_b2) {
+  const int64_t Cr =
+      checks::check_channel_attn_bwd(x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1, b1, w2, cpu_arg);
   Tensor dmc2 = pass::mixed_attention_bwd_channel(x, da_s, dm_s, ic);
   const int64_t N = dmc2.size(0), C = dmc2.size(1);
   const auto acc = dmc2.scalar_type();
-  const std::string by = acc_of("x", x.scalar_type());
-  check_acc(dmc, "dmc", "(N, C)", {N, C}, acc, by);
-  check_acc(gmc, "gmc", "(N, C)", {N, C}, acc, by);
-  check_acc(mc, "mc", "(N, C)", {N, C}, acc, by);
-  check_acc(avg, "avg", "(N, C)", {N, C}, acc, by);
-  check_acc(mx, "mx", "(N, C)", {N, C}, acc, by);
-  const int64_t Cr = check_mlp(w1, b1, w2, std::nullopt, C, acc, by);
   const auto opt = dmc2.options();
   Tensor d_avg = at::empty({N, C}, opt), d_mx = at::empty({N, C}, opt);
   Tensor dw1 = at::empty({Cr, C}, opt), db1 = at::empty({b1.has_value() ? Cr : 0}, opt);
@@ -386,25 +310,14 @@ BnEval<T> bn_eval(const OptTensor& weight, const OptTensor& bias, const OptTenso
   return {mean->data_ptr<T>()[0], var->data_ptr<T>()[0], eps, ptr<T>(weight), ptr<T>(bias)};
 }
 
-void check_bn_eval(const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
-                   const OptTensor& var, at::ScalarType acc, const std::string& by) {
-  if (!mean.has_value()) return;
-  MK_CHECK_VALUE(var.has_value(), "bn_var: expected a tensor when bn_mean is given, got None");
-  check_bn(weight, "bn_weight", acc, by);
-  check_bn(bias, "bn_bias", acc, by);
-  check_bn(mean, "bn_mean", acc, by);
-  check_bn(var, "bn_var", acc, by);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> spatial_attn(
     const Tensor& x, const Tensor& mc, const Tensor& conv_w, const OptTensor& conv_b,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
     const OptTensor& bn_var, double eps, bool batch_norm) {
+  checks::check_spatial_attn(x, mc, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var, batch_norm,
+                             cpu_arg);
   auto [sa, sm, ic] = pass::mixed_attention_spatial_pool(x, mc);
   const auto acc = sa.scalar_type();
-  const std::string by = acc_of("x", x.scalar_type());
-  check_conv_w(conv_w, conv_b, acc, by);
-  if (!batch_norm) check_bn_eval(bn_weight, bn_bias, bn_mean, bn_var, acc, by);
   Tensor z = pass::mixed_attention_spatial_conv(sa, sm, conv_w, conv_b);
   if (batch_norm) return {at::empty({0}, z.options()), z, sa, sm, ic};
   const int64_t N = z.size(0), P = z.size(1) * z.size(2);
@@ -429,19 +342,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> spatial_attn_bwd(
     const Tensor& d, const OptTensor& gms, const OptTensor& ms, const Tensor& z, const Tensor& sa,
     const Tensor& sm, const Tensor& conv_w, bool has_conv_bias, const OptTensor& bn_weight,
     bool has_bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var, double eps) {
-  check_map(z, "z");
-  check_like(d, "d", z, "z");
-  check_like(sa, "sa", z, "z");
-  check_like(sm, "sm", z, "z");
-  check_like(gms, "gms", z, "z");
-  check_like(ms, "ms", z, "z");
+  checks::check_spatial_attn_bwd(d, gms, ms, z, sa, sm, conv_w, bn_weight, bn_mean, bn_var,
+                                 cpu_arg);
   const auto acc = z.scalar_type();
-  const std::string by = "the dtype of z";
-  check_conv_w(conv_w, std::nullopt, acc, by);
   Tensor dbw = at::empty({0}, z.options()), dbb = at::empty({0}, z.options());
   Tensor dz = d;
   if (ms.has_value()) {
-    check_bn_eval(bn_weight, std::nullopt, bn_mean, bn_var, acc, by);
     const bool bn = bn_mean.has_value();
     const int64_t N = z.size(0), P = z.size(1) * z.size(2);
     dz = at::empty(z.sizes(), z.options());
@@ -497,44 +403,6 @@ void write_scalar(const Tensor& t, T v) {
                                   [&] { t.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(v); });
 }
 
-void check_running(const OptTensor& t, const char* name) {
-  if (!t.has_value()) return;
-  check_dense_cpu(*t, name);
-  MK_CHECK_VALUE(t->numel() == 1, name, ": expected one value (BatchNorm2d(1)), got shape ",
-                 t->sizes());
-  const auto st = t->scalar_type();
-  MK_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                name, ": expected dtype float32, float64, bfloat16 or float16, got ",
-                dtype_name(st));
-}
-
-void check_norm_args(const Tensor& z, const OptTensor& bn_weight, const OptTensor& bn_bias,
-                     const OptTensor& running_mean, const OptTensor& running_var,
-                     const OptTensor& nbt, std::optional<double> momentum) {
-  check_map(z, "z");
-  MK_CHECK_VALUE(z.numel() > 1, "z: expected more than one value (N*H*W > 1) for batch ",
-                 "statistics, got shape ", z.sizes());
-  const std::string by = "the dtype of z";
-  check_bn(bn_weight, "bn_weight", z.scalar_type(), by);
-  check_bn(bn_bias, "bn_bias", z.scalar_type(), by);
-  check_running(running_mean, "running_mean");
-  check_running(running_var, "running_var");
-  MK_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
-                 running_mean.has_value() ? "running_var" : "running_mean",
-                 ": expected a tensor when ",
-                 running_mean.has_value() ? "running_mean" : "running_var", " is given, got None");
-  if (nbt.has_value()) {
-    check_dense_cpu(*nbt, "num_batches_tracked");
-    MK_CHECK_VALUE(nbt->numel() == 1, "num_batches_tracked: expected one value, got shape ",
-                   nbt->sizes());
-    MK_CHECK_TYPE(nbt->scalar_type() == at::kLong, "num_batches_tracked: expected dtype int64, ",
-                  "got ", dtype_name(nbt->scalar_type()));
-  }
-  MK_CHECK_VALUE(momentum.has_value() || nbt.has_value() || !running_mean.has_value(),
-                 "num_batches_tracked: expected a tensor when momentum is None (a cumulative ",
-                 "average), got None");
-}
-
 template <typename T>
 void update_running(const Tensor& z, T mean, T var, const OptTensor& running_mean,
                     const OptTensor& running_var, const OptTensor& nbt,
@@ -558,7 +426,8 @@ std::tuple<Tensor, Tensor> spatial_norm(const Tensor& z, const OptTensor& bn_wei
                                         const OptTensor& bn_bias, const OptTensor& running_mean,
                                         const OptTensor& running_var, const OptTensor& nbt,
                                         std::optional<double> momentum, double eps) {
-  check_norm_args(z, bn_weight, bn_bias, running_mean, running_var, nbt, momentum);
+  checks::check_spatial_norm(z, bn_weight, bn_bias, running_mean, running_var, nbt, momentum,
+                             cpu_arg);
   const int64_t N = z.size(0), P = z.size(1) * z.size(2);
   const double count = static_cast<double>(z.numel());
   Tensor ms = at::empty(z.sizes(), z.options()), stats = at::empty({2}, z.options());
@@ -604,13 +473,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_norm_bwd(const Tensor& dms, const Opt
                                                     const Tensor& ms, const Tensor& z,
                                                     const Tensor& stats, const OptTensor& bn_weight,
                                                     bool has_bias, double eps) {
-  check_map(z, "z");
-  check_like(dms, "dms", z, "z");
-  check_like(gms, "gms", z, "z");
-  check_like(ms, "ms", z, "z");
-  const std::string by = "the dtype of z";
-  check_acc(stats, "stats", "(2,)", {2}, z.scalar_type(), by);
-  check_bn(bn_weight, "bn_weight", z.scalar_type(), by);
+  checks::check_spatial_norm_bwd(dms, gms, ms, z, stats, bn_weight, cpu_arg);
   const int64_t N = z.size(0), P = z.size(1) * z.size(2);
   const double count = static_cast<double>(z.numel());
   Tensor dz = at::empty(z.sizes(), z.options());

@@ -30,6 +30,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../brnpa_stage_checks.h"
 #include "../check.h"
 #include "plan_common.h"
 
@@ -416,47 +417,28 @@ __global__ void __launch_bounds__(kThreads) _brnpa_bwd_finish_kernel(const Finis
 }
 
 // ---------------------------------------------------------------------------------------
-// Argument checks
+// Argument checks: ../brnpa_stage_checks.h (the CPU ops' errors, word for word), with
+// `arg` a dense CUDA tensor on the device of x (checked first). idx's values are not
+// checked (that would read them on the host). What only these kernels need (C >= 1,
+// shared memory, grid sizes) is checked here.
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace checks = brnpa_stage;
+using checks::acc_dtype;
 
-// x (B, C, H, W) on CUDA, floating, NCHW or channels_last; returns true for channels_last
-// (a tensor that is both counts as NCHW).
-bool check_x(const char* op, const at::Tensor& x) {
-  MK_CHECK(x.defined(), op, ": expected x to be a tensor, got an undefined one");
-  MK_CHECK(x.is_cuda(), op, ": expected x to be a CUDA tensor, got device ", x.device());
-  MK_CHECK(x.dim() == 4, op, ": expected x to have rank 4 (B, C, H, W), got rank ", x.dim());
-  const auto st = x.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-           ": expected x to be float32, float16, bfloat16 or float64, got ", dtype_name(st));
-  if (x.is_contiguous()) return false;
-  MK_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-           ": expected x to be NCHW-contiguous or channels_last-contiguous, got sizes ", x.sizes(),
-           " and strides ", x.strides());
-  return true;
-}
+struct OnDeviceOfX {
+  const at::Tensor& x;
 
-void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                 at::ScalarType dtype, at::IntArrayRef shape, const char* what) {
-  MK_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, got an undefined one");
-  MK_CHECK(t.device() == x.device(), op, ": expected ", name, " on ", x.device(),
-           " (the device of x), got ", t.device());
-  MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype_name(dtype),
-           what, ", got ", dtype_name(t.scalar_type()));
-  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
-  MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
-           t.strides());
-}
+  void operator()(const at::Tensor& t, const char* name) const {
+    checks::check_dense(t, name);
+    MK_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+    MK_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(),
+             " (the device of x), got ", t.device());
+  }
+};
 
-constexpr const char* kAcc = " (the accumulation dtype)";
-constexpr const char* kIdx = " (flat position indices)";
-constexpr const char* kOfX = " (the dtype of x)";
-
-void check_map(const char* op, const at::Tensor& x) {
-  MK_CHECK(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1, op,
-           ": expected x to have C >= 1 and H*W >= 1, got sizes ", x.sizes());
+void check_map(const at::Tensor& x) {
+  MK_CHECK(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1,
+           "x: expected C >= 1 and H*W >= 1 (the CUDA kernels' limit), got shape ", x.sizes());
 }
 
 size_t smem_optin() {
@@ -477,7 +459,7 @@ void allow_smem(K kernel, size_t bytes) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_prepare_cuda(const at::Tensor& x, bool paper,
                                                                   double eps) {
   constexpr const char* op = "brnpa_prepare";
-  const bool cl = check_x(op, x);
+  const bool cl = checks::check_brnpa_prepare(x, OnDeviceOfX{x}).channels_last;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -487,8 +469,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_prepare_cuda(const at::Tens
   if (B == 0 || P == 0) return {nrm, inv, score};
   const int tp = cl ? kTileP<true> : kTileP<false>;
   const int64_t n_tiles = ceil_div(P, tp);
-  MK_CHECK(B * n_tiles <= std::numeric_limits<int32_t>::max(), op,
-           ": expected fewer samples or positions, got x of shape ", x.sizes());
+  MK_CHECK(B * n_tiles <= std::numeric_limits<int32_t>::max(),
+           "x: expected fewer samples or positions (a grid of at most 2^31 - 1 blocks), got "
+           "shape ",
+           x.sizes());
   const unsigned blocks = static_cast<unsigned>(B * n_tiles);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -507,27 +491,18 @@ void brnpa_part_cuda(const at::Tensor& x, const at::Tensor& inv, const at::Tenso
                      bool paper, const at::Tensor& idx, const at::Tensor& s,
                      const at::Tensor& total, const at::Tensor& vectors, const at::Tensor& maps) {
   constexpr const char* op = "brnpa_part";
-  const bool cl = check_x(op, x);
+  const auto checked =
+      checks::check_brnpa_part(x, inv, score, j, idx, s, total, vectors, maps, OnDeviceOfX{x});
+  const bool cl = checked.channels_last;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  const int64_t K = checked.K;
   const auto acc = acc_dtype(x.scalar_type());
-  MK_CHECK(idx.defined() && idx.dim() == 2 && idx.size(0) == B, op,
-           ": expected idx of shape (B, K) with B = ", B, ", got ",
-           idx.defined() ? idx.sizes() : at::IntArrayRef{});
-  const int64_t K = idx.size(1);
-  MK_CHECK(j >= 0 && j < K, op, ": expected 0 <= j < K = ", K, ", got j = ", j);
-  check_small(op, "inv", inv, x, acc, {B, H, W}, kAcc);
-  check_small(op, "score", score, x, acc, {B, H, W}, kAcc);
-  check_small(op, "idx", idx, x, at::kLong, {B, K}, kIdx);
-  check_small(op, "s", s, x, acc, {B, K, H, W}, kAcc);
-  check_small(op, "total", total, x, acc, {B, K}, kAcc);
-  check_small(op, "vectors", vectors, x, x.scalar_type(), {B, K, C}, kOfX);
-  check_small(op, "maps", maps, x, x.scalar_type(), {B, K, H, W}, kOfX);
   if (B == 0) return;
-  check_map(op, x);
+  check_map(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t esz = acc == at::kDouble ? 8 : 4;
   const size_t smem = 2 * static_cast<size_t>(C) * esz;
-  MK_CHECK(smem <= smem_optin(), op, ": expected x to have at most ", smem_optin() / (2 * esz),
+  MK_CHECK(smem <= smem_optin(), "x: expected at most ", smem_optin() / (2 * esz),
            " channels (r and sv in shared memory), got C = ", C);
   // Blocks per sample: about 4 per SM in all, each with at least one full tile.
   const int tp = cl ? kTileP<true> : kTileP<false>;
@@ -535,8 +510,8 @@ void brnpa_part_cuda(const at::Tensor& x, const at::Tensor& inv, const at::Tenso
   int64_t nblk = std::clamp<int64_t>(ceil_div(4 * sms, B), 1, ceil_div(P, tp));
   const int64_t chunk = ceil_div(ceil_div(P, nblk), tp) * tp;
   nblk = ceil_div(P, chunk);  // no empty block
-  MK_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(), op,
-           ": expected fewer samples, got B = ", B);
+  MK_CHECK(B * nblk <= std::numeric_limits<int32_t>::max(),
+           "x: expected fewer samples (a grid of at most 2^31 - 1 blocks), got B = ", B);
   at::Tensor partial = at::empty({B, nblk, C}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -572,41 +547,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_finish_cuda(
     const at::Tensor& inv, const at::Tensor& nrm, const at::Tensor& idx, const at::Tensor& s,
     const at::Tensor& total, const std::optional<at::Tensor>& gv) {
   constexpr const char* op = "brnpa_bwd_finish";
-  const bool cl = check_x(op, x);
+  const auto checked = checks::check_brnpa_bwd_finish(x, dw, u, t, inv, nrm, idx, s, total, gv,
+                                                      false, OnDeviceOfX{x});
+  const bool cl = checked.channels_last;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  const int64_t K = checked.K;
   const auto acc = acc_dtype(x.scalar_type());
-  MK_CHECK(idx.defined() && idx.dim() == 2 && idx.size(0) == B, op,
-           ": expected idx of shape (B, K) with B = ", B, ", got ",
-           idx.defined() ? idx.sizes() : at::IntArrayRef{});
-  const int64_t K = idx.size(1);
-  check_small(op, "dw", dw, x, acc, {B, K, H, W}, kAcc);
-  check_small(op, "u", u, x, acc, {B, K, C}, kAcc);
-  check_small(op, "t", t, x, acc, {B, C}, kAcc);
-  check_small(op, "inv", inv, x, acc, {B, H, W}, kAcc);
-  check_small(op, "nrm", nrm, x, acc, {B, H, W}, kAcc);
-  check_small(op, "idx", idx, x, at::kLong, {B, K}, kIdx);
-  check_small(op, "s", s, x, acc, {B, K, H, W}, kAcc);
-  check_small(op, "total", total, x, acc, {B, K}, kAcc);
-  if (gv.has_value()) check_small(op, "gv", *gv, x, acc, {B, K, C}, kAcc);
+  const bool has_gv = gv.has_value() && gv->defined();
   const c10::cuda::CUDAGuard guard(x.device());
   const auto opts = x.options().dtype(acc);
   at::Tensor a = at::empty({B, 3 * K, H, W}, opts);
   at::Tensor m = at::empty({B, 3 * K, C}, opts);
   at::Tensor c = at::empty({B, H, W}, opts);
   if (B == 0) return {a, m, c};
-  check_map(op, x);
+  check_map(x);
   if (K == 0) {  // no parts: c = 0 (not a hot path)
     c.zero_();
     return {a, m, c};
   }
   const size_t esz = acc == at::kDouble ? 8 : 4;
   const size_t smem = static_cast<size_t>(K) * (8 + 2 * esz);
-  MK_CHECK(smem <= 48 * 1024, op, ": expected at most ", 48 * 1024 / (8 + 2 * esz),
-           " parts, got K = ", K);
+  MK_CHECK(smem <= 48 * 1024, "idx: expected at most ", 48 * 1024 / (8 + 2 * esz),
+           " parts (K = idx.size(1), in shared memory), got K = ", K);
   // Blocks per sample: one per kThreads positions or channels, at most 64 (each block
   // repeats the K reductions over P for ck).
   const int64_t G = std::clamp<int64_t>(ceil_div(std::max(P, C), kThreads), 1, 64);
-  MK_CHECK(B <= std::numeric_limits<int32_t>::max(), op, ": expected fewer samples, got B = ", B);
+  MK_CHECK(B <= std::numeric_limits<int32_t>::max(),
+           "x: expected fewer samples (at most 2^31 - 1), got B = ", B);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -620,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brnpa_bwd_finish_cuda(
     f.idx = idx.const_data_ptr<int64_t>();
     f.s = s.const_data_ptr<acc_t>();
     f.total = total.const_data_ptr<acc_t>();
-    f.gv = gv.has_value() ? gv->const_data_ptr<acc_t>() : nullptr;
+    f.gv = has_gv ? gv->const_data_ptr<acc_t>() : nullptr;
     f.a = a.data_ptr<acc_t>();
     f.m = m.data_ptr<acc_t>();
     f.c = c.data_ptr<acc_t>();

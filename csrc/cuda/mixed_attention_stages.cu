@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "../check.h"
+#include "../mixed_attention_stage_checks.h"
 #include "plan_common.h"
 
 namespace manet_kernels {
@@ -645,65 +646,28 @@ __global__ void __launch_bounds__(kThreads) _ma_channel_mlp_bwd_kernel(const Mlp
 }
 
 // ---------------------------------------------------------------------------------------
-// Argument checks
+// Argument checks: ../mixed_attention_stage_checks.h (the CPU ops' errors, word for word),
+// with `arg` a dense CUDA tensor on the device of `ref` (x or z, checked first). What
+// only these kernels need (shared memory, grid sizes, k) is checked here.
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace checks = ma_stage;
+using checks::acc_dtype;
 
-void check_x(const char* op, const at::Tensor& x) {
-  MK_CHECK(x.defined(), op, ": expected x to be a tensor, got an undefined one");
-  MK_CHECK(x.is_cuda(), op, ": expected x to be a CUDA tensor, got device ", x.device());
-  MK_CHECK(x.dim() == 4, op, ": expected x to have rank 4 (N, C, H, W), got rank ", x.dim());
-  const auto st = x.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-           ": expected x to be float32, float16, bfloat16 or float64, got ", dtype_name(st));
-  MK_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-           ": expected x to be NCHW-contiguous or channels_last-contiguous, got sizes ", x.sizes(),
-           " and strides ", x.strides());
-}
+struct OnDeviceOf {
+  const at::Tensor& ref;
+  const char* ref_name;
 
-// A contiguous tensor of `dtype` and `shape` on the device of `ref` (named ref_name).
-void check_small(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
-                 const char* ref_name, at::ScalarType dtype, at::IntArrayRef shape) {
-  MK_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, got an undefined one");
-  MK_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(),
-           " (the device of ", ref_name, "), got ", t.device());
-  MK_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype_name(dtype),
-           dtype == at::kInt ? " (an index tensor)" : " (the accumulation dtype)", ", got ",
-           dtype_name(t.scalar_type()));
-  MK_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
-  MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
-           t.strides());
-}
+  void operator()(const at::Tensor& t, const char* name) const {
+    checks::check_dense(t, name);
+    MK_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+    MK_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+             " (the device of ", ref_name, "), got ", t.device());
+  }
+};
 
-void check_opt(const char* op, const char* name, const std::optional<at::Tensor>& t,
-               const at::Tensor& ref, const char* ref_name, at::ScalarType dtype,
-               at::IntArrayRef shape) {
-  if (t.has_value()) check_small(op, name, *t, ref, ref_name, dtype, shape);
-}
-
-// A map (N, H, W) in the accumulation dtype: z, sa, sm, ms, dms, ...
-void check_map(const char* op, const char* name, const at::Tensor& t) {
-  MK_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, got an undefined one");
-  MK_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, got device ", t.device());
-  MK_CHECK(t.dim() == 3, op, ": expected ", name, " to have rank 3 (N, H, W), got rank ", t.dim());
-  const auto st = t.scalar_type();
-  MK_CHECK(st == at::kFloat || st == at::kDouble, op, ": expected ", name,
-           " to be float32 or float64 (an accumulation dtype), got ", dtype_name(st));
-  MK_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous, got strides ",
-           t.strides());
-}
-
-// conv_w (1, 2, k, k), k odd, in the dtype of `ref`; returns k.
-int64_t check_conv_w(const char* op, const at::Tensor& w, const at::Tensor& ref,
-                     const char* ref_name) {
-  MK_CHECK(w.defined(), op, ": expected conv_w to be a tensor, got an undefined one");
-  MK_CHECK(w.dim() == 4 && w.size(0) == 1 && w.size(1) == 2 && w.size(2) == w.size(3) &&
-               w.size(2) % 2 == 1 && w.size(2) <= 181,
-           op, ": expected conv_w of shape (1, 2, k, k) with k odd and k <= 181, got ", w.sizes());
-  check_small(op, "conv_w", w, ref, ref_name, ref.scalar_type(), w.sizes());
-  return w.size(2);
+// The conv kernels keep a k x k tap table per block.
+void check_conv_k(int64_t k) {
+  MK_CHECK_VALUE(k <= 181, "conv_w: expected k <= 181 (the CUDA kernels' limit), got k = ", k);
 }
 
 size_t smem_optin() {
@@ -730,24 +694,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attn_cuda(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2) {
   constexpr const char* op = "mixed_attention_channel_attn";
-  check_x(op, x);
+  const int64_t Cr = checks::check_channel_attn(x, w1, b1, w2, b2, OnDeviceOf{x, "x"});
   const int64_t N = x.size(0), C = x.size(1);
   const auto acc = acc_dtype(x.scalar_type());
-  MK_CHECK(w1.defined() && w1.dim() == 2 && w1.size(1) == C, op,
-           ": expected w1 of shape (C_r, C) with C = ", C, ", got ",
-           w1.defined() ? w1.sizes() : at::IntArrayRef{});
-  const int64_t Cr = w1.size(0);
-  check_small(op, "w1", w1, x, "x", acc, {Cr, C});
-  check_opt(op, "b1", b1, x, "x", acc, {Cr});
-  check_small(op, "w2", w2, x, "x", acc, {C, Cr});
-  check_opt(op, "b2", b2, x, "x", acc, {C});
   const c10::cuda::CUDAGuard guard(x.device());
   auto [avg, mx, im] = channel_pool_pass(x);
   at::Tensor mc = at::empty({N, C}, avg.options());
   if (N == 0 || C == 0) return {mc, avg, mx, im};
   const size_t smem = 2 * static_cast<size_t>(Cr) * (acc == at::kDouble ? 8 : 4);
-  MK_CHECK(smem <= smem_optin(), op, ": expected w1 to have at most ",
-           smem_optin() / (acc == at::kDouble ? 16 : 8), " rows (C_r), got ", Cr);
+  MK_CHECK_VALUE(smem <= smem_optin(), "w1: expected at most ",
+                 smem_optin() / (acc == at::kDouble ? 16 : 8),
+                 " rows (C_r; r_avg and r_mx in shared memory), got C_r = ", Cr);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
     auto kernel = _ma_channel_mlp_kernel<scalar_t>;
@@ -767,21 +724,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> spatial_a
     const std::optional<at::Tensor>& bn_bias, const std::optional<at::Tensor>& bn_mean,
     const std::optional<at::Tensor>& bn_var, double eps, bool batch_norm) {
   constexpr const char* op = "mixed_attention_spatial_attn";
-  check_x(op, x);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t k = checks::check_spatial_attn(x, mc, conv_w, conv_b, bn_weight, bn_bias, bn_mean,
+                                               bn_var, batch_norm, OnDeviceOf{x, "x"});
+  check_conv_k(k);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   const auto acc = acc_dtype(x.scalar_type());
-  check_small(op, "mc", mc, x, "x", acc, {N, C});
-  const int64_t k = check_conv_w(op, conv_w, mc, "mc");
-  check_opt(op, "conv_b", conv_b, x, "x", acc, {1});
   const bool use_bn = !batch_norm && bn_mean.has_value();
-  if (!batch_norm) {
-    MK_CHECK(bn_mean.has_value() == bn_var.has_value(), op,
-             ": expected bn_mean and bn_var both given or both None");
-    check_opt(op, "bn_weight", bn_weight, x, "x", acc, {1});
-    check_opt(op, "bn_bias", bn_bias, x, "x", acc, {1});
-    check_opt(op, "bn_mean", bn_mean, x, "x", acc, {1});
-    check_opt(op, "bn_var", bn_var, x, "x", acc, {1});
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   auto [sa, sm, ic] = spatial_pool_pass(x, mc);
   const auto opts = sa.options();
@@ -813,31 +761,16 @@ std::tuple<at::Tensor, at::Tensor> spatial_norm_cuda(
     const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
     double eps) {
   constexpr const char* op = "mixed_attention_spatial_norm";
-  check_map(op, "z", z);
+  checks::check_spatial_norm(z, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                             momentum, OnDeviceOf{z, "z"});
+  // the kernel updates both running statistics in one dtype
+  if (running_mean.has_value()) {
+    MK_CHECK_TYPE(running_var->scalar_type() == running_mean->scalar_type(),
+                  "running_var: expected dtype ", dtype_name(running_mean->scalar_type()),
+                  " (the dtype of running_mean), got ", dtype_name(running_var->scalar_type()));
+  }
   const auto acc = z.scalar_type();
   const int64_t count = z.numel();
-  MK_CHECK(count > 1, op, ": expected z to have more than 1 value (batch variance), got shape ",
-           z.sizes());
-  check_opt(op, "bn_weight", bn_weight, z, "z", acc, {1});
-  check_opt(op, "bn_bias", bn_bias, z, "z", acc, {1});
-  MK_CHECK(running_mean.has_value() == running_var.has_value(), op,
-           ": expected running_mean and running_var both given or both None");
-  if (running_mean.has_value()) {
-    const auto st = running_mean->scalar_type();
-    MK_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-             ": expected running_mean to be a floating tensor, got ", dtype_name(st));
-    check_small(op, "running_mean", *running_mean, z, "z", st, {1});
-    check_small(op, "running_var", *running_var, z, "z", st, {1});
-    MK_CHECK(momentum.has_value() || num_batches_tracked.has_value(), op,
-             ": expected num_batches_tracked when momentum is None (cumulative average)");
-  }
-  check_opt(op, "num_batches_tracked", num_batches_tracked, z, "z", at::kLong,
-            num_batches_tracked.has_value() ? num_batches_tracked->sizes() : at::IntArrayRef{});
-  if (num_batches_tracked.has_value()) {
-    MK_CHECK(num_batches_tracked->numel() == 1, op,
-             ": expected num_batches_tracked to have one element, got shape ",
-             num_batches_tracked->sizes());
-  }
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor ms = at::empty(z.sizes(), z.options());
   at::Tensor stats = at::empty({2}, z.options());
@@ -873,16 +806,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_norm_bwd_cuda(
     const at::Tensor& z, const at::Tensor& stats, const std::optional<at::Tensor>& bn_weight,
     bool has_bias, double eps) {
   constexpr const char* op = "mixed_attention_spatial_norm_bwd";
-  check_map(op, "z", z);
+  checks::check_spatial_norm_bwd(dms, gms, ms, z, stats, bn_weight, OnDeviceOf{z, "z"});
   const auto acc = z.scalar_type();
-  check_small(op, "dms", dms, z, "z", acc, z.sizes());
-  check_opt(op, "gms", gms, z, "z", acc, z.sizes());
-  check_small(op, "ms", ms, z, "z", acc, z.sizes());
-  check_small(op, "stats", stats, z, "z", acc, {2});
-  check_opt(op, "bn_weight", bn_weight, z, "z", acc, {1});
   const int64_t count = z.numel();
-  MK_CHECK(count > 1, op, ": expected z to have more than 1 value (batch variance), got shape ",
-           z.sizes());
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor dz = at::empty(z.sizes(), z.options());
   at::Tensor dbw = at::empty({bn_weight.has_value() ? 1 : 0}, z.options());
@@ -908,22 +834,12 @@ spatial_attn_bwd_cuda(const at::Tensor& d, const std::optional<at::Tensor>& gms,
                       bool has_bn_bias, const std::optional<at::Tensor>& bn_mean,
                       const std::optional<at::Tensor>& bn_var, double eps) {
   constexpr const char* op = "mixed_attention_spatial_attn_bwd";
-  check_map(op, "z", z);
+  const int64_t k = checks::check_spatial_attn_bwd(d, gms, ms, z, sa, sm, conv_w, bn_weight,
+                                                   bn_mean, bn_var, OnDeviceOf{z, "z"});
+  check_conv_k(k);
   const auto acc = z.scalar_type();
-  check_small(op, "d", d, z, "z", acc, z.sizes());
-  check_opt(op, "gms", gms, z, "z", acc, z.sizes());
-  check_opt(op, "ms", ms, z, "z", acc, z.sizes());
-  check_small(op, "sa", sa, z, "z", acc, z.sizes());
-  check_small(op, "sm", sm, z, "z", acc, z.sizes());
-  const int64_t k = check_conv_w(op, conv_w, z, "z");
   // the BatchNorm with given statistics: only behind the sigmoid (ms given)
   const bool use_bn = ms.has_value() && bn_mean.has_value();
-  if (use_bn) {
-    MK_CHECK(bn_var.has_value(), op, ": expected bn_var with bn_mean");
-    check_opt(op, "bn_weight", bn_weight, z, "z", acc, {1});
-    check_opt(op, "bn_mean", bn_mean, z, "z", acc, {1});
-    check_opt(op, "bn_var", bn_var, z, "z", acc, {1});
-  }
   const bool has_bw = use_bn && bn_weight.has_value();
   const bool has_bb = use_bn && has_bn_bias;
   const c10::cuda::CUDAGuard guard(z.device());
@@ -993,23 +909,12 @@ channel_attn_bwd_cuda(const at::Tensor& x, const at::Tensor& da_s, const at::Ten
                       const at::Tensor& avg, const at::Tensor& mx, const at::Tensor& w1,
                       const std::optional<at::Tensor>& b1, const at::Tensor& w2, bool has_b2) {
   constexpr const char* op = "mixed_attention_channel_attn_bwd";
-  check_x(op, x);
+  const int64_t Cr = checks::check_channel_attn_bwd(x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1,
+                                                    b1, w2, OnDeviceOf{x, "x"});
   const int64_t N = x.size(0), C = x.size(1);
   const auto acc = acc_dtype(x.scalar_type());
-  check_small(op, "dmc", dmc, x, "x", acc, {N, C});
-  check_opt(op, "gmc", gmc, x, "x", acc, {N, C});
-  check_small(op, "mc", mc, x, "x", acc, {N, C});
-  check_small(op, "avg", avg, x, "x", acc, {N, C});
-  check_small(op, "mx", mx, x, "x", acc, {N, C});
-  MK_CHECK(w1.defined() && w1.dim() == 2 && w1.size(1) == C, op,
-           ": expected w1 of shape (C_r, C) with C = ", C, ", got ",
-           w1.defined() ? w1.sizes() : at::IntArrayRef{});
-  const int64_t Cr = w1.size(0);
-  check_small(op, "w1", w1, x, "x", acc, {Cr, C});
-  check_opt(op, "b1", b1, x, "x", acc, {Cr});
-  check_small(op, "w2", w2, x, "x", acc, {C, Cr});
   const c10::cuda::CUDAGuard guard(x.device());
-  // B2: dmc's part through the spatial pooling (checks da_s, dm_s, ic)
+  // B2: dmc's part through the spatial pooling
   const at::Tensor part = bwd_channel_pass(x, da_s, dm_s, ic);
   const auto opts = avg.options();
   if (N == 0 || C == 0 || Cr == 0) {  // degenerate shapes: no kernel (not a hot path)
@@ -1023,12 +928,14 @@ channel_attn_bwd_cuda(const at::Tensor& x, const at::Tensor& da_s, const at::Ten
   at::Tensor db2 = at::empty({has_b2 ? C : 0}, opts);
   const size_t esz = acc == at::kDouble ? 8 : 4;
   const size_t smem = static_cast<size_t>(C + (2 + kWarps) * Cr) * esz;
-  MK_CHECK(smem <= smem_optin(), op, ": expected C + 10 * C_r <= ", smem_optin() / esz,
-           " (per-sample vectors in shared memory), got C = ", C, ", C_r = ", Cr);
+  MK_CHECK_VALUE(smem <= smem_optin(), "w1: expected C + ", 2 + kWarps,
+                 " * C_r <= ", smem_optin() / esz,
+                 " (per-sample vectors in shared memory), got C = ", C, ", C_r = ", Cr);
   const int64_t nJ = ceil_div(Cr, acc == at::kDouble ? kTJ<double> : kTJ<float>),
                 nCt = ceil_div(C, kThreads);
-  MK_CHECK(nJ * nCt + N <= std::numeric_limits<int32_t>::max(), op,
-           ": expected fewer samples and channels, got x of shape ", x.sizes());
+  MK_CHECK_VALUE(nJ * nCt + N <= std::numeric_limits<int32_t>::max(),
+                 "x: expected fewer samples and channels (a grid of at most 2^31 - 1 blocks), ",
+                 "got shape ", x.sizes());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
     MlpBwdArgs<scalar_t> a;
