@@ -256,7 +256,7 @@ def test_triton_tiny_matmul_analysis(tmp_path):
 # One kernel per op: the AW weight gradient is the one whose grid the host sizes from
 # the GPU's SM count.
 QUICK_KERNELS = {"mixed_attention": "channel_pool", "aw_conv2d": "bwd_weight",
-                 "brnpa": "brnpa_norms"}
+                 "brnpa": "brnpa_prepare"}
 
 
 def _check_row(r):

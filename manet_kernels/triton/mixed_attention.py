@@ -1293,23 +1293,28 @@ def mixed_attention_spatial_norm(z: Tensor, bn_weight: Tensor | None, bn_bias: T
     bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
     bn_bias = _opt("bn_bias", bn_bias, (1,), acc, dev)
     running = running_mean is not None
-    if running != (running_var is not None):
-        raise ValueError("running_mean and running_var: expected both or neither")
+    if running != (running_var is not None):  # the C++ stages' messages (stage_checks.h)
+        given, absent = (("running_mean", "running_var") if running
+                         else ("running_var", "running_mean"))
+        raise ValueError(f"{absent}: expected a tensor when {given} is given, got None")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
             if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() != 1:
-                raise ValueError(f"{name}: expected a floating-point tensor of one element")
+                raise ValueError(f"{name}: expected a floating-point tensor of one value")
             if t.device != dev:
                 raise ValueError(f"{name}: expected a tensor on {dev}, got one on {t.device}")
     if num_batches_tracked is not None:
         t = num_batches_tracked
-        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != 1:
-            raise ValueError("num_batches_tracked: expected an int64 tensor of one element")
+        if not isinstance(t, Tensor) or t.numel() != 1:
+            raise ValueError("num_batches_tracked: expected one value")
+        if t.dtype != torch.int64:
+            raise TypeError(f"num_batches_tracked: expected dtype int64, got {t.dtype}")
         if t.device != dev:
             raise ValueError(f"num_batches_tracked: expected a tensor on {dev}, got one on "
                              f"{t.device}")
     if running and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum None (a cumulative average) needs num_batches_tracked")
+        raise ValueError("num_batches_tracked: expected a tensor when momentum is None (a "
+                         "cumulative average), got None")
     m = 0.0 if momentum is None else float(momentum)
     ms = torch.empty(z.shape, dtype=acc, device=dev)
     stats = torch.empty(2, dtype=acc, device=dev)
