@@ -24,6 +24,7 @@
 
 #include "../check.h"
 #include "../mixed_attention_stage_checks.h"
+#include "cpu_isa.h"
 #include "mixed_attention.h"
 
 namespace {
@@ -89,27 +90,6 @@ template <typename T>
 struct Mlp {
   const T *w1, *b1, *w2, *b2;
   int64_t C, Cr;
-
-  // h = w1 v + b1
-  void hidden(const T* v, T* h) const {
-    for (int64_t j = 0; j < Cr; ++j) {
-      const T* w = w1 + j * C;
-      T s = 0;
-      for (int64_t c = 0; c < C; ++c) s += w[c] * v[c];
-      h[j] = b1 ? s + b1[j] : s;
-    }
-  }
-
-  // o = w2 relu(h) + b2 (h is overwritten with relu(h))
-  void out(T* h, T* o) const {
-    for (int64_t j = 0; j < Cr; ++j) h[j] = h[j] > T(0) ? h[j] : T(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const T* w = w2 + c * Cr;
-      T s = 0;
-      for (int64_t j = 0; j < Cr; ++j) s += w[j] * h[j];
-      o[c] = b2 ? s + b2[c] : s;
-    }
-  }
 };
 
 template <typename T>
@@ -117,6 +97,34 @@ Mlp<T> mlp_of(const Tensor& w1, const OptTensor& b1, const Tensor& w2, const Opt
               int64_t C, int64_t Cr) {
   return {w1.data_ptr<T>(), ptr<T>(b1), w2.data_ptr<T>(), ptr<T>(b2), C, Cr};
 }
+
+template <typename T>
+struct MlpBwd {
+  Mlp<T> mlp;
+  const T *dmc, *dmc2, *gmc, *mc, *avg, *mx;  // dmc2: B2's part
+  T *dl, *rs, *dh, *d_avg, *d_mx;             // dl (N, C), rs = r_avg + r_mx (N, C_r), dh (2N, C_r)
+  int64_t N;
+};
+
+// The MLP's arithmetic, once per instruction set (cpu_isa.h), FMA contraction off in the
+// wider copies as for the passes: every copy gives the same bits.
+namespace generic {
+#include "mixed_attention_mlp.inc"
+}  // namespace generic
+#if MK_CPU_ISA_X86
+MK_CPU_ISA_BEGIN_AVX2
+#pragma GCC optimize("fp-contract=off")
+namespace avx2 {
+#include "mixed_attention_mlp.inc"
+}  // namespace avx2
+MK_CPU_ISA_END
+MK_CPU_ISA_BEGIN_AVX512
+#pragma GCC optimize("fp-contract=off")
+namespace avx512 {
+#include "mixed_attention_mlp.inc"
+}  // namespace avx512
+MK_CPU_ISA_END
+#endif
 
 // ---------------------------------------------------------------------------
 // channel_attn: F1 + mc = sigmoid(mlp(avg) + mlp(mx)).
@@ -132,103 +140,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attn(const Tensor& x, const T
   AT_DISPATCH_FLOATING_TYPES(acc, "mixed_attention_channel_attn", [&] {
     using T = scalar_t;
     const auto mlp = mlp_of<T>(w1, b1, w2, b2, C, Cr);
-    const T *a = avg.data_ptr<T>(), *m = mx.data_ptr<T>();
-    T* out = mc.data_ptr<T>();
-    at::parallel_for(0, N, grain(4 * C * Cr), [&](int64_t n0, int64_t n1) {
-      std::vector<T> buf(2 * Cr + 2 * C);
-      T *ha = buf.data(), *hm = ha + Cr, *oa = hm + Cr, *om = oa + C;
-      for (int64_t n = n0; n < n1; ++n) {
-        mlp.hidden(a + n * C, ha);
-        mlp.hidden(m + n * C, hm);
-        mlp.out(ha, oa);
-        mlp.out(hm, om);
-        for (int64_t c = 0; c < C; ++c) out[n * C + c] = sigmoid(oa[c] + om[c]);
-      }
-    });
+    MK_CPU_ISA_CALL(
+        isa::mlp_forward<T>(mlp, avg.data_ptr<T>(), mx.data_ptr<T>(), mc.data_ptr<T>(), N));
   });
   return {mc, avg, mx, im};
 }
 
 // ---------------------------------------------------------------------------
 // channel_attn_bwd: B2 + back through the channel sigmoid and the shared MLP.
-
-template <typename T>
-struct MlpBwd {
-  Mlp<T> mlp;
-  const T *dmc, *dmc2, *gmc, *mc, *avg, *mx;  // dmc2: B2's part
-  T *dl, *rs, *dh, *d_avg, *d_mx;             // dl (N, C), rs = r_avg + r_mx (N, C_r), dh (2N, C_r)
-  int64_t N;
-
-  // Sample n: dl, rs, dh, d_avg, d_mx; h: 2 C_r scratch.
-  void sample(int64_t n, T* h) const {
-    const int64_t C = mlp.C, Cr = mlp.Cr;
-    T* l = dl + n * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = n * C + c;
-      T d = dmc[i] + dmc2[i];
-      if (gmc) d += gmc[i];
-      l[c] = d * mc[i] * (T(1) - mc[i]);
-    }
-    T *ha = h, *hm = h + Cr, *dha = dh + n * Cr, *dhm = dh + (N + n) * Cr;
-    mlp.hidden(avg + n * C, ha);
-    mlp.hidden(mx + n * C, hm);
-    T* r = rs + n * Cr;
-    for (int64_t j = 0; j < Cr; ++j) {
-      r[j] = (ha[j] > T(0) ? ha[j] : T(0)) + (hm[j] > T(0) ? hm[j] : T(0));
-      dha[j] = 0;
-    }
-    for (int64_t c = 0; c < C; ++c) {  // dr = dl w2, in dha
-      const T* w = mlp.w2 + c * Cr;
-      for (int64_t j = 0; j < Cr; ++j) dha[j] += l[c] * w[j];
-    }
-    for (int64_t j = 0; j < Cr; ++j) {
-      dhm[j] = hm[j] > T(0) ? dha[j] : T(0);
-      dha[j] = ha[j] > T(0) ? dha[j] : T(0);
-    }
-    rows_times_w1(dha, d_avg + n * C);
-    rows_times_w1(dhm, d_mx + n * C);
-  }
-
-  // dv = dh w1 for one row
-  void rows_times_w1(const T* d, T* dv) const {
-    const int64_t C = mlp.C;
-    for (int64_t c = 0; c < C; ++c) dv[c] = 0;
-    for (int64_t j = 0; j < mlp.Cr; ++j) {
-      const T* w = mlp.w1 + j * C;
-      for (int64_t c = 0; c < C; ++c) dv[c] += d[j] * w[c];
-    }
-  }
-
-  // Row j of dw1 = sum_i dh[i, j] [avg; mx]_i, and db1[j] = sum_i dh[i, j].
-  void dw1_row(int64_t j, T* dw1, T* db1) const {
-    const int64_t C = mlp.C, Cr = mlp.Cr;
-    T* out = dw1 + j * C;
-    T sb = 0;
-    for (int64_t c = 0; c < C; ++c) out[c] = 0;
-    for (int64_t i = 0; i < 2 * N; ++i) {
-      const T d = dh[i * Cr + j];
-      const T* v = i < N ? avg + i * C : mx + (i - N) * C;
-      for (int64_t c = 0; c < C; ++c) out[c] += d * v[c];
-      sb += d;
-    }
-    if (db1) db1[j] = sb;
-  }
-
-  // Row c of dw2 = sum_n dl[n, c] rs[n], and db2[c] = 2 sum_n dl[n, c].
-  void dw2_row(int64_t c, T* dw2, T* db2) const {
-    const int64_t C = mlp.C, Cr = mlp.Cr;
-    T* out = dw2 + c * Cr;
-    T sb = 0;
-    for (int64_t j = 0; j < Cr; ++j) out[j] = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const T d = dl[n * C + c];
-      const T* r = rs + n * Cr;
-      for (int64_t j = 0; j < Cr; ++j) out[j] += d * r[j];
-      sb += d;
-    }
-    if (db2) db2[c] = T(2) * sb;
-  }
-};
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> channel_attn_bwd(
     const Tensor& x, const Tensor& da_s, const Tensor& dm_s, const Tensor& ic, const Tensor& dmc,
@@ -259,18 +178,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> channel_attn_bwd(
                       d_avg.data_ptr<T>(),
                       d_mx.data_ptr<T>(),
                       N};
-    at::parallel_for(0, N, grain(6 * C * Cr), [&](int64_t n0, int64_t n1) {
-      std::vector<T> h(2 * Cr);
-      for (int64_t n = n0; n < n1; ++n) b.sample(n, h.data());
-    });
     T *pdw1 = dw1.data_ptr<T>(), *pdb1 = b1.has_value() ? db1.data_ptr<T>() : nullptr;
-    at::parallel_for(0, Cr, grain(2 * N * C), [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) b.dw1_row(j, pdw1, pdb1);
-    });
     T *pdw2 = dw2.data_ptr<T>(), *pdb2 = has_b2 ? db2.data_ptr<T>() : nullptr;
-    at::parallel_for(0, C, grain(N * Cr), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) b.dw2_row(c, pdw2, pdb2);
-    });
+    MK_CPU_ISA_CALL(isa::mlp_backward<T>(b, pdw1, pdb1, pdw2, pdb2));
   });
   return {d_avg, d_mx, dw1, db1, dw2, db2};
 }
