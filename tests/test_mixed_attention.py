@@ -20,8 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import manet_kernels as mk
+from manet_kernels import _ext, reference
 from manet_kernels import nn as mknn
-from manet_kernels import reference
+from manet_kernels.ops._common import triton_available, triton_interpreted
+
+TRITON_INTERPRETED = triton_available() and triton_interpreted()
 
 # The fp32 references' convolutions and matmuls in IEEE fp32 on a GPU (conftest.no_tf32).
 pytestmark = pytest.mark.usefixtures("no_tf32")
@@ -468,3 +471,32 @@ def test_cpu_autocast_bf16(flavour):
     assert y.dtype == torch.bfloat16
     own = (y_ref.float() - exact).abs().max().item()
     assert (y.float() - exact).abs().max().item() <= 2 * own + 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.25, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("how", ["cpu", "triton", "compile"])
+def test_running_stats_follow_batchnorm(how, momentum):
+    """Training steps update the spatial BatchNorm's running statistics and
+    num_batches_tracked exactly as nn.BatchNorm2d does (momentum=None: the cumulative
+    average), inside the fused op (cpu, triton) or after the functional registered op
+    (compile); then eval mode uses them."""
+    if how == "triton" and not TRITON_INTERPRETED:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    if how != "triton" and not _ext.HAS_EXT:
+        pytest.skip("needs the compiled extension")
+    torch._dynamo.reset()
+    ref, fused = make_pair(6, torch.float32, "cpu", "triton" if how == "triton" else "cpu",
+                           spatial_norm=True)
+    ref.bn.momentum = fused.bn.momentum = momentum
+    step = torch.compile(fused, fullgraph=True) if how == "compile" else fused
+    torch.manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(2, 6, 5, 4)
+        ref(x)
+        step(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.bn, name), getattr(ref.bn, name))
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 6, 5, 4)
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-4)
