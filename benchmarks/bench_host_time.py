@@ -30,8 +30,8 @@ from manet_kernels import nn as mknn  # noqa: E402
 from manet_kernels import reference  # noqa: E402
 
 OP = "host_time"
-COLUMNS = ("case", "shape", "provider", "backend", "us_per_step", "ratio_vs_ref") \
-    + bu.META_COLUMNS
+COLUMNS = ("op", "case", "shape", "provider", "backend", "ms", "us_per_step",
+           "ratio_vs_ref") + bu.META_COLUMNS
 TARGET_RATIO = 0.3
 
 
@@ -131,9 +131,11 @@ def _run(device, backend: str, args) -> list[dict]:
         fused_us, ref_us = measure(make(backend, device), make(None, device), device,
                                    args.rounds, args.calls)
         for provider, us in (("fused", fused_us), ("reference", ref_us)):
-            rows.append({"case": case, "shape": bu.shape_name(shape), "provider": provider,
+            rows.append({"op": OP, "case": case, "shape": bu.shape_name(shape),
+                         "provider": provider,
                          "backend": backend if provider == "fused" else "eager",
-                         "us_per_step": us, "ratio_vs_ref": us / ref_us, **env})
+                         "ms": us / 1e3, "us_per_step": us, "ratio_vs_ref": us / ref_us,
+                         **env})
     return rows
 
 

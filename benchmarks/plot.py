@@ -71,7 +71,11 @@ OP_LAYOUT = Layout(("op", "device", "device_name", "mode", "dtype", "layout"), "
                    lambda r: f"{r['op']} {r['mode']} {r['dtype']} {r.get('layout', '')}")
 LAYOUTS = {"train_step": Layout(("op", "device", "device_name", "batch", "image_size",
                                  "classes", "amp", "channels_last"), "arch", "kernels",
-                                "model", _train_step_name, _train_step_title)}
+                                "model", _train_step_name, _train_step_title),
+           # bench_host_time.py: host time per step at tiny shapes, fused against eager
+           "host_time": Layout(("op", "device", "device_name"), "case", "backend",
+                               "step (tiny shape)", lambda r: f"{r['op']}_{r['device']}",
+                               lambda r: f"host time per forward+backward, {r['device']}")}
 
 
 def layout_of(row: dict) -> Layout:
