@@ -21,17 +21,16 @@ class MixedAttention(_reference.MixedAttention):
     def forward(self, x: Tensor, return_maps: bool = False):
         if isinstance(x, Tensor) and (x.dim() != 4 or x.shape[1] != self.channels):
             raise ValueError(f"x must be (N, {self.channels}, H, W), got {tuple(x.shape)}")
-        conv = self.conv
+        modules = self._modules  # (nn.Module.__getattr__ costs host time per lookup)
+        conv, fc1, fc2, bn = modules["conv"], modules["fc1"], modules["fc2"], self.bn
         conv_w, conv_b = conv.weight, conv.bias
         if self.pool_order == "max_avg":
             conv_w = conv_w.flip(1)  # the kernels always produce [mean, max]
-        fc1, fc2 = self.fc1, self.fc2
         w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
         backend = check_args(x, w1, b1, w2, b2, conv_w, conv_b, self.backend)
         if backend == "reference":
             return super().forward(x, return_maps)
         norm = None
-        bn = self.bn
         if bn is not None:
             batch_stats = self.training or bn.running_mean is None
             update = self.training and bn.track_running_stats  # as nn.BatchNorm2d

@@ -25,6 +25,10 @@ from manet_kernels.ops._common import eager_ok
 __all__ = ["Boundary", "drop_in_function"]
 
 
+def _given(t) -> bool:
+    return t is not None
+
+
 def _filled(grads):
     """The registered backward's result: empty tensors where the body gave ``None``."""
     if isinstance(grads, Tensor):
@@ -79,7 +83,9 @@ class Boundary:
         custom-op machinery costs host time a short GPU step cannot hide; same
         functions, same results), else the registered op."""
         if self.eager(args):
-            return self._direct.apply(*args)
+            rest = []  # the outputs that carry no gradient, beside autograd (see _direct)
+            out = self._direct.apply(rest, *args)
+            return out + rest[0] if rest[0] else out
         return self.op(*args)
 
     def eager(self, args) -> bool:
@@ -104,9 +110,10 @@ class Boundary:
         """One gradient per op input from the output gradients, through ``body`` (the
         backward body or the registered backward op)."""
         k = self.grad_outputs
-        grads = grads[:k] + (None,) * (k - len(grads))  # a drop-in returns fewer outputs
+        if len(grads) != k:  # a drop-in returns fewer outputs
+            grads = grads[:k] + (None,) * (k - len(grads))
         out = [None] * self._n_inputs
-        if all(g is None for g in grads):
+        if not any(map(_given, grads)):
             return tuple(out)
         result = body(*grads, *ctx.saved_tensors, *ctx.flags)
         result = (result,) if isinstance(result, Tensor) else result
@@ -119,18 +126,38 @@ class Boundary:
         return self.backward(ctx, grads, self.backward_op)
 
 
+def _once_differentiable(fn: Callable) -> Callable:
+    """``torch.autograd.function.once_differentiable`` without its cost where it does
+    nothing: the engine runs a backward with grad mode off unless ``create_graph``."""
+    guarded = torch.autograd.function.once_differentiable(fn)
+
+    def backward(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else fn(ctx, *grads)
+    return backward
+
+
 def _direct_function(boundary: Boundary) -> type[torch.autograd.Function]:
+    """The bodies in a plain ``torch.autograd.Function``, ``apply(rest, *args)``: it
+    returns the outputs that carry gradients and appends the others (the small tensors
+    kept for the backward) to the list ``rest``, so that autograd wraps and tracks only
+    the first (each output of a Function costs host time)."""
+    k = boundary.grad_outputs
+
     class Direct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *args):
+        def forward(ctx, rest, *args):
             out = boundary.forward_body(*args)
-            boundary.setup(ctx, args, out)
-            return out
+            boundary.setup(ctx, args, out, all_returned=False)
+            if isinstance(out, Tensor):
+                rest.append(())
+                return out
+            rest.append(out[k:])
+            return out[:k]
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
+        @_once_differentiable
         def backward(ctx, *grads):
-            return boundary.backward(ctx, grads, boundary.backward_body)
+            return (None, *boundary.backward(ctx, grads, boundary.backward_body))
 
     return Direct
 
@@ -164,4 +191,4 @@ def drop_in_function(name: str, doc: str, prepare: Callable, outputs: int = 1,
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": doc, "forward": staticmethod(forward),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(backward))})
+        "backward": staticmethod(_once_differentiable(backward))})

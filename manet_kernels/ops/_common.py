@@ -271,7 +271,9 @@ def eager_ok(*tensors: Tensor | None) -> bool:
     if torch._C._are_functorch_transforms_active():  # torch.func wrappers look like Tensor
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or any(
-            torch._C._get_dispatch_mode(k) is not None for k in _INFRA_MODES):
+            map(torch._C._get_dispatch_mode, _INFRA_MODES)):
         return False
-    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter
-               for t in tensors)
+    return _PLAIN.issuperset(map(type, tensors))
+
+
+_PLAIN = frozenset((type(None), Tensor, torch.nn.Parameter))

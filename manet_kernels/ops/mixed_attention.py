@@ -72,30 +72,15 @@ class _CudaPasses:
 _CUDA_COMPOSED = ComposedStages(_CudaPasses())
 
 
-def _stages(backend: str, device: torch.device):
+def _stages(backend: str, device_type: str):
     """The stage namespace (reference/stages.py names) the forward and backward call."""
     if backend == "cuda" and not _common.CUDA_STAGES_VERIFIED:
         return _CUDA_COMPOSED
-    return stage_kernels(backend, "mixed_attention", device.type)
+    return stage_kernels(backend, "mixed_attention", device_type)
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _no_autocast(x_arg: int):
-    """The tiny parts compute in the accumulation dtype, which the stage kernels check:
-    autocast (AMP) must not lower them to half precision. ``x`` (argument ``x_arg``)
-    itself may be half: the kernels take a half ``x`` with float32 parameters."""
-    def decorate(fn):
-        def wrapper(*args):
-            device = args[x_arg].device.type
-            if torch.is_autocast_enabled(device):
-                with torch.autocast(device, enabled=False):
-                    return fn(*args)
-            return fn(*args)
-        return wrapper
-    return decorate
 
 
 def _params(acc, *ts):
@@ -106,88 +91,11 @@ def _params(acc, *ts):
     return ts
 
 
-@_no_autocast(0)
-def _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    """Three stages (four with BatchNorm in training mode): channel attention, spatial
-    attention, (batch norm,) apply. Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z,
-    stats)``."""
-    st = _stages(backend, x.device)
-    acc = acc_dtype(x.dtype)
-    x = x.contiguous(memory_format=activation_format(x))
-    w1, b1, w2, b2, conv_w, conv_b = _params(acc, w1, b1, w2, b2, conv_w, conv_b)
-    mc, avg, mx, im = st.mixed_attention_channel_attn(x, w1, b1, w2, b2)
-    nb = norm if norm is not None else _NO_NORM
-    batch = norm is not None and norm.training
-    bw, bb, bm, bv = _params(acc, nb.weight, nb.bias, nb.running_mean, nb.running_var)
-    ms, z, sa, sm, ic = st.mixed_attention_spatial_attn(
-        x, mc, conv_w, conv_b, bw, bb, None if batch else bm, None if batch else bv,
-        nb.eps, batch)
-    stats = z.new_empty(0)
-    if batch:  # running statistics updated in place when given with their count
-        upd = nb.num_batches_tracked is not None
-        ms, stats = st.mixed_attention_spatial_norm(
-            z, bw, bb, nb.running_mean if upd else None, nb.running_var if upd else None,
-            nb.num_batches_tracked, nb.momentum, nb.eps)
-    y = st.mixed_attention_apply(x, mc, ms)
-    return y, mc, ms, im, ic, avg, mx, sa, sm, z, stats
-
-
-_NO_NORM = SpatialNorm(None, None, None, None, False, 0.0)
-
-
-def _small_grad(t: Tensor | None, acc) -> Tensor | None:
-    return None if t is None else _cast(t, acc).contiguous()
-
-
-def _grad_or_none(g: Tensor, p: Tensor | None) -> Tensor | None:
-    """A stage's gradient for parameter ``p`` (None when ``p`` is absent), in its dtype."""
-    return None if p is None else _cast(g, p.dtype)
-
-
-@_no_autocast(3)
-def _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
-                   w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
-    """Four stages (five with BatchNorm in training mode), the forward's in reverse."""
-    st = _stages(backend, x.device)
-    acc = mc.dtype
-    fmt = activation_format(x)
-    x = x.contiguous(memory_format=fmt)
-    # y's gradient is None when only the maps are used (gradients are not materialised)
-    g = torch.zeros_like(x) if gy is None else _cast(gy, x.dtype).contiguous(memory_format=fmt)
-    gmc, gms = _small_grad(gmc, acc), _small_grad(gms, acc)
-    w1a, b1a, w2a, cwa = _params(acc, w1, b1, w2, conv_w)
-    nb = norm if norm is not None else _NO_NORM
-    bw = _cast(nb.weight, acc)
-
-    dms, dmc = st.mixed_attention_bwd_reduce(g, x, mc, ms)
-    if norm is not None and norm.training:
-        dz, dbn_w, dbn_b = st.mixed_attention_spatial_norm_bwd(
-            dms, gms, ms, z, stats, bw, nb.bias is not None, nb.eps)
-        da_s, dm_s, dconv_w, dconv_b, _, _ = st.mixed_attention_spatial_attn_bwd(
-            dz, None, None, z, sa, sm, cwa, conv_b is not None, None, False, None, None, nb.eps)
-    else:
-        bm, bv = _params(acc, nb.running_mean, nb.running_var)
-        da_s, dm_s, dconv_w, dconv_b, dbn_w, dbn_b = st.mixed_attention_spatial_attn_bwd(
-            dms, gms, ms, z, sa, sm, cwa, conv_b is not None, bw, nb.bias is not None, bm, bv,
-            nb.eps)
-    d_avg, d_mx, dw1, db1, dw2, db2 = st.mixed_attention_channel_attn_bwd(
-        x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1a, b1a, w2a, b2 is not None)
-    dx = st.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im)
-    return (dx, _grad_or_none(dw1, w1), _grad_or_none(db1, b1), _grad_or_none(dw2, w2),
-            _grad_or_none(db2, b2), _grad_or_none(dconv_w, conv_w), _grad_or_none(dconv_b, conv_b),
-            _grad_or_none(dbn_w, nb.weight), _grad_or_none(dbn_b, nb.bias))
-
-
 # ---------------------------------------------------------------------------
-# The op boundary: manet_kernels::mixed_attention and its backward.
-
-def _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm,
-                    bn_count=None, bn_momentum=None):
-    if not has_norm:
-        return None
-    return SpatialNorm(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, bn_count,
-                       bn_momentum)
-
+# The op boundary: manet_kernels::mixed_attention and its backward. The tiny parts
+# compute in the accumulation dtype, which the stage kernels check: autocast (AMP) must
+# not lower them to half precision (``x`` itself may be half: the kernels take a half
+# ``x`` with float32 parameters), so each body reruns itself with autocast off.
 
 def _forward(
         x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -195,17 +103,95 @@ def _forward(
         bn_mean: Tensor | None, bn_var: Tensor | None, bn_count: Tensor | None, has_norm: bool,
         bn_training: bool, bn_eps: float, bn_momentum: float | None, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z, bn_stats)``; everything but
-    ``y`` is small (N*C or N*H*W) and kept for the backward. In training mode with
-    ``bn_count`` given, the spatial BatchNorm's running statistics (``bn_mean``,
-    ``bn_var``, ``bn_count``) are updated in place, on the device: only the direct path
-    passes it (the registered op is functional, see ``fused``)."""
-    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm,
-                           bn_count, bn_momentum)
-    if has_norm and bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+    """Three stages (four with BatchNorm in training mode): channel attention, spatial
+    attention, (batch norm,) apply. Returns ``(y, mc, ms, im, ic, avg, mx, sa, sm, z,
+    bn_stats)``; everything but ``y`` is small (N*C or N*H*W) and kept for the backward.
+    In training mode with ``bn_count`` given, the spatial BatchNorm's running statistics
+    (``bn_mean``, ``bn_var``, ``bn_count``) are updated in place, on the device: only
+    the direct path passes it (the registered op is functional, see ``fused``)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _forward(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean,
+                            bn_var, bn_count, has_norm, bn_training, bn_eps, bn_momentum, backend)
+    batch = has_norm and bn_training
+    if batch and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError("spatial BatchNorm in training mode needs more than one value "
                          f"(N*H*W > 1), got input of shape {tuple(x.shape)}")
-    return _forward_impl(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend)
+    st = _stages(backend, device)
+    acc = acc_dtype(x.dtype)
+    x = x.contiguous(memory_format=activation_format(x))
+    w1, b1, w2, b2, conv_w, conv_b = _params(acc, w1, b1, w2, b2, conv_w, conv_b)
+    mc, avg, mx, im = st.mixed_attention_channel_attn(x, w1, b1, w2, b2)
+    bw, bb, bm, bv = _params(acc, bn_weight, bn_bias, bn_mean, bn_var)
+    ms, z, sa, sm, ic = st.mixed_attention_spatial_attn(
+        x, mc, conv_w, conv_b, bw, bb, None if batch else bm, None if batch else bv,
+        bn_eps, batch)
+    if batch:  # running statistics updated in place when given with their count
+        upd = bn_count is not None
+        ms, stats = st.mixed_attention_spatial_norm(
+            z, bw, bb, bn_mean if upd else None, bn_var if upd else None, bn_count,
+            bn_momentum, bn_eps)
+    else:
+        stats = z.new_empty(0)
+    y = st.mixed_attention_apply(x, mc, ms)
+    return y, mc, ms, im, ic, avg, mx, sa, sm, z, stats
+
+
+def _small_grad(t: Tensor | None, acc) -> Tensor | None:
+    return None if t is None else _cast(t, acc).contiguous()
+
+
+def _backward(
+        gy: Tensor | None, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor,
+        ms: Tensor, im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor,
+        z: Tensor, stats: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+        conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+        bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
+        bn_eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Four stages (five with BatchNorm in training mode), the forward's in reverse.
+    Returns ``(dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_weight, dbn_bias)``, each in
+    its parameter's dtype; the gradient of an absent (None) parameter is None."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _backward(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1,
+                             b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
+                             has_norm, bn_training, bn_eps, backend)
+    st = _stages(backend, device)
+    acc = mc.dtype
+    fmt = activation_format(x)
+    x = x.contiguous(memory_format=fmt)
+    # y's gradient is None when only the maps are used (gradients are not materialised)
+    g = torch.zeros_like(x) if gy is None else _cast(gy, x.dtype).contiguous(memory_format=fmt)
+    gmc, gms = _small_grad(gmc, acc), _small_grad(gms, acc)
+    w1a, b1a, w2a, cwa = _params(acc, w1, b1, w2, conv_w)
+    bw = _cast(bn_weight, acc)
+
+    dms, dmc = st.mixed_attention_bwd_reduce(g, x, mc, ms)
+    if has_norm and bn_training:
+        dz, dbn_w, dbn_b = st.mixed_attention_spatial_norm_bwd(
+            dms, gms, ms, z, stats, bw, bn_bias is not None, bn_eps)
+        da_s, dm_s, dconv_w, dconv_b, _, _ = st.mixed_attention_spatial_attn_bwd(
+            dz, None, None, z, sa, sm, cwa, conv_b is not None, None, False, None, None,
+            bn_eps)
+    else:
+        bm, bv = _params(acc, bn_mean, bn_var)
+        da_s, dm_s, dconv_w, dconv_b, dbn_w, dbn_b = st.mixed_attention_spatial_attn_bwd(
+            dms, gms, ms, z, sa, sm, cwa, conv_b is not None, bw, bn_bias is not None, bm, bv,
+            bn_eps)
+    d_avg, d_mx, dw1, db1, dw2, db2 = st.mixed_attention_channel_attn_bwd(
+        x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1a, b1a, w2a, b2 is not None)
+    dx = st.mixed_attention_bwd_dx(g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im)
+    return (dx, _cast(dw1, w1.dtype), _grad_or_none(db1, b1), _cast(dw2, w2.dtype),
+            _grad_or_none(db2, b2), _cast(dconv_w, conv_w.dtype), _grad_or_none(dconv_b, conv_b),
+            _grad_or_none(dbn_w, bn_weight), _grad_or_none(dbn_b, bn_bias))
+
+
+def _grad_or_none(g: Tensor, p: Tensor | None) -> Tensor | None:
+    """A stage's gradient for parameter ``p`` (None when ``p`` is absent), in its dtype."""
+    return None if p is None else _cast(g, p.dtype)
 
 
 def _forward_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean, bn_var,
@@ -218,21 +204,6 @@ def _forward_fake(x, w1, b1, w2, b2, conv_w, conv_b, bn_weight, bn_bias, bn_mean
     stats = x.new_empty((2,) if has_norm and bn_training else (0,), dtype=acc)
     return (y, nc, nhw, nc.to(torch.int32), nhw.to(torch.int32), nc.clone(), nc.clone(),
             nhw.clone(), nhw.clone(), nhw.clone(), stats)
-
-
-def _backward(
-        gy: Tensor | None, gmc: Tensor | None, gms: Tensor | None, x: Tensor, mc: Tensor,
-        ms: Tensor, im: Tensor, ic: Tensor, avg: Tensor, mx: Tensor, sa: Tensor, sm: Tensor,
-        z: Tensor, stats: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-        conv_w: Tensor, conv_b: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
-        bn_mean: Tensor | None, bn_var: Tensor | None, has_norm: bool, bn_training: bool,
-        bn_eps: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dw1, db1, dw2, db2, dconv_w, dconv_b, dbn_weight, dbn_bias)``;
-    the gradient of an absent (None) parameter is an empty tensor."""
-    norm = _norm_from_args(bn_weight, bn_bias, bn_mean, bn_var, bn_training, bn_eps, has_norm)
-    return _backward_impl(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats,
-                          w1, b1, w2, b2, conv_w, conv_b, norm, backend)
 
 
 def _backward_fake(gy, gmc, gms, x, mc, ms, im, ic, avg, mx, sa, sm, z, stats, w1, b1, w2, b2,
@@ -296,6 +267,9 @@ def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
         if p is not None and not p.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
     return backend
+
+
+_NO_NORM = SpatialNorm(None, None, None, None, False, 0.0)
 
 
 def _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: str):
