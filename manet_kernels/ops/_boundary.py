@@ -100,8 +100,8 @@ class Boundary:
         ctx.save_for_backward(*tensors)
         ctx.flags = flags
         # None marks an absent input; the dtype casts each gradient back to its input's
-        ctx.grad_dtypes = tuple(None if inputs[i] is None else inputs[i].dtype
-                                for i in self._grad_inputs)
+        ctx.grad_dtypes = [None if inputs[i] is None else inputs[i].dtype
+                           for i in self._grad_inputs]
         ctx.set_materialize_grads(False)
         if all_returned and len(outputs) > self.grad_outputs:
             ctx.mark_non_differentiable(*outputs[self.grad_outputs:])

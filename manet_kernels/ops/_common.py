@@ -104,7 +104,7 @@ def check_shape(name: str, t: Tensor | None, shape: tuple[int, ...],
         raise ValueError(f"{name} must be a tensor of shape {shape}, got None")
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:  # (torch.Size is a tuple)
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 

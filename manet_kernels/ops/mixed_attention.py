@@ -297,7 +297,8 @@ def fused(x, w1, b1, w2, b2, conv_w, conv_b, norm: SpatialNorm | None, backend: 
     if late:
         args = _op_args(x, w1, b1, w2, b2, conv_w, conv_b, norm._replace(
             running_mean=None, running_var=None, num_batches_tracked=None), backend)
-    y, mc, ms, *_, stats = _MIXED_ATTENTION(*args)
+    out = _MIXED_ATTENTION(*args)
+    y, mc, ms, stats = out[0], out[1], out[2], out[10]
     if late:
         with torch.no_grad():
             _ref_stages.bn_running_update(norm.running_mean, norm.running_var,
