@@ -210,8 +210,9 @@ def main(argv=None) -> int:
     ap = bu.make_parser(__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="model prefixes ('' = plain ResNet), default: all")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                    help="model prefixes ('' = plain ResNet), default: all; "
+                         "--variants alone: none (timm rows only)")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     ap.add_argument("--depth", type=int, help="ResNet depth (GPU default 50, CPU 20)")
     ap.add_argument("--batch", type=int, help="batch size (default 64)")
