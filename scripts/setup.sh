@@ -37,17 +37,19 @@ then
 fi
 # timm (tests/test_timm.py, manet-train --arch timm:<name>) with --no-deps, so that pip
 # never replaces torch: torchvision pinned to the release built for this torch (0.<minor
-# + 15>: 0.29 for torch 2.14), then timm's light dependencies, none of which pulls in
-# torch. Skipped when all of them are importable (the GPU machine ships timm).
+# + 15>: 0.29 for torch 2.14), then the light dependencies of both (torchvision imports
+# numpy and pillow), none of which pulls in torch. Skipped when all of them are
+# importable (the GPU machine ships timm).
 if ! "$PY" - <<'PY'
 import importlib.util as u, sys
 sys.exit(0 if all(u.find_spec(m) for m in
-                  ("timm", "torchvision", "yaml", "huggingface_hub", "safetensors")) else 1)
+                  ("timm", "torchvision", "yaml", "huggingface_hub", "safetensors",
+                   "numpy", "PIL")) else 1)
 PY
 then
   tv=$("$PY" -c "import torch; print('0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))")
   "$PY" -m pip install -q --no-deps "timm==1.0.31" "torchvision==$tv"
-  "$PY" -m pip install -q pyyaml huggingface_hub safetensors
+  "$PY" -m pip install -q pyyaml huggingface_hub safetensors numpy pillow
 fi
 # CUDA kernels that nothing here can run would only cost build minutes: without a
 # visible GPU build the CPU kernels alone, unless MANET_KERNELS_CUDA says otherwise
