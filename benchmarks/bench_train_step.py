@@ -13,6 +13,11 @@ ResNet's step time over this row's (fused plain row = the same model either way)
 ``vs_reference`` the reference flavour's over the fused one, both measured in this
 run. Rows are appended to benchmarks/results/train_step.csv, except by --quick
 (smoke) and --no-save runs.
+
+timm rows (``--timm resnet18``, the default when timm is installed; ``--timm`` alone:
+none): ``timm:<name>`` (timm's plain ResNet, the ``vs_plain`` base of the timm rows) and
+``timm:<name>+cbam`` (``block_args=dict(attn_layer="cbam")``), ``kernels=fused`` being
+the model after ``manet_kernels.convert`` and ``reference`` timm's own modules.
 """
 
 from __future__ import annotations
@@ -55,11 +60,25 @@ TABLE = (("arch", "arch", ""), ("kernels", "kernels", ""), ("ms", "ms/step", ".2
          ("vs_plain", "plain/this", ".3f"), ("vs_reference", "ref/fused", ".2f"))
 
 
+TIMM_PREFIX = "timm:"
+
+
+def build(arch: str, kernels: str, num_classes: int):
+    """``models.create(arch)``; ``timm:<name>[+<attn>]``: timm's model with
+    ``block_args=dict(attn_layer=<attn>)``, converted for ``kernels="fused"``."""
+    if not arch.startswith(TIMM_PREFIX):
+        return models.create(arch, num_classes, kernels=kernels)
+    name, _, attn = arch[len(TIMM_PREFIX):].partition("+")
+    timm_args = {"block_args": {"attn_layer": attn}} if attn else {}
+    return models.create(TIMM_PREFIX + name, num_classes, kernels=kernels,
+                         timm_args=timm_args)
+
+
 def make_step(arch: str, kernels: str, cfg: dict, device: torch.device, num_classes: int):
     """A closure running one training step; it holds the model and optimizer, so
     dropping it frees them."""
     torch.manual_seed(0)
-    model = models.create(arch, num_classes, kernels=kernels).to(device)
+    model = build(arch, kernels, num_classes).to(device)
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -117,6 +136,15 @@ def run(args) -> int:
         print(f"error: no model named {bad} (see manet_kernels.models.list_models())",
               file=sys.stderr)
         return 2
+    timm_names = _timm_names(args.timm)
+    if isinstance(timm_names, str):
+        print(f"error: {timm_names}", file=sys.stderr)
+        return 2
+    # (arch, the plain model its vs_plain compares with)
+    jobs = [(a, f"resnet{cfg['depth']}") for a in archs]
+    for name in timm_names:
+        jobs += [(f"{TIMM_PREFIX}{name}", f"{TIMM_PREFIX}{name}"),
+                 (f"{TIMM_PREFIX}{name}+cbam", f"{TIMM_PREFIX}{name}")]
     if args.threads:
         torch.set_num_threads(args.threads)
     env = bu.environment(device)
@@ -129,11 +157,10 @@ def run(args) -> int:
     if busy:
         sink.note(busy)
     times: dict[tuple[str, str], float] = {}
-    plain = f"resnet{cfg['depth']}"
     # The reference flavour first, so each fused row has its vs_reference when written.
     flavours = sorted(args.kernels, key=lambda k: k != "reference")
     started = time.monotonic()
-    for arch, kernels in [(a, k) for a in archs for k in flavours]:
+    for (arch, plain), kernels in [(j, k) for j in jobs for k in flavours]:
         if kernels == "reference" and arch == plain and "fused" in args.kernels:
             continue  # no attention module: the same model either way
         if bu.budget_spent(args.time_budget, started, sink.note, f"{arch} {kernels}"):
@@ -160,12 +187,32 @@ def run(args) -> int:
     return 0
 
 
+def _timm_names(names: list[str] | None) -> list[str] | str:
+    """The timm models to benchmark (default: resnet18 when timm is installed), or the
+    reason they cannot be."""
+    if names is None:
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            return []
+        return ["resnet18"]
+    if not names:
+        return []
+    try:
+        import timm
+    except ImportError as e:
+        return f"--timm needs the timm package ({e})"
+    unknown = [n for n in names if not timm.is_model(n)]
+    return f"unknown timm model(s) {unknown}" if unknown else list(names)
+
+
 def main(argv=None) -> int:
     ap = bu.make_parser(__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                    help="model prefixes ('' = plain ResNet), default: all")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS),
+                    help="model prefixes ('' = plain ResNet), default: all; "
+                         "--variants alone: none (timm rows only)")
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     ap.add_argument("--depth", type=int, help="ResNet depth (GPU default 50, CPU 20)")
     ap.add_argument("--batch", type=int, help="batch size (default 64)")
@@ -176,6 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int,
                     help="classes of the head (default 1000 on GPU, 10 on CPU)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--timm", nargs="*", default=None, metavar="NAME",
+                    help="timm ResNets to add, plain and with CBAM, converted (fused) vs "
+                         "timm's own (reference); default: resnet18 when timm is "
+                         "installed; --timm alone: none")
     bu.add_output_args(ap, OP, "rows")
     return run(ap.parse_args(argv))
 

@@ -124,7 +124,8 @@ add 2 A env 15 fn env_info
 add 2 A build 180 fn build_ext setup.py
 add 2 A ext 15 fn ext_check
 add 2 A tests-cuda-rest 50 pytest "cuda and $REST_K" "${PASS[@]}"
-add 2 A tests-ops 90 pytest "gpu or cuda" "${OPS[@]}" tests/test_models.py tests/test_boundary.py
+add 2 A tests-ops 90 pytest "gpu or cuda" "${OPS[@]}" tests/test_models.py tests/test_boundary.py \
+    tests/test_timm.py
 add 2 A bench-host_time 20 bench "$BENCH_DIR/bench_host_time.py"
 add 2 A bench-train_step 100 bench "$BENCH_DIR/bench_train_step.py"
 

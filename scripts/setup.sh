@@ -35,6 +35,22 @@ then
   "$PY" -m pip install -q "setuptools>=77" wheel numpy ninja pytest hypothesis expecttest \
     pytest-benchmark scikit-learn matplotlib pillow tqdm tensorboard
 fi
+# timm (tests/test_timm.py, manet-train --arch timm:<name>) with --no-deps, so that pip
+# never replaces torch: torchvision pinned to the release built for this torch (0.<minor
+# + 15>: 0.29 for torch 2.14), then the light dependencies of both (torchvision imports
+# numpy and pillow), none of which pulls in torch. Skipped when all of them are
+# importable (the GPU machine ships timm).
+if ! "$PY" - <<'PY'
+import importlib.util as u, sys
+sys.exit(0 if all(u.find_spec(m) for m in
+                  ("timm", "torchvision", "yaml", "huggingface_hub", "safetensors",
+                   "numpy", "PIL")) else 1)
+PY
+then
+  tv=$("$PY" -c "import torch; print('0.%d.*' % (int(torch.__version__.split('.')[1]) + 15))")
+  "$PY" -m pip install -q --no-deps "timm==1.0.31" "torchvision==$tv"
+  "$PY" -m pip install -q pyyaml huggingface_hub safetensors numpy pillow
+fi
 # CUDA kernels that nothing here can run would only cost build minutes: without a
 # visible GPU build the CPU kernels alone, unless MANET_KERNELS_CUDA says otherwise
 # (CI sets it to 1 so that every CUDA source is compiled).
@@ -66,7 +82,8 @@ else
   "$PY" scripts/build_stamp.py write
 fi
 "$PY" - <<'PY'
-import torch, manet_kernels._ext as e
+import importlib.metadata as md, torch, manet_kernels._ext as e
 print(f"manet_kernels: torch {torch.__version__}, C++ extension: {e.HAS_EXT}, "
-      f"CUDA kernels: {e.HAS_CUDA_KERNELS}, GPU: {torch.cuda.is_available()}")
+      f"CUDA kernels: {e.HAS_CUDA_KERNELS}, GPU: {torch.cuda.is_available()}, "
+      f"timm {md.version('timm')}, torchvision {md.version('torchvision')}")
 PY

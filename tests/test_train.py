@@ -5,6 +5,7 @@ in-process and subprocess runs compute the same bits.
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -509,3 +510,82 @@ def test_warmup_default_per_arch(arch, given, expected):
     args = train_cli.build_parser().parse_args(argv)
     train_cli._resolve_defaults(args)
     assert args.warmup_epochs == expected
+
+
+# --------------------------------------------------------------- timm models (--arch timm:)
+
+requires_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None,
+                                   reason="needs timm")
+TIMM = ["--arch", "timm:resnet10t", "--timm-args", '{"block_args": {"attn_layer": "cbam"}}']
+
+
+@requires_timm
+def test_timm_arch_trains_resumes_exactly_and_explains_with_grad_cam(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A converted timm CBAM ResNet: trained on the fused kernels, resumed bit for bit,
+    Grad-CAM maps, and a checkpoint whose weights are a plain timm state_dict that
+    load_model (manet-explain) rebuilds."""
+    import timm
+
+    import manet_kernels.checkpoint as ckpt_mod
+    from manet_kernels.models import from_timm
+
+    save = ckpt_mod.save_checkpoint
+
+    def save_and_keep_epoch_1(ckpt, path):  # the epoch-1 checkpoint, to resume from
+        save(ckpt, path)
+        if ckpt["epoch"] == 1 and path.name == "last.pt":
+            save(ckpt, tmp_path / "epoch1.pt")
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", save_and_keep_epoch_1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*TIMM, "--epochs", "2", "--out", str(a), "--explain-images", "2",
+                 *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "timm:resnet10t: 4 module(s) on the fused kernels (CbamModule)" in printed
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["arch"] == "timm:resnet10t" and len(summary["maps"]) == 1
+    assert Path(summary["maps"][0]).is_file()
+    assert main([*TIMM, "--out", str(b), "--resume", str(tmp_path / "epoch1.pt"),
+                 "--explain-images", "0", *TINY]) == 0
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["epoch"] == cb["epoch"] == 2
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert [r[c] for c in EXACT for r in _rows(a)[1:]] == [r[c] for c in EXACT
+                                                           for r in _rows(b)]
+    assert ca["model_options"] == {"timm_args": {"block_args": {"attn_layer": "cbam"}}}
+    plain = timm.create_model("resnet10t", num_classes=10, in_chans=1,
+                              block_args={"attn_layer": "cbam"})
+    plain.load_state_dict(ca["model"])  # strict: timm's own keys
+    model, _ = load_model(a / "last.pt")
+    assert sum(type(m) is from_timm.CbamModule for m in model.modules()) == 4
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(model(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    err = _error(capsys, ["--arch", "timm:resnet10t", "--out", str(tmp_path / "c"),
+                          "--resume", str(a / "last.pt"), *TINY])
+    assert 'trained with --timm-args {"block_args": {"attn_layer": "cbam"}}, not null' in err
+
+
+@requires_timm
+def test_timm_arch_bad_input_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    common = ["--epochs", "1", "--out", str(tmp_path / "o"), *TINY]
+    line = _error_line(capsys, [*common, "--arch", "timm:resnet18x"])
+    assert "--arch timm:resnet18x: unknown timm model 'resnet18x'; did you mean" in line
+    line = _error_line(capsys, [*common, *TIMM[:3], "{block_args: cbam}"])
+    assert "--timm-args is not valid JSON" in line
+    line = _error_line(capsys, [*common, *TIMM[:3], "[1, 2]"])
+    assert "--timm-args must be a JSON object" in line
+    line = _error_line(capsys, [*common, "--arch", "resnet20", *TIMM[2:]])
+    assert "--timm-args needs --arch timm:<name>, not --arch resnet20" in line
+    line = _error_line(capsys, [*common, *TIMM[:3], '{"num_classes": 3}'])
+    assert "must not set ['num_classes']" in line
+    line = _error_line(capsys, [*common, *TIMM[:3], '{"no_such_arg": 3}'])
+    assert "--arch timm:resnet10t" in line and "no_such_arg" in line
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed
+    monkeypatch.delitem(sys.modules, "manet_kernels.models.from_timm", raising=False)
+    line = _error_line(capsys, [*common, *TIMM])
+    assert "--arch timm:resnet10t needs the timm package" in line
+    assert "pip install --no-deps timm" in line
+    assert not (tmp_path / "o").exists()

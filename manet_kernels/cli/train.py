@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from manet_kernels.data import TRAIN_EXTRA
+from manet_kernels.models.registry import TIMM_PREFIX
 from manet_kernels.ops._common import BACKENDS, ENV_BACKEND, resolve_backend
 
 # Recipe defaults per kind of data; the command line overrides each one.
@@ -107,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--arch", default="manet_resnet20",
-      help="model name for manet_kernels.models.create (default: manet_resnet20)")
+      help="model name for manet_kernels.models.create (default: manet_resnet20), or "
+           "timm:<name> for a timm model, converted to the fused kernels")
+    a("--timm-args", default=None, metavar="JSON",
+      help="with --arch timm:<name>: timm.create_model keyword arguments as a JSON object, "
+           "e.g. '{\"block_args\": {\"attn_layer\": \"cbam\"}}'")
     a("--data", default=None,
       help="'digits' (default), 'cifar10:PATH', 'cifar100:PATH', a folder holding "
            "cifar-10-batches-py/cifar-100-python, or an image-folder tree")
@@ -218,6 +223,11 @@ def _check_dependencies(args, kind: str) -> None:
     if args.explain_images:
         _require("PIL", "pillow",
                  f"--explain-images {args.explain_images} (attention maps; 0 skips them)")
+    if _is_timm(args):
+        try:
+            importlib.import_module("manet_kernels.models.from_timm")
+        except ImportError as e:
+            raise UsageError(f"--arch {args.arch} needs the timm package: {e}") from e
 
 
 def _check_backend(args, device: torch.device) -> None:
@@ -269,8 +279,31 @@ def _adopt_schedule(args, ckpt: dict, path: Path) -> bool:
     return finished
 
 
+def _is_timm(args) -> bool:
+    return args.arch.startswith(TIMM_PREFIX)
+
+
+def _timm_args(args) -> dict | None:
+    """--timm-args parsed (None when not given)."""
+    if args.timm_args is None:
+        return None
+    if not _is_timm(args):
+        raise UsageError(f"--timm-args needs --arch {TIMM_PREFIX}<name>, not --arch {args.arch}")
+    try:
+        value = json.loads(args.timm_args)
+    except ValueError as e:
+        raise UsageError(f"--timm-args is not valid JSON ({e}): {args.timm_args!r}") from e
+    if not isinstance(value, dict):
+        raise UsageError(f"--timm-args must be a JSON object of timm.create_model keyword "
+                         f"arguments, got {args.timm_args!r}")
+    return value
+
+
 def _model_options(args) -> dict:
     opts = {}
+    timm_args = _timm_args(args)
+    if timm_args is not None:
+        opts["timm_args"] = timm_args
     if args.n_parts is not None:
         opts["n_parts"] = args.n_parts
     if args.reduced_strides:
@@ -635,10 +668,31 @@ def _needs_find_unused(model, x, device) -> bool:
     return unused
 
 
+def _report_conversion(model, args) -> None:
+    """Which timm modules create() converted (convert() again: it is idempotent)."""
+    from manet_kernels.models import convert
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="convert: ")
+        report = convert(model, args.kernels, args.backend, summary=True)
+    kinds = sorted({c.rsplit(".", 1)[-1] for _, c in report.converted})
+    print(f"manet-train: {args.arch}: {len(report.converted)} module(s) on the "
+          f"{args.kernels} kernels" + (f" ({', '.join(kinds)})" if kinds else ""), flush=True)
+    for name, kind, why in report.skipped:
+        print(f"manet-train: {args.arch}: {name} ({kind}) left as timm's: {why}", flush=True)
+
+
 def _explain(raw_model, info, test_set, args, device, out: Path) -> list:
     n = min(args.explain_images, len(test_set))
     if n == 0:
         return []
+    methods = {}
+    if _is_timm(args):  # logits only: Grad-CAM on the last feature map
+        if not hasattr(raw_model, "cam_layer"):
+            warnings.warn(f"explanation maps skipped: {args.arch} has no timm feature_info "
+                          "to take a Grad-CAM layer from", stacklevel=2)
+            return []
+        methods = {"methods": ("gradcam",)}
     try:
         from manet_kernels.explain import save_attention_maps
     except ImportError as e:
@@ -649,7 +703,7 @@ def _explain(raw_model, info, test_set, args, device, out: Path) -> list:
     labels = [int(y) for _, y in items]
     raw_model.eval()
     paths = save_attention_maps(raw_model, images, out / "maps", mean=info.mean, std=info.std,
-                                labels=labels, class_names=info.classes)
+                                labels=labels, class_names=info.classes, **methods)
     return [str(p) for p in paths]
 
 
@@ -666,7 +720,7 @@ def _resume_path(args, out: Path) -> Path | None:
     return path
 
 
-def _load_resume(path: Path, args) -> dict:
+def _load_resume(path: Path, args, options: dict) -> dict:
     from manet_kernels.checkpoint import load_checkpoint
 
     try:
@@ -679,6 +733,10 @@ def _load_resume(path: Path, args) -> dict:
                          f"(lacks {', '.join(missing)})")
     if ckpt["arch"] != args.arch:
         raise UsageError(f"--resume {path}: trained as {ckpt['arch']}, not --arch {args.arch}")
+    saved = (ckpt.get("model_options") or {}).get("timm_args")
+    if _is_timm(args) and saved != options.get("timm_args"):
+        raise UsageError(f"--resume {path}: trained with --timm-args "
+                         f"{json.dumps(saved)}, not {json.dumps(options.get('timm_args'))}")
     return ckpt
 
 
@@ -731,11 +789,12 @@ def run(args) -> dict:
 
     wall_start = time.perf_counter()
     _check_args(args)
+    options = _model_options(args)
     if args.out is None:
-        args.out = str(Path("runs") / args.arch)
+        args.out = str(Path("runs") / args.arch.replace(":", "_"))
     out = Path(args.out)
     resume_path = _resume_path(args, out)
-    ckpt = None if resume_path is None else _load_resume(resume_path, args)
+    ckpt = None if resume_path is None else _load_resume(resume_path, args, options)
     finished = ckpt is not None and _adopt_schedule(args, ckpt, resume_path)
     kind = _resolve_defaults(args)
     dist = _Dist()
@@ -776,13 +835,16 @@ def run(args) -> dict:
             test_set = torch.utils.data.Subset(test_set, range(min(args.limit_test,
                                                                    len(test_set))))
 
-        options = _model_options(args)
         try:
-            raw_model = create(args.arch, num_classes=info.num_classes,
-                               in_channels=info.in_channels, kernels=args.kernels,
-                               backend=args.backend, **options)
+            with warnings.catch_warnings():  # timm: _report_conversion says what convert did
+                warnings.filterwarnings("ignore", message="convert: ")
+                raw_model = create(args.arch, num_classes=info.num_classes,
+                                   in_channels=info.in_channels, kernels=args.kernels,
+                                   backend=args.backend, **options)
         except (ValueError, TypeError) as e:
             raise UsageError(f"--arch {args.arch}: {e}") from e
+        if _is_timm(args) and dist.main:
+            _report_conversion(raw_model, args)
         raw_model.to(device)
         if args.channels_last:
             raw_model.to(memory_format=torch.channels_last)

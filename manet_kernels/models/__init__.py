@@ -3,15 +3,17 @@
 ``create(name, num_classes, kernels="fused"|"reference", backend="auto", **options)``
 builds ``[prefix]resnet<depth>[_brnpa]``; ``list_models()`` lists the names;
 ``convert(model, kernels)`` swaps the attention modules between the two flavours in
-place. Outputs: logits, ``ABNOutput`` (``abn_``/``manet_``) or ``BRNPAOutput``
-(``_brnpa``); ``logits_of``, ``classification_loss`` and ``attention_maps`` work on
-any of them. Every model has ``cam_layer`` (the module whose output is the final
-feature map) and, when its classifier is GAP + linear, ``fc``.
+place (timm's ``CbamModule`` and ``CondConv2d`` too); ``create("timm:<name>",
+timm_args=...)`` builds a converted timm model. Outputs: logits, ``ABNOutput``
+(``abn_``/``manet_``) or ``BRNPAOutput`` (``_brnpa``); ``logits_of``,
+``classification_loss`` and ``attention_maps`` work on any of them. Every model has
+``cam_layer`` (the module whose output is the final feature map; timm models: the last
+``feature_info`` module) and, when its classifier is GAP + linear, ``fc``.
 """
 
 from manet_kernels.models.abn import ABNResNet, AttentionBranch
 from manet_kernels.models.blocks import BasicBlock, Bottleneck, SqueezeExcitation
-from manet_kernels.models.convert import convert
+from manet_kernels.models.convert import ConvertSummary, convert
 from manet_kernels.models.outputs import (
     ABNOutput,
     BRNPAOutput,
@@ -22,6 +24,6 @@ from manet_kernels.models.outputs import (
 from manet_kernels.models.registry import create, list_models
 from manet_kernels.models.resnet import ResNet
 
-__all__ = ["create", "list_models", "convert", "ABNOutput", "BRNPAOutput", "logits_of",
-           "classification_loss", "attention_maps", "ResNet", "ABNResNet", "AttentionBranch",
-           "BasicBlock", "Bottleneck", "SqueezeExcitation"]
+__all__ = ["create", "list_models", "convert", "ConvertSummary", "ABNOutput", "BRNPAOutput",
+           "logits_of", "classification_loss", "attention_maps", "ResNet", "ABNResNet",
+           "AttentionBranch", "BasicBlock", "Bottleneck", "SqueezeExcitation"]

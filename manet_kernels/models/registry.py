@@ -22,6 +22,7 @@ PREFIXES = {
     "aw_cbam_": ("cbam", True, False, False),
 }
 BRNPA_SUFFIX = "_brnpa"
+TIMM_PREFIX = "timm:"
 DEPTHS = sorted(CIFAR_DEPTHS) + sorted(IMAGENET_DEPTHS)
 
 _COMMON_OPTIONS = ("zero_init_residual",)
@@ -59,12 +60,26 @@ def create(name: str, num_classes: int = 1000, *, in_channels: int = 3, kernels:
     the fused modules. Options: ``zero_init_residual=False`` (all);
     ``reduced_strides=False`` (all but abn/manet: last stage with stride 1);
     ``n_parts=3``, ``brnpa_variant="official"`` (``_brnpa`` models).
+
+    ``timm:<name>``: ``timm.create_model(name, num_classes=..., in_chans=in_channels,
+    **timm_args)`` converted with ``convert(model, kernels, backend)`` (option
+    ``timm_args``: a dict of timm's keyword arguments; needs timm installed).
     """
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        check_kernels(kernels, backend)
+        unknown = sorted(set(options) - {"timm_args"})
+        if unknown:
+            raise TypeError(f"create({name!r}) got unexpected option(s) {unknown}; "
+                            "timm models take ['timm_args']")
+        from manet_kernels.models.from_timm import create_timm  # imports timm
+
+        return create_timm(name[len(TIMM_PREFIX):], num_classes, in_channels, kernels=kernels,
+                           backend=backend, timm_args=options.get("timm_args"))
     if not isinstance(name, str) or name not in _NAMES:
         close = difflib.get_close_matches(str(name), list(_NAMES), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else \
             f"; names look like resnet20, cbam_resnet50, manet_resnet18, resnet50{BRNPA_SUFFIX}" \
-            " (see list_models())"
+            f" (see list_models()), or {TIMM_PREFIX}<timm model name>"
         raise ValueError(f"unknown model name {name!r}{hint}")
     check_kernels(kernels, backend)
     prefix, depth, brnpa = _NAMES[name]
