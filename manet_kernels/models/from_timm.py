@@ -28,7 +28,7 @@ except ImportError as e:  # the message names the package to install
         "huggingface_hub safetensors", name="timm") from e
 
 from manet_kernels.ops.aw_conv2d import per_sample_conv2d
-from manet_kernels.ops.mixed_attention import SpatialNorm, check_args, fused
+from manet_kernels.ops.mixed_attention import check_args, fused, spatial_norm_of
 
 __all__ = ["CbamModule", "CondConv2d", "create_timm", "unsupported", "TIMM_PAIRS"]
 
@@ -52,12 +52,7 @@ class CbamModule(_cbam.CbamModule):
         backend = check_args(x, w1, b1, w2, b2, conv.weight, conv.bias, self.backend)
         if backend == "reference":
             return super().forward(x)
-        batch_stats = self.training or bn.running_mean is None
-        update = self.training and bn.track_running_stats  # as nn.BatchNorm2d
-        keep = update or not batch_stats
-        norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean if keep else None,
-                           bn.running_var if keep else None, batch_stats, bn.eps,
-                           bn.num_batches_tracked if update else None, bn.momentum)
+        norm = spatial_norm_of(bn, self.training)
         y, *_ = fused(x, w1, b1, w2, b2, conv.weight, conv.bias, norm, backend, False)
         return y
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from manet_kernels.ops.mixed_attention import SpatialNorm, check_args, fused
+from manet_kernels.ops.mixed_attention import check_args, fused, spatial_norm_of
 from manet_kernels.reference import mixed_attention as _reference
 
 
@@ -30,14 +30,7 @@ class MixedAttention(_reference.MixedAttention):
         backend = check_args(x, w1, b1, w2, b2, conv_w, conv_b, self.backend)
         if backend == "reference":
             return super().forward(x, return_maps)
-        norm = None
-        if bn is not None:
-            batch_stats = self.training or bn.running_mean is None
-            update = self.training and bn.track_running_stats  # as nn.BatchNorm2d
-            keep = update or not batch_stats
-            norm = SpatialNorm(bn.weight, bn.bias, bn.running_mean if keep else None,
-                               bn.running_var if keep else None, batch_stats, bn.eps,
-                               bn.num_batches_tracked if update else None, bn.momentum)
+        norm = None if bn is None else spatial_norm_of(bn, self.training)
         y, mc, ms, _ = fused(x, w1, b1, w2, b2, conv_w, conv_b, norm, backend, return_maps)
         return (y, mc, ms) if return_maps else y
 

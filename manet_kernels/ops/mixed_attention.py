@@ -32,7 +32,8 @@ from manet_kernels.reference import passes as _torch_passes
 from manet_kernels.reference import stages as _ref_stages
 from manet_kernels.reference.passes import acc_dtype
 
-__all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm", "check_args", "fused"]
+__all__ = ["mixed_attention", "MixedAttentionFunction", "SpatialNorm", "check_args", "fused",
+           "spatial_norm_of"]
 
 
 class SpatialNorm(NamedTuple):
@@ -49,6 +50,18 @@ class SpatialNorm(NamedTuple):
     eps: float
     num_batches_tracked: Tensor | None = None
     momentum: float | None = None
+
+
+def spatial_norm_of(bn, training: bool) -> SpatialNorm:
+    """The ``SpatialNorm`` that computes what the ``nn.BatchNorm2d(1)`` module ``bn`` does
+    in the given mode: batch statistics in training (or without running ones), the
+    running statistics updated when it tracks them, else the running statistics."""
+    batch_stats = training or bn.running_mean is None
+    update = training and bn.track_running_stats
+    keep = update or not batch_stats
+    return SpatialNorm(bn.weight, bn.bias, bn.running_mean if keep else None,
+                       bn.running_var if keep else None, batch_stats, bn.eps,
+                       bn.num_batches_tracked if update else None, bn.momentum)
 
 
 # The CUDA kernels for the k x k conv (csrc/cuda/mixed_attention.cu, spatial_conv_*)
