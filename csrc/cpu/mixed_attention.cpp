@@ -351,7 +351,8 @@ Tensor spatial_conv(const Tensor& sa_in, const Tensor& sm_in, const Tensor& weig
   const int64_t N = sa.size(0), H = sa.size(1), W = sa.size(2);
   Tensor z = at::empty({N, H, W}, sa.options());
   AT_DISPATCH_FLOATING_TYPES(sa.scalar_type(), "mixed_attention_spatial_conv", [&] {
-    const scalar_t b = bias.has_value() ? bias->item<scalar_t>() : scalar_t(0);
+    // (bias is checked: (1,), dense, on the CPU, in sa's dtype; item() would dispatch)
+    const scalar_t b = bias.has_value() ? *bias->const_data_ptr<scalar_t>() : scalar_t(0);
     const scalar_t *a = sa.data_ptr<scalar_t>(), *m = sm.data_ptr<scalar_t>(),
                    *w = weight.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
