@@ -49,6 +49,7 @@
 
 #include "../check.h"
 #include "aw_conv2d_plan.h"
+#include "aw_conv2d_v2_index.h"
 
 namespace manet_kernels {
 namespace {
@@ -576,6 +577,283 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
+// Weight gradient, second generation (aw op, channels_last; aw_conv2d_plan.h decides
+// when it runs, the index math is aw_conv2d_v2_index.h). One block: a 64x64 tile of
+// output x input channels of one tap and group, over the samples of its split (split-K
+// over the batch). g and x tiles arrive as 16-byte cp.async chunks in a kStages-deep
+// ring, so loads stay in flight across K steps and across samples; each thread walks
+// its chunks' positions with a cursor (no division in the loop). After each sample the
+// tile holds G_n: the fold adds dscale[n, o, t] = sum_c w G_n (one partial per N tile)
+// and keeps sum_n scale[n, o, t] G_n in registers, written out once as the split's
+// partial; ATen adds the partials in a fixed order (no float atomics).
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 16 : 0));
+#else
+  // The host runs this kernel on sm_80+ only (wgrad_v2_supported).
+  *reinterpret_cast<uint4*>(dst) =
+      valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+// fp16 / bf16 tiles for channels_last operands: A (g) arrives k-major, [BK][BM + pad], so
+// it is a column-major matrix_a; B (x) is [BK][BN + pad], row-major. Same 4 x 2 warp grid
+// of 16 x 32 warp tiles as WmmaCore.
+template <typename comp_t_>
+struct WmmaCoreKm {
+  using acc_t = float;
+  using comp_t = comp_t_;
+  static constexpr WgradV2Tile kTile = wgrad_v2_tile(sizeof(comp_t_));
+  static constexpr int BM = kTile.bm, BN = kTile.bn, BK = kTile.bk;
+  static constexpr int kALd = BM + kTile.pad;
+  static constexpr int kBLd = BN + kTile.pad;
+  static constexpr int kCLd = BN + 4;
+  static_assert(kALd * sizeof(comp_t) % 16 == 0 && kBLd * sizeof(comp_t) % 16 == 0 &&
+                    16 * kALd * sizeof(comp_t) % 32 == 0 && 16 * kBLd * sizeof(comp_t) % 32 == 0,
+                "WMMA leading dimensions: 16-byte multiples, fragment pointers 32-byte aligned");
+  static_assert(kThreads == 8 * 32 && BM == 4 * 16 && BN == 2 * 32 && BK % 16 == 0,
+                "warp grid is 4 x 2");
+
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+
+  __device__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.0f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.0f);
+  }
+
+  __device__ void step(const comp_t* As, const comp_t* Bs) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+    const int wm = warp / 2, wn = warp % 2;
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, comp_t, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, As + ks * kALd + wm * 16, kALd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, comp_t, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, Bs + ks * kBLd + wn * 32 + j * 16, kBLd);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+#else
+    __trap();  // sm_80+ only (wgrad_v2_supported)
+#endif
+  }
+
+  __device__ void store(acc_t* Cs) const {
+    const int warp = threadIdx.x / 32;
+    const int wm = warp / 2, wn = warp % 2;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(Cs + wm * 16 * kCLd + wn * 32 + j * 16, acc[j], kCLd,
+                                      nvcuda::wmma::mem_row_major);
+  }
+};
+
+// The v2 tile engine per dtype: WMMA for fp16/bf16, FmaCore (A already k-major) for
+// fp32/fp64; both with the tile sizes of wgrad_v2_tile.
+template <typename scalar_t>
+struct V2Core {
+  using type = FmaCore<scalar_t>;
+};
+template <>
+struct V2Core<c10::Half> {
+  using type = WmmaCoreKm<__half>;
+};
+template <>
+struct V2Core<c10::BFloat16> {
+  using type = WmmaCoreKm<__nv_bfloat16>;
+};
+
+template <typename scalar_t, typename acc_t>
+struct WgradV2Args {
+  Geo geo;
+  const scalar_t* g;   // (N, C2, Ho, Wo) channels_last
+  const scalar_t* x;   // (N, C1, H, W) channels_last
+  const scalar_t* w;   // (C2, C1/g, kh, kw)
+  const acc_t* scale;  // (N, C2, kh, kw)
+  acc_t* dw_part;      // (S_n, C2, C1/g, kh, kw)
+  acc_t* ds_part;      // (n_nt, N, C2, kh, kw)
+  int n_mt, n_nt, n_chunk;
+  int ks, d_oh, d_ow;  // K steps per sample, BK / Wo, BK % Wo
+};
+
+template <typename scalar_t, class Core, int kStages>
+__global__ void __launch_bounds__(kThreads, 2)
+    _aw_conv2d_wgrad_v2_kernel(const WgradV2Args<scalar_t, typename Core::acc_t> a) {
+  using acc_t = typename Core::acc_t;
+  using comp_t = typename Core::comp_t;
+  using namespace aw_v2;
+  constexpr int BM = Core::BM, BN = Core::BN, BK = Core::BK;
+  constexpr WgradV2Tile kT = wgrad_v2_tile(sizeof(scalar_t));
+  static_assert(sizeof(comp_t) == sizeof(scalar_t) && BM == kT.bm && BN == kT.bn && BK == kT.bk &&
+                    kStages == kT.stages && Core::kALd == BM + kT.pad &&
+                    Core::kBLd == BN + kT.pad && Core::kCLd == BN + 4,
+                "the kernel's tiles are the plan's (wgrad_v2_tile, wgrad_v2_smem)");
+  constexpr int VEC = kT.vec;
+  static_assert(BM == BN, "A and B chunks share their GEMM-K rows");
+  constexpr int kChunks = BK * BM / VEC / kThreads;  // per thread and operand
+  static_assert(kChunks >= 1 && kChunks * VEC * kThreads == BK * BM, "chunk layout");
+  constexpr int kAStage = BK * Core::kALd, kBStage = BK * Core::kBLd;  // elements
+  constexpr int kRowParts = kThreads / BM;
+  constexpr int kCols = BN / kRowParts;
+  static_assert(kThreads % BM == 0 && BN % kRowParts == 0 && kRowParts <= 32 &&
+                    (kRowParts & (kRowParts - 1)) == 0,
+                "fold thread layout");
+
+  extern __shared__ __align__(128) unsigned char raw[];
+  comp_t* As = reinterpret_cast<comp_t*>(raw);
+  comp_t* Bs = As + kStages * kAStage;
+  acc_t* Cs = reinterpret_cast<acc_t*>(raw + wgrad_v2_c_offset(sizeof(scalar_t)));
+
+  const Geo& g = a.geo;
+  const WgradBlock blk = wgrad_block(blockIdx.x, a.n_nt, a.n_mt, g.taps, g.groups);
+  const int n_begin = split_begin(blk.sn, a.n_chunk);
+  const int n_end = split_end(blk.sn, a.n_chunk, g.n);
+  const int r = blk.t / g.kw, s = blk.t - r * g.kw;
+  const int m0 = blk.mt * BM, j0 = blk.nt * BN;
+  const int64_t g_sample = int64_t{g.ho} * g.wo * g.c2;
+  const int64_t x_sample = int64_t{g.h} * g.w * g.c1;
+
+  // Producer: this thread's chunks (the same GEMM-K rows in A and B) and their cursors.
+  int rowk[kChunks], col[kChunks];
+  Cursor cur0[kChunks], cur[kChunks];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int e = threadIdx.x + kThreads * i;
+    rowk[i] = chunk_row<BM, VEC>(e);
+    col[i] = chunk_col<BM, VEC>(e);
+    cur0[i] = cursor_at(rowk[i], g.wo);
+    cur[i] = cur0[i];
+  }
+  int pn = n_begin, pk = 0;
+  const scalar_t* gs = a.g + pn * g_sample;
+  const scalar_t* xs = a.x + pn * x_sample;
+  auto issue = [&](int stage) {
+    if (pn < n_end) {
+      comp_t* as = As + stage * kAStage;
+      comp_t* bs = Bs + stage * kBStage;
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+        const int og = g_chunk(g, cur[i], m0, col[i], blk.gi);
+        cp_async16(as + rowk[i] * Core::kALd + col[i], og >= 0 ? gs + og : a.g, og >= 0);
+        const int ox = x_chunk(g, cur[i], r, s, j0, col[i], blk.gi);
+        cp_async16(bs + rowk[i] * Core::kBLd + col[i], ox >= 0 ? xs + ox : a.x, ox >= 0);
+      }
+      if (++pk == a.ks) {  // next sample
+        pk = 0;
+        ++pn;
+        gs += g_sample;
+        xs += x_sample;
+#pragma unroll
+        for (int i = 0; i < kChunks; ++i) cur[i] = cur0[i];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kChunks; ++i) cursor_step(cur[i], BK, a.d_oh, a.d_ow, g.wo);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+  };
+
+  // Fold: row fr, columns fold_col(fp, jj); the weights of those columns for dscale.
+  const int fr = fold_row(threadIdx.x, kRowParts);
+  const bool row_ok = m0 + fr < g.c2g;
+  const int o = blk.gi * g.c2g + m0 + fr;  // global output channel of row fr
+  auto weight_at = [&](int jj) -> acc_t {
+    const int c = j0 + fold_col(threadIdx.x, jj, kRowParts);
+    return row_ok && c < g.c1g
+               ? static_cast<acc_t>(a.w[(static_cast<int64_t>(o) * g.c1g + c) * g.taps + blk.t])
+               : acc_t(0);
+  };
+  // fp64: 16 more double registers would spill (ptxas, sm_90), so the fold reloads its
+  // weights (a tile that stays in L1) every sample.
+  constexpr bool kWeightsInRegs = sizeof(acc_t) == 4;
+  constexpr bool kSumInSmem = kT.sum_in_smem;
+  acc_t wreg[kWeightsInRegs ? kCols : 1], dw[kSumInSmem ? 1 : kCols];
+  // With sum_in_smem, thread tid's running sums are Ss[jj * kThreads + tid]: its own.
+  acc_t* Ss = reinterpret_cast<acc_t*>(raw + wgrad_v2_sum_offset(sizeof(scalar_t), sizeof(acc_t)));
+  auto sum_at = [&](int jj) -> acc_t& {
+    if constexpr (kSumInSmem) {
+      return Ss[jj * kThreads + threadIdx.x];
+    } else {
+      return dw[jj];
+    }
+  };
+#pragma unroll
+  for (int jj = 0; jj < kCols; ++jj) {
+    if constexpr (kWeightsInRegs) wreg[jj] = weight_at(jj);
+    sum_at(jj) = acc_t(0);
+  }
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) issue(st);
+  Core core;
+  core.zero();
+  const int total = (n_end - n_begin) * a.ks;
+  int cstage = 0, pstage = kStages - 1, ck = 0, cn = n_begin;
+  for (int it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of stage `cstage` have landed
+    __syncthreads();               // everyone's have; everyone is done with `pstage`
+    issue(pstage);
+    core.step(As + cstage * kAStage, Bs + cstage * kBStage);
+    cstage = cstage == kStages - 1 ? 0 : cstage + 1;
+    pstage = pstage == kStages - 1 ? 0 : pstage + 1;
+    if (++ck == a.ks) {  // the tile holds G_n of sample cn
+      core.store(Cs);
+      core.zero();
+      __syncthreads();
+      const acc_t sc =
+          row_ok ? a.scale[(static_cast<int64_t>(cn) * g.c2 + o) * g.taps + blk.t] : acc_t(0);
+      acc_t part = acc_t(0);
+#pragma unroll
+      for (int jj = 0; jj < kCols; ++jj) {
+        const acc_t v = Cs[fr * Core::kCLd + fold_col(threadIdx.x, jj, kRowParts)];
+        if constexpr (kWeightsInRegs) {
+          part += wreg[jj] * v;
+        } else {
+          part += weight_at(jj) * v;
+        }
+        sum_at(jj) += sc * v;
+      }
+      // The kRowParts threads of a row are consecutive lanes of one warp.
+#pragma unroll
+      for (int off = 1; off < kRowParts; off *= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (threadIdx.x % kRowParts == 0 && row_ok)
+        a.ds_part[ds_part_at(g, blk.nt, cn, o, blk.t)] = part;
+      ck = 0;
+      ++cn;
+      // Cs is stored again only after the next iteration's barrier.
+    }
+  }
+  cp_async_wait<0>();
+
+  if (!row_ok) return;
+#pragma unroll
+  for (int jj = 0; jj < kCols; ++jj) {
+    const int c = j0 + fold_col(threadIdx.x, jj, kRowParts);
+    if (c < g.c1g) a.dw_part[dw_part_at(g, blk.sn, o, c, blk.t)] = sum_at(jj);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Argument checks. Every message starts with the argument's name; the messages match
 // the CPU kernels' (csrc/cpu/aw_conv2d.cpp) where the check is the same.
 
@@ -862,6 +1140,57 @@ struct WgradLaunch {
   }
 };
 
+// The v2 weight gradient (aw op): false when wgrad_v2_supported rejects the call, and
+// the caller runs WgradLaunch.
+template <typename scalar_t>
+bool wgrad_v2(const Checked& ck, const Tensor& gy, const Tensor& x, const Tensor& w,
+              const Tensor& scale, Tensor& dw, Tensor& ds) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Core = typename V2Core<scalar_t>::type;
+  constexpr int kStages = wgrad_v2_tile(sizeof(scalar_t)).stages;
+  const Geo& g = ck.geo;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  gy.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const uint64_t bits = plan_util::addr_bits({x.const_data_ptr(), gy.const_data_ptr()});
+  if (!wgrad_v2_supported(g, sizeof(scalar_t), cl, bits, props->major)) return false;
+  const WgradV2Grid v =
+      wgrad_v2_grid(g, sizeof(scalar_t), sizeof(acc_t), props->multiProcessorCount);
+  const auto opts = x.options().dtype(ck.acc).memory_format(at::MemoryFormat::Contiguous);
+  WgradV2Args<scalar_t, acc_t> a{};
+  a.geo = g;
+  a.g = gy.const_data_ptr<scalar_t>();
+  a.x = x.const_data_ptr<scalar_t>();
+  a.w = w.const_data_ptr<scalar_t>();
+  a.scale = scale.const_data_ptr<acc_t>();
+  a.n_mt = v.n_mt;
+  a.n_nt = v.n_nt;
+  a.n_chunk = v.n_chunk;
+  a.ks = v.ks;
+  a.d_oh = v.d_oh;
+  a.d_ow = v.d_ow;
+  Tensor dw_part = at::empty({v.s_n, g.c2, g.c1g, g.kh, g.kw}, opts);
+  Tensor ds_part = at::empty({v.n_nt, g.n, g.c2, g.kh, g.kw}, opts);
+  a.dw_part = dw_part.mutable_data_ptr<acc_t>();
+  a.ds_part = ds_part.mutable_data_ptr<acc_t>();
+  const int64_t blocks = checked_blocks(v.blocks, "aw_conv2d_bwd");
+  auto* kernel = &_aw_conv2d_wgrad_v2_kernel<scalar_t, Core, kStages>;
+  if (v.smem > 48 * 1024) {
+    MK_CHECK(static_cast<size_t>(v.smem) <= props->sharedMemPerBlockOptin,
+             "aw_conv2d_bwd: the weight-gradient tile needs ", v.smem,
+             " bytes of shared memory, the GPU allows ", props->sharedMemPerBlockOptin);
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  kernel<<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // ATen's reduction adds the partials in a fixed order.
+  dw = dw_part.size(0) == 1 ? dw_part.select(0, 0) : dw_part.sum(0);
+  ds = ds_part.size(0) == 1 ? ds_part.select(0, 0) : ds_part.sum(0);
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------
 // Ops
 
@@ -954,6 +1283,35 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_cuda(const Tensor& gy, const Te
   return {dx, dw.view(weight.sizes()), ds.view(scale.sizes())};
 }
 
+// aw_conv2d_bwd with the v2 weight gradient where it applies (behind
+// CUDA_AW_V2_VERIFIED in manet_kernels/ops/aw_conv2d.py); dx is aw_conv2d_bwd's.
+std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_v2_cuda(const Tensor& gy, const Tensor& x,
+                                                         const Tensor& weight, const Tensor& scale,
+                                                         at::IntArrayRef stride,
+                                                         at::IntArrayRef padding,
+                                                         at::IntArrayRef dilation, int64_t groups) {
+  check_cuda_dense(x, "x");
+  check_weight_rank(weight, x);
+  const Checked ck = check_conv(x, weight.sizes(), "weight", stride, padding, dilation, groups);
+  check_weight_dtype(weight, "weight", ck);
+  check_scale(scale, ck, x);
+  check_grad(gy, ck, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(ck.format));
+  if (ck.geo.n == 0) {
+    return {dx, at::zeros(weight.sizes(), weight.options().dtype(ck.acc)),
+            at::empty(scale.sizes(), scale.options())};
+  }
+  Tensor dw, ds;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "aw_conv2d_bwd_v2", [&] {
+        with_core<scalar_t, ConvLaunch<scalar_t, true, true>>(ck, gy, weight, &scale, nullptr, dx);
+        if (!wgrad_v2<scalar_t>(ck, gy, x, weight, scale, dw, ds))
+          with_core<scalar_t, WgradLaunch<scalar_t, true>>(ck, gy, x, weight, &scale, dw, ds);
+      });
+  return {dx, dw.view(weight.sizes()), ds.view(scale.sizes())};
+}
+
 }  // namespace
 }  // namespace manet_kernels
 
@@ -962,4 +1320,5 @@ TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
   m.impl("_per_sample_conv2d_bwd", &manet_kernels::per_sample_conv2d_bwd_cuda);
   m.impl("_aw_conv2d_fwd", &manet_kernels::aw_conv2d_fwd_cuda);
   m.impl("_aw_conv2d_bwd", &manet_kernels::aw_conv2d_bwd_cuda);
+  m.impl("_aw_conv2d_bwd_v2", &manet_kernels::aw_conv2d_bwd_v2_cuda);
 }

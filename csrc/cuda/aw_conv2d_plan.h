@@ -133,5 +133,96 @@ inline WgradGrid wgrad_grid(const Geo& g, int bm, int bn, int bk, bool aw, int64
   return wg;
 }
 
+// ---------------------------------------------------------------------------------------
+// Second-generation weight-gradient kernel (_aw_conv2d_wgrad_v2_kernel, aw op only):
+// channels_last activations copied with 16-byte cp.async into a kStages-deep ring of
+// shared-memory tiles, 64x64 output tiles (output x input channels of one tap), one block
+// per (tile, tap, group, sample split), so the batch is the split-K axis. Not measured on
+// a GPU yet: the sizes follow the Triton kernels' sm_90 compile (docs/design.md §2b).
+struct WgradV2Tile {
+  int bm, bn, bk, vec, pad, stages;
+  bool sum_in_smem;  // the running sum_n scale * G_n in shared memory, not registers
+};
+
+// 16-bit: tensor cores (WMMA), BK = 32; fp32/fp64: the FMA tile, BK = 16. `pad` elements
+// after each smem row keep WMMA's rows 32-byte aligned and stagger banks. fp64 keeps its
+// running sum in shared memory (in registers it spilled 64 bytes under the 128-register
+// cap, ptxas sm_90) and two stages, so two CTAs still fit in an SM's 227 KiB.
+constexpr WgradV2Tile wgrad_v2_tile(int elem_bytes) {
+  return {64,
+          64,
+          elem_bytes == 2 ? 32 : 16,
+          16 / elem_bytes,
+          elem_bytes == 2 ? 8 : 0,
+          elem_bytes == 8 ? 2 : 3,
+          elem_bytes == 8};
+}
+
+// Dynamic shared memory: the ring of A ([BK][BM + pad]) and B ([BK][BN + pad]) tiles,
+// then, 128-byte aligned, the accumulation-dtype tile C ([BM][BN + 4]) of the fold and,
+// with sum_in_smem, the running sum ([BN / row parts][threads], each thread its column).
+constexpr int wgrad_v2_c_offset(int elem_bytes) {
+  const WgradV2Tile t = wgrad_v2_tile(elem_bytes);
+  const int ring = t.stages * t.bk * (t.bm + t.pad + t.bn + t.pad) * elem_bytes;
+  return (ring + 127) / 128 * 128;
+}
+constexpr int wgrad_v2_sum_offset(int elem_bytes, int acc_bytes) {
+  const WgradV2Tile t = wgrad_v2_tile(elem_bytes);
+  return wgrad_v2_c_offset(elem_bytes) + t.bm * (t.bn + 4) * acc_bytes;
+}
+constexpr int wgrad_v2_smem(int elem_bytes, int acc_bytes) {
+  const WgradV2Tile t = wgrad_v2_tile(elem_bytes);
+  return wgrad_v2_sum_offset(elem_bytes, acc_bytes) + (t.sum_in_smem ? t.bm * t.bn * acc_bytes : 0);
+}
+
+// Whether the v2 kernel takes this call: sm_80+ (cp.async, bf16 MMA), channels_last x and
+// g, channel counts per group that 16-byte chunks tile exactly, 16-byte aligned tensors
+// (`addr_bits`: OR of the pointers) and per-sample sizes in int32. Otherwise the first
+// kernel runs.
+inline bool wgrad_v2_supported(const Geo& g, int elem_bytes, bool channels_last, uint64_t addr_bits,
+                               int cc_major) {
+  const int vec = 16 / elem_bytes;
+  const int64_t lim = 2147483647;
+  return cc_major >= 8 && channels_last && g.c1g > 0 && g.c2g > 0 && g.c1g % vec == 0 &&
+         g.c2g % vec == 0 && addr_bits % 16 == 0 && int64_t{g.h} * g.w * g.c1 <= lim &&
+         int64_t{g.ho} * g.wo * g.c2 <= lim;
+}
+
+// Blocks (N tile, M tile, tap, group) x sample splits. The split makes the grid at least
+// two waves at two CTAs per SM (4 * sms blocks) where the batch allows; each split writes
+// a (C2, C1/g, kh, kw) partial, capped at 256 MiB in all (or one split's size).
+struct WgradV2Grid {
+  int n_mt = 0, n_nt = 0, n_chunk = 0, s_n = 0;
+  int ks = 0, d_oh = 0, d_ow = 0;  // K steps per sample; BK / Wo and BK % Wo
+  int64_t base = 0, blocks = 0;
+  int smem = 0;
+};
+
+inline WgradV2Grid wgrad_v2_grid(const Geo& g, int elem_bytes, int acc_bytes, int sms) {
+  const WgradV2Tile t = wgrad_v2_tile(elem_bytes);
+  WgradV2Grid v;
+  v.n_mt = static_cast<int>(ceil_div(g.c2g, t.bm));
+  v.n_nt = static_cast<int>(ceil_div(g.c1g, t.bn));
+  v.base = int64_t{v.n_mt} * v.n_nt * g.taps * g.groups;
+  v.smem = wgrad_v2_smem(elem_bytes, acc_bytes);
+  if (v.base == 0 || g.n == 0) return v;
+  const int64_t target = 4 * static_cast<int64_t>(sms);
+  const int64_t wbytes = int64_t{g.c2} * g.c1g * g.taps * acc_bytes;
+  const int64_t cap = std::max<int64_t>(1, (int64_t{256} << 20) / wbytes);
+  const int64_t want =
+      std::clamp<int64_t>(ceil_div(target, v.base), 1, std::min<int64_t>(g.n, cap));
+  v.n_chunk = static_cast<int>(std::max<int64_t>(1, g.n / want));
+  v.s_n = static_cast<int>(ceil_div(g.n, v.n_chunk));
+  if (v.s_n > cap) {  // floor(N / want) can overshoot the cap by the rounding
+    v.n_chunk = static_cast<int>(ceil_div(g.n, cap));
+    v.s_n = static_cast<int>(ceil_div(g.n, v.n_chunk));
+  }
+  v.ks = static_cast<int>(ceil_div(int64_t{g.ho} * g.wo, t.bk));
+  v.d_oh = t.bk / g.wo;
+  v.d_ow = t.bk % g.wo;
+  v.blocks = v.base * v.s_n;
+  return v;
+}
+
 }  // namespace aw_plan
 }  // namespace manet_kernels

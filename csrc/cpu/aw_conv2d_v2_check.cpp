@@ -1,0 +1,213 @@
+// manet_kernels::_aw_conv2d_wgrad_v2_emulate: the CUDA v2 weight-gradient kernel
+// (_aw_conv2d_wgrad_v2_kernel, csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
+// thread by thread and K step by K step, through the same index functions
+// (csrc/cuda/aw_conv2d_v2_index.h) and launch plan (csrc/cuda/aw_conv2d_plan.h): block
+// decoding, sample splits, the 16-byte chunk -> tile-slot map, the division-free position
+// cursors, zero-fill masks, the fold's thread layout and the partial buffers and their
+// fixed-order sums. Tile slots and partials start as NaN, so a slot or partial that no
+// thread writes shows in the result. No GPU is needed: tests/test_aw_conv2d_v2_index.py
+// compares it with autograd on odd shapes. Only the arithmetic of the MMA itself (and the
+// pipeline's timing) is not replayed.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../check.h"
+#include "../cuda/aw_conv2d_plan.h"
+#include "../cuda/aw_conv2d_v2_index.h"
+
+namespace manet_kernels {
+namespace {
+
+using at::Tensor;
+
+// Returns (dweight (C2, C1/g, kh, kw), dscale (N, C2, kh, kw), plan) with plan = [blocks,
+// s_n, n_chunk, ks, smem, supported] for a kernel of element size `elem_bytes` (2: the
+// fp16/bf16 tiles, 4: fp32, 8: fp64) on a GPU with `sms` SMs. Inputs are float64 on the
+// CPU; x and g in any layout (read as channels_last, as the kernel does).
+std::tuple<Tensor, Tensor, Tensor> wgrad_v2_emulate(const Tensor& g_in, const Tensor& x_in,
+                                                    const Tensor& w_in, const Tensor& scale_in,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation, int64_t groups,
+                                                    int64_t elem_bytes, int64_t sms) {
+  MK_CHECK(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8,
+           "elem_bytes: expected 2, 4 or 8, got ", elem_bytes);
+  MK_CHECK(sms >= 1, "sms: expected >= 1, got ", sms);
+  for (const Tensor* t : {&g_in, &x_in, &w_in, &scale_in})
+    MK_CHECK(t->scalar_type() == at::kDouble && t->device().is_cpu(),
+             "_aw_conv2d_wgrad_v2_emulate: expected float64 CPU tensors, got ", t->scalar_type(),
+             " on ", t->device());
+  MK_CHECK(x_in.dim() == 4 && w_in.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+               dilation.size() == 2,
+           "_aw_conv2d_wgrad_v2_emulate: expected 4-D x and weight and pairs of conv parameters");
+  const int64_t st[2] = {stride[0], stride[1]}, pd[2] = {padding[0], padding[1]},
+                dl[2] = {dilation[0], dilation[1]};
+  const aw_plan::Geo geo =
+      aw_plan::make_geo(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), w_in.size(0),
+                        w_in.size(2), w_in.size(3), st, pd, dl, groups);
+  MK_CHECK(g_in.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.ho, geo.wo}),
+           "g: expected the output's shape, got ", g_in.sizes());
+  MK_CHECK(scale_in.sizes() == at::IntArrayRef({geo.n, geo.c2, geo.kh, geo.kw}),
+           "scale: expected (N, C2, kh, kw), got ", scale_in.sizes());
+
+  const int eb = static_cast<int>(elem_bytes);
+  const int acc_bytes = eb == 8 ? 8 : 4;
+  const bool supported = aw_plan::wgrad_v2_supported(geo, eb, true, 0, 9);
+  const aw_plan::WgradV2Grid v = aw_plan::wgrad_v2_grid(geo, eb, acc_bytes, static_cast<int>(sms));
+  Tensor plan =
+      at::tensor(std::vector<int64_t>{v.blocks, v.s_n, v.n_chunk, v.ks, v.smem, supported ? 1 : 0});
+  MK_CHECK(supported, "_aw_conv2d_wgrad_v2_emulate: the v2 kernel does not take this shape");
+
+  const aw_plan::WgradV2Tile T = aw_plan::wgrad_v2_tile(eb);
+  const int BM = T.bm, BN = T.bn, BK = T.bk, VEC = T.vec;
+  const int threads = aw_plan::kThreads;
+  const int ald = BM + T.pad, bld = BN + T.pad;
+  const int chunks = BK * BM / VEC / threads;
+  const int row_parts = threads / BM, cols = BN / row_parts;
+  MK_CHECK(chunks >= 1 && BM == 64 && BN == 64, "tile layout");
+  // The kernel's compile-time chunk map for its VEC (BM = 64).
+  auto chunk_rc = [VEC](int e, int& row, int& col) {
+    switch (VEC) {
+      case 8:
+        row = aw_v2::chunk_row<64, 8>(e);
+        col = aw_v2::chunk_col<64, 8>(e);
+        break;
+      case 4:
+        row = aw_v2::chunk_row<64, 4>(e);
+        col = aw_v2::chunk_col<64, 4>(e);
+        break;
+      default: row = aw_v2::chunk_row<64, 2>(e); col = aw_v2::chunk_col<64, 2>(e);
+    }
+  };
+
+  // The kernel's operands: channels_last x and g, contiguous weight and scale.
+  const Tensor x = x_in.permute({0, 2, 3, 1}).contiguous();
+  const Tensor gg = g_in.permute({0, 2, 3, 1}).contiguous();
+  const Tensor w = w_in.contiguous();
+  const Tensor sc = scale_in.contiguous();
+  const double* xd = x.const_data_ptr<double>();
+  const double* gd = gg.const_data_ptr<double>();
+  const double* wd = w.const_data_ptr<double>();
+  const double* sd = sc.const_data_ptr<double>();
+  const int64_t g_sample = int64_t{geo.ho} * geo.wo * geo.c2;
+  const int64_t x_sample = int64_t{geo.h} * geo.w * geo.c1;
+
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Tensor dw_part = at::full({v.s_n, geo.c2, geo.c1g, geo.kh, geo.kw}, nan, at::kDouble);
+  Tensor ds_part = at::full({v.n_nt, geo.n, geo.c2, geo.kh, geo.kw}, nan, at::kDouble);
+  double* dwp = dw_part.mutable_data_ptr<double>();
+  double* dsp = ds_part.mutable_data_ptr<double>();
+  const int64_t dwp_n = dw_part.numel(), dsp_n = ds_part.numel();
+
+  std::vector<double> As(static_cast<size_t>(BK) * ald), Bs(static_cast<size_t>(BK) * bld);
+  std::vector<double> C(static_cast<size_t>(BM) * BN);
+  std::vector<double> acc(static_cast<size_t>(threads) * cols);
+  std::vector<aw_v2::Cursor> cur0(static_cast<size_t>(threads) * chunks),
+      cur(static_cast<size_t>(threads) * chunks);
+
+  for (int64_t b = 0; b < v.blocks; ++b) {
+    const aw_v2::WgradBlock blk = aw_v2::wgrad_block(b, v.n_nt, v.n_mt, geo.taps, geo.groups);
+    const int n_begin = aw_v2::split_begin(blk.sn, v.n_chunk);
+    const int n_end = aw_v2::split_end(blk.sn, v.n_chunk, geo.n);
+    MK_CHECK(n_begin < n_end, "block ", b, ": empty sample split ", blk.sn);
+    const int r = blk.t / geo.kw, s = blk.t - r * geo.kw;
+    const int m0 = blk.mt * BM, j0 = blk.nt * BN;
+    for (int tid = 0; tid < threads; ++tid) {
+      for (int i = 0; i < chunks; ++i) {
+        int row, col;
+        chunk_rc(tid + threads * i, row, col);
+        cur0[tid * chunks + i] = aw_v2::cursor_at(row, geo.wo);
+      }
+    }
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int n = n_begin; n < n_end; ++n) {
+      cur = cur0;
+      std::fill(C.begin(), C.end(), 0.0);
+      for (int k = 0; k < v.ks; ++k) {
+        std::fill(As.begin(), As.end(), nan);
+        std::fill(Bs.begin(), Bs.end(), nan);
+        for (int tid = 0; tid < threads; ++tid) {
+          for (int i = 0; i < chunks; ++i) {
+            int row, col;
+            chunk_rc(tid + threads * i, row, col);
+            MK_CHECK(row == cur[tid * chunks + i].q - k * BK, "chunk map and cursor disagree");
+            const aw_v2::Cursor& c = cur[tid * chunks + i];
+            const int og = aw_v2::g_chunk(geo, c, m0, col, blk.gi);
+            const int ox = aw_v2::x_chunk(geo, c, r, s, j0, col, blk.gi);
+            MK_CHECK(og < 0 || (og % VEC == 0 && og + VEC <= g_sample), "g chunk ", og,
+                     " misaligned or out of the sample");
+            MK_CHECK(ox < 0 || (ox % VEC == 0 && ox + VEC <= x_sample), "x chunk ", ox,
+                     " misaligned or out of the sample");
+            for (int u = 0; u < VEC; ++u) {
+              As[row * ald + col + u] = og >= 0 ? gd[n * g_sample + og + u] : 0.0;
+              Bs[row * bld + col + u] = ox >= 0 ? xd[n * x_sample + ox + u] : 0.0;
+            }
+          }
+        }
+        for (int kk = 0; kk < BK; ++kk)
+          for (int m = 0; m < BM; ++m)
+            for (int j = 0; j < BN; ++j) C[m * BN + j] += As[kk * ald + m] * Bs[kk * bld + j];
+        for (int tid = 0; tid < threads; ++tid)
+          for (int i = 0; i < chunks; ++i)
+            aw_v2::cursor_step(cur[tid * chunks + i], BK, v.d_oh, v.d_ow, geo.wo);
+      }
+      // The fold: the row's kRowParts lanes add their parts (the kernel's shuffles).
+      for (int tid = 0; tid < threads; tid += row_parts) {
+        double part = 0.0;
+        const int fr = aw_v2::fold_row(tid, row_parts);
+        const bool row_ok = m0 + fr < geo.c2g;
+        const int o = blk.gi * geo.c2g + m0 + fr;
+        for (int lane = tid; lane < tid + row_parts; ++lane) {
+          MK_CHECK(aw_v2::fold_row(lane, row_parts) == fr, "fold rows");
+          const double scv = row_ok ? sd[(int64_t{n} * geo.c2 + o) * geo.taps + blk.t] : 0.0;
+          for (int jj = 0; jj < cols; ++jj) {
+            const int cc = aw_v2::fold_col(lane, jj, row_parts);
+            const int c = j0 + cc;
+            const double wv =
+                row_ok && c < geo.c1g ? wd[(int64_t{o} * geo.c1g + c) * geo.taps + blk.t] : 0.0;
+            const double val = C[fr * BN + cc];
+            part += wv * val;
+            acc[lane * cols + jj] += scv * val;
+          }
+        }
+        if (row_ok) {
+          const int64_t at = aw_v2::ds_part_at(geo, blk.nt, n, o, blk.t);
+          MK_CHECK(at >= 0 && at < dsp_n && std::isnan(dsp[at]), "dscale partial ", at,
+                   " out of range or written twice");
+          dsp[at] = part;
+        }
+      }
+    }
+    for (int tid = 0; tid < threads; ++tid) {
+      const int fr = aw_v2::fold_row(tid, row_parts);
+      if (m0 + fr >= geo.c2g) continue;
+      const int o = blk.gi * geo.c2g + m0 + fr;
+      for (int jj = 0; jj < cols; ++jj) {
+        const int c = j0 + aw_v2::fold_col(tid, jj, row_parts);
+        if (c >= geo.c1g) continue;
+        const int64_t at = aw_v2::dw_part_at(geo, blk.sn, o, c, blk.t);
+        MK_CHECK(at >= 0 && at < dwp_n && std::isnan(dwp[at]), "dweight partial ", at,
+                 " out of range or written twice");
+        dwp[at] = acc[tid * cols + jj];
+      }
+    }
+  }
+  return {dw_part.sum(0), ds_part.sum(0), plan};
+}
+
+}  // namespace
+}  // namespace manet_kernels
+
+TORCH_LIBRARY_FRAGMENT(manet_kernels, m) {
+  // Private: for tests/test_aw_conv2d_v2_index.py (see the top of this file).
+  m.def(
+      "_aw_conv2d_wgrad_v2_emulate(Tensor g, Tensor x, Tensor weight, Tensor scale, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int elem_bytes, int sms) "
+      "-> (Tensor dweight, Tensor dscale, Tensor plan)",
+      &manet_kernels::wgrad_v2_emulate);
+}
