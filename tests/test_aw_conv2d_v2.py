@@ -1,0 +1,190 @@
+"""The second-generation CUDA weight gradient of AW-conv (``_aw_conv2d_wgrad_v2_kernel`` in
+csrc/cuda/aw_conv2d.cu, reached through ``_aw_conv2d_bwd_v2`` behind
+``CUDA_AW_V2_VERIFIED``; docs/design.md §2.4).
+
+CPU: the kernel's index math replayed thread by thread by ``_aw_conv2d_wgrad_v2_emulate``
+(the kernel's own index functions and launch plan, float64) against the pass contract on
+odd shapes, and its launch plan at the report's shapes. GPU (skipped without one; run by
+benchmarks/run_device.sh's first step): the v2 op against the verified first-generation op
+and the float64 contract, and the public function with the gate open and closed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import manet_kernels  # noqa: F401  (loads the extension)
+from manet_kernels import _ext
+from manet_kernels.ops import aw_conv2d as aw_ops
+from manet_kernels.reference import passes
+
+_OPS = torch.ops.manet_kernels
+needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason="the extension is not built")
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.has_kernel("aw_conv2d_bwd_v2", "cuda")),
+    reason="needs a CUDA device and the extension's CUDA kernels")
+
+H100 = dict(sms=132, cc_major=9, smem_optin=227 * 1024)
+ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4, torch.float64: 8}
+
+
+def _out_hw(hw, k, stride, padding, dilation):
+    return tuple((hw[i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))
+
+
+def _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, dtype, device="cpu",
+            seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, c1, *hw, generator=gen, dtype=torch.float64)
+    w = torch.randn(c2, c1 // groups, *k, generator=gen, dtype=torch.float64)
+    s = 0.5 + torch.rand(n, c2, *k, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, c2, *_out_hw(hw, k, stride, padding, dilation), generator=gen,
+                    dtype=torch.float64)
+    cl = torch.channels_last
+    return (x.to(device, dtype).contiguous(memory_format=cl), w.to(device, dtype),
+            s.to(device, acc), g.to(device, dtype).contiguous(memory_format=cl))
+
+
+# (N, C1, C2, (H, W), k, stride, padding, dilation, groups): channel counts that 16-byte
+# chunks tile (multiples of 8) but not 64-wide tiles; maps smaller than, equal to and
+# larger than a K step; strides, dilation, asymmetric padding, groups; sample splits
+# that do not divide N (the `sms` column shrinks or grows the split).
+EMU_CASES = [
+    ((3, 16, 8, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1), 2, 2),
+    ((5, 24, 40, (6, 5), (3, 3), (2, 1), (1, 0), (1, 2), 1), 4, 3),
+    ((2, 72, 80, (4, 3), (2, 2), (1, 1), (0, 1), (1, 1), 1), 8, 1),
+    ((7, 16, 16, (3, 3), (3, 3), (1, 1), (1, 1), (1, 1), 2), 2, 1),
+    ((4, 8, 8, (9, 11), (1, 1), (2, 2), (0, 0), (1, 1), 1), 2, 5),
+    ((2, 136, 72, (3, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1), 2, 1),
+    ((5, 16, 24, (7, 7), (1, 3), (1, 2), (0, 1), (1, 1), 1), 4, 7),
+    ((3, 32, 16, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 4), 8, 2),
+    ((6, 8, 16, (13, 5), (3, 3), (2, 2), (1, 1), (2, 1), 1), 2, 3),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case,elem_bytes,sms", EMU_CASES,
+                         ids=[f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}{c[4][1]}"
+                              f"-s{c[5][0]}{c[5][1]}-e{e}-sm{m}" for c, e, m in EMU_CASES])
+def test_aw_v2_emulated_index_math(case, elem_bytes, sms):
+    n, c1, c2, hw, k, stride, padding, dilation, groups = case
+    x, w, s, g = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, torch.float64)
+    conv = [list(stride), list(padding), list(dilation), groups]
+    dw, ds, plan = _OPS._aw_conv2d_wgrad_v2_emulate(g, x, w, s, *conv, elem_bytes, sms)
+    _, dw_ref, ds_ref = passes.aw_conv2d_bwd(g, x, w, s, *conv)
+    blocks, s_n, n_chunk = plan.tolist()[:3]
+    assert s_n == -(-n // n_chunk) and blocks % s_n == 0
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ds, ds_ref, rtol=1e-12, atol=1e-12)
+
+
+# ResNet-50's 3x3 stages at batch 64 (the kernel report's shapes): (N, C, H, W) -> C.
+STAGES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
+
+
+def _plan(op, shape, dtype, channels_last, c2, k=3):
+    names, nums = _OPS._cuda_launch_plan(op, list(shape), dtype, channels_last,
+                                         [c2, k, k, 1, 1, k // 2, k // 2, 1, 1, 1],
+                                         H100["sms"], H100["cc_major"], H100["smem_optin"],
+                                         [], [])
+    return [(name, nums[6 * i], nums[6 * i + 4]) for i, name in enumerate(names)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", list(ELEM), ids=str)
+@pytest.mark.parametrize("shape", STAGES, ids=lambda s: "x".join(map(str, s)))
+def test_aw_v2_plan_fills_two_waves(shape, dtype):
+    """Two CTAs per SM fit (shared memory; registers are the kernel report's) and the
+    grid is at least two waves of them on an H100."""
+    launches = _plan("aw_conv2d_bwd_v2", shape, dtype, True, shape[1])
+    v2 = [la for la in launches if la[0].startswith("_aw_conv2d_wgrad_v2_kernel")]
+    assert len(v2) == 1, launches
+    _, blocks, smem = v2[0]
+    assert 2 * (smem + 1024) <= 228 * 1024  # an H100 SM's shared memory, 1 KB per CTA reserved
+    assert blocks >= 2 * 2 * H100["sms"]
+
+
+@needs_ext
+@pytest.mark.parametrize("channels_last,c1", [(False, 64), (True, 3), (True, 12)])
+def test_aw_v2_plan_falls_back(channels_last, c1):
+    """NCHW, or channel counts that 16-byte chunks do not tile, keep the first kernel."""
+    launches = _plan("aw_conv2d_bwd_v2", (4, c1, 14, 14), torch.bfloat16, channels_last, 16)
+    names = [la[0] for la in launches]
+    assert not any("wgrad_v2" in name for name in names)
+    assert any(name.startswith("_aw_conv2d_wgrad_kernel") for name in names)
+
+
+def test_aw_v2_gate_is_closed_by_default():
+    assert aw_ops.CUDA_AW_V2_VERIFIED is False
+    with aw_ops.unverified_cuda_aw_v2():
+        assert aw_ops.CUDA_AW_V2_VERIFIED is True
+    assert aw_ops.CUDA_AW_V2_VERIFIED is False
+
+
+# --------------------------------------------------------------------------- GPU
+
+GPU_CASES = [
+    (2, 64, 64, (56, 56), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (8, 128, 128, (28, 28), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (4, 512, 512, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (5, 72, 80, (13, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (3, 16, 24, (9, 7), (3, 3), (2, 1), (1, 0), (1, 2), 2),
+    (3, 64, 128, (14, 14), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+]
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events()]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32,
+                                   torch.float64], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}")
+def test_aw_v2_cuda_matches_verified(case, dtype):
+    """v2's (dx, dweight, dscale) against the float64 contract, no worse than twice the
+    verified op's error (plus a floor), and the v2 kernel did run."""
+    n, c1, c2, hw, k, stride, padding, dilation, groups = case
+    x, w, s, g = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, dtype, "cuda")
+    conv = [list(stride), list(padding), list(dilation), groups]
+    new, names = _kernel_names(lambda: _OPS._aw_conv2d_bwd_v2(g, x, w, s, *conv))
+    assert any("wgrad_v2" in name for name in names), names
+    old = _OPS._aw_conv2d_bwd(g, x, w, s, *conv)
+    ref = passes.aw_conv2d_bwd(*(t.double().cpu() for t in (g, x, w, s)), *conv)
+    floor = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-3)
+    for name, a, b, r in zip(("dx", "dweight", "dscale"), new, old, ref):
+        err_new, err_old = _rel(a.cpu(), r), _rel(b.cpu(), r)
+        assert err_new <= 2 * err_old + floor, (name, err_new, err_old)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_aw_v2_cuda_public_gate(dtype):
+    """aw_conv2d(backend="cuda"): the first kernels while the gate is closed, v2 within
+    unverified_cuda_aw_v2(); both match the reference's gradients."""
+    x, w, s, g = _inputs(4, 64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1, dtype, "cuda")
+    attn = (s - 1).to(dtype)[:, :, None]
+
+    def grads(backend):
+        xs, ws, a = (t.detach().clone().requires_grad_() for t in (x, w, attn))
+        y = manet_kernels.aw_conv2d(xs, ws, a, padding=1, backend=backend)
+        y.backward(g)
+        return xs.grad, ws.grad, a.grad
+
+    closed, names_closed = _kernel_names(lambda: grads("cuda"))
+    with aw_ops.unverified_cuda_aw_v2():
+        opened, names_open = _kernel_names(lambda: grads("cuda"))
+    assert not any("wgrad_v2" in name for name in names_closed)
+    assert any("wgrad_v2" in name for name in names_open)
+    for a, b in zip(opened, closed):
+        assert _rel(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
