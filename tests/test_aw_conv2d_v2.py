@@ -1,12 +1,13 @@
-"""The second-generation CUDA weight gradient of AW-conv (``_aw_conv2d_wgrad_v2_kernel`` in
-csrc/cuda/aw_conv2d.cu, reached through ``_aw_conv2d_bwd_v2`` behind
-``CUDA_AW_V2_VERIFIED``; docs/design.md §2.4).
+"""The second-generation CUDA kernels of AW-conv (``_aw_conv2d_fwd_v2_kernel`` and
+``_aw_conv2d_wgrad_v2_kernel`` in csrc/cuda/aw_conv2d.cu, reached through
+``_aw_conv2d_fwd_v2`` / ``_aw_conv2d_bwd_v2`` behind ``CUDA_AW_V2_VERIFIED``;
+docs/design.md §2.4).
 
-CPU: the kernel's index math replayed thread by thread by ``_aw_conv2d_wgrad_v2_emulate``
-(the kernel's own index functions and launch plan, float64) against the pass contract on
-odd shapes, and its launch plan at the report's shapes. GPU (skipped without one; run by
-benchmarks/run_device.sh's first step): the v2 op against the verified first-generation op
-and the float64 contract, and the public function with the gate open and closed.
+CPU: the kernels' index math replayed thread by thread by ``_aw_conv2d_*_v2_emulate`` (the
+kernels' own index functions and launch plans, float64) against the pass contract on odd
+shapes, and their launch plans at the report's shapes. GPU (skipped without one; run by
+benchmarks/run_device.sh's first step): the v2 ops against the verified first-generation
+ops and the float64 contract, and the public function with the gate open and closed.
 """
 
 from __future__ import annotations
@@ -81,6 +82,34 @@ def test_aw_v2_emulated_index_math(case, elem_bytes, sms):
     torch.testing.assert_close(ds, ds_ref, rtol=1e-12, atol=1e-12)
 
 
+# (N, C1, C2, (H, W), k, stride, padding, dilation, groups, bias): several position and
+# channel tiles, ragged; taps whose channel blocks end mid-step (C1/g = 8, 24, 72, 136).
+FWD_EMU_CASES = [
+    (3, 16, 8, (5, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    (5, 24, 40, (6, 5), (3, 3), (2, 1), (1, 0), (1, 2), 1, False),
+    (2, 72, 80, (4, 3), (2, 2), (1, 1), (0, 1), (1, 1), 1, True),
+    (7, 16, 16, (3, 3), (3, 3), (1, 1), (1, 1), (1, 1), 2, True),
+    (2, 136, 72, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    (3, 32, 32, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 4, False),
+    (2, 8, 16, (13, 5), (1, 3), (2, 2), (1, 1), (2, 1), 1, True),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", FWD_EMU_CASES,
+                         ids=[f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}{c[4][1]}"
+                              f"-g{c[8]}" for c in FWD_EMU_CASES])
+def test_aw_v2_emulated_forward_index_math(case):
+    n, c1, c2, hw, k, stride, padding, dilation, groups, has_bias = case
+    x, w, s, _ = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, torch.float64)
+    b = torch.randn(n, c2, dtype=torch.float64) if has_bias else None
+    conv = [list(stride), list(padding), list(dilation), groups]
+    y, plan = _OPS._aw_conv2d_fwd_v2_emulate(x, w, s, b, *conv)
+    assert plan.tolist()[-1] == 1
+    torch.testing.assert_close(y, passes.aw_conv2d_fwd(x, w, s, b, *conv), rtol=1e-12,
+                               atol=1e-12)
+
+
 # ResNet-50's 3x3 stages at batch 64 (the kernel report's shapes): (N, C, H, W) -> C.
 STAGES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
 
@@ -108,11 +137,27 @@ def test_aw_v2_plan_fills_two_waves(shape, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("channels_last,c1", [(False, 64), (True, 3), (True, 12)])
-def test_aw_v2_plan_falls_back(channels_last, c1):
-    """NCHW, or channel counts that 16-byte chunks do not tile, keep the first kernel."""
-    launches = _plan("aw_conv2d_bwd_v2", (4, c1, 14, 14), torch.bfloat16, channels_last, 16)
-    names = [la[0] for la in launches]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", STAGES, ids=lambda s: "x".join(map(str, s)))
+def test_aw_v2_plan_forward(shape, dtype):
+    launches = _plan("aw_conv2d_fwd_v2", shape, dtype, True, shape[1])
+    assert [la[0].split("<")[0] for la in launches] == ["_aw_conv2d_fwd_v2_kernel"]
+    assert 2 * (launches[0][2] + 1024) <= 228 * 1024
+
+
+@needs_ext
+@pytest.mark.parametrize("channels_last,c1,dtype", [(False, 64, torch.bfloat16),
+                                                    (True, 3, torch.bfloat16),
+                                                    (True, 12, torch.bfloat16),
+                                                    (True, 64, torch.float32)])
+def test_aw_v2_plan_falls_back(channels_last, c1, dtype):
+    """NCHW, or channel counts that 16-byte chunks do not tile, keep the first kernels
+    (and fp32/fp64 the first forward)."""
+    fwd = [la[0] for la in _plan("aw_conv2d_fwd_v2", (4, c1, 14, 14), dtype, channels_last, 16)]
+    assert fwd and all(name.startswith("_aw_conv2d_fwd_kernel") for name in fwd)
+    if dtype == torch.float32:
+        return
+    names = [la[0] for la in _plan("aw_conv2d_bwd_v2", (4, c1, 14, 14), dtype, channels_last, 16)]
     assert not any("wgrad_v2" in name for name in names)
     assert any(name.startswith("_aw_conv2d_wgrad_kernel") for name in names)
 
@@ -168,6 +213,22 @@ def test_aw_v2_cuda_matches_verified(case, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}")
+def test_aw_v2_cuda_forward_matches_verified(case, dtype):
+    n, c1, c2, hw, k, stride, padding, dilation, groups = case
+    x, w, s, _ = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, dtype, "cuda")
+    b = torch.randn(n, c2, device="cuda")
+    conv = [list(stride), list(padding), list(dilation), groups]
+    new, names = _kernel_names(lambda: _OPS._aw_conv2d_fwd_v2(x, w, s, b, *conv))
+    assert any("fwd_v2" in name for name in names), names
+    assert new.is_contiguous(memory_format=torch.channels_last)
+    old = _OPS._aw_conv2d_fwd(x, w, s, b, *conv)
+    ref = passes.aw_conv2d_fwd(*(t.double().cpu() for t in (x, w, s, b)), *conv)
+    assert _rel(new.cpu(), ref) <= 2 * _rel(old.cpu(), ref) + 1e-3
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_aw_v2_cuda_public_gate(dtype):
     """aw_conv2d(backend="cuda"): the first kernels while the gate is closed, v2 within
@@ -184,7 +245,8 @@ def test_aw_v2_cuda_public_gate(dtype):
     closed, names_closed = _kernel_names(lambda: grads("cuda"))
     with aw_ops.unverified_cuda_aw_v2():
         opened, names_open = _kernel_names(lambda: grads("cuda"))
-    assert not any("wgrad_v2" in name for name in names_closed)
+    assert not any("_v2_kernel" in name for name in names_closed)
     assert any("wgrad_v2" in name for name in names_open)
+    assert any("fwd_v2" in name for name in names_open) == (dtype == torch.bfloat16)
     for a, b in zip(opened, closed):
         assert _rel(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)

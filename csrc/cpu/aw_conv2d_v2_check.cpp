@@ -1,13 +1,13 @@
-// manet_kernels::_aw_conv2d_wgrad_v2_emulate: the CUDA v2 weight-gradient kernel
-// (_aw_conv2d_wgrad_v2_kernel, csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
+// manet_kernels::_aw_conv2d_wgrad_v2_emulate (and _fwd_v2_emulate): the CUDA v2
+// weight-gradient (and forward) kernel (csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
 // thread by thread and K step by K step, through the same index functions
 // (csrc/cuda/aw_conv2d_v2_index.h) and launch plan (csrc/cuda/aw_conv2d_plan.h): block
 // decoding, sample splits, the 16-byte chunk -> tile-slot map, the division-free position
 // cursors, zero-fill masks, the fold's thread layout and the partial buffers and their
 // fixed-order sums. Tile slots and partials start as NaN, so a slot or partial that no
-// thread writes shows in the result. No GPU is needed: tests/test_aw_conv2d_v2_index.py
-// compares it with autograd on odd shapes. Only the arithmetic of the MMA itself (and the
-// pipeline's timing) is not replayed.
+// thread writes shows in the result. No GPU is needed: tests/test_aw_conv2d_v2.py
+// compares both with the pass contract on odd shapes. Only the arithmetic of the MMA itself (and
+// the pipeline's timing) is not replayed.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -200,6 +200,114 @@ std::tuple<Tensor, Tensor, Tensor> wgrad_v2_emulate(const Tensor& g_in, const Te
   return {dw_part.sum(0), ds_part.sum(0), plan};
 }
 
+// The forward v2 kernel (_aw_conv2d_fwd_v2_kernel) replayed the same way: returns
+// (y (N, C2, Ho, Wo), plan = [blocks, ks_tap, smem, supported]); bias (N, C2) or None.
+std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x_in, const Tensor& w_in,
+                                          const Tensor& scale_in,
+                                          const c10::optional<Tensor>& bias_in,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation, int64_t groups) {
+  for (const Tensor* t : {&x_in, &w_in, &scale_in})
+    MK_CHECK(t->scalar_type() == at::kDouble && t->device().is_cpu(),
+             "_aw_conv2d_fwd_v2_emulate: expected float64 CPU tensors, got ", t->scalar_type(),
+             " on ", t->device());
+  MK_CHECK(x_in.dim() == 4 && w_in.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+               dilation.size() == 2,
+           "_aw_conv2d_fwd_v2_emulate: expected 4-D x and weight and pairs of conv parameters");
+  const int64_t st[2] = {stride[0], stride[1]}, pd[2] = {padding[0], padding[1]},
+                dl[2] = {dilation[0], dilation[1]};
+  const aw_plan::Geo geo =
+      aw_plan::make_geo(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), w_in.size(0),
+                        w_in.size(2), w_in.size(3), st, pd, dl, groups);
+  const bool supported = aw_plan::fwd_v2_supported(geo, 2, true, 0, 9);
+  const aw_plan::FwdV2Grid v = aw_plan::fwd_v2_grid(geo);
+  Tensor plan = at::tensor(std::vector<int64_t>{v.blocks, v.ks_tap, v.smem, supported ? 1 : 0});
+  MK_CHECK(supported, "_aw_conv2d_fwd_v2_emulate: the v2 kernel does not take this shape");
+
+  const aw_plan::FwdV2Tile T = aw_plan::fwd_v2_tile();
+  const int BM = T.bm, BN = T.bn, BK = T.bk, VEC = T.vec;
+  const int threads = aw_plan::kThreads;
+  const int ald = BK + T.pad, bld = BN + T.pad;
+  const int brow_step = threads / BN, bper = BK / brow_step;
+  const int ychunks = BM * BN / VEC / threads;
+  MK_CHECK(BM * BK == VEC * threads && BM == 64 && BN == 64 && BK == 32 && VEC == 8, "tile layout");
+
+  const Tensor x = x_in.permute({0, 2, 3, 1}).contiguous();
+  const Tensor w = w_in.contiguous();
+  const Tensor sc = scale_in.contiguous();
+  const double* xd = x.const_data_ptr<double>();
+  const double* wd = w.const_data_ptr<double>();
+  const double* sd = sc.const_data_ptr<double>();
+  Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+  const double* bd = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
+  const int P = geo.ho * geo.wo;
+  const int64_t x_sample = int64_t{geo.h} * geo.w * geo.c1;
+
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Tensor y = at::full({geo.n, geo.ho, geo.wo, geo.c2}, nan, at::kDouble);
+  double* yd = y.mutable_data_ptr<double>();
+  const int64_t y_n = y.numel();
+  std::vector<double> As(static_cast<size_t>(BM) * ald), Bs(static_cast<size_t>(BK) * bld);
+  std::vector<double> C(static_cast<size_t>(BM) * BN);
+  const int total = geo.taps * v.ks_tap;
+
+  for (int64_t b = 0; b < v.blocks; ++b) {
+    const aw_v2::FwdBlock blk = aw_v2::fwd_block(b, v.n_nt, v.n_mt, geo.groups);
+    const int q0 = blk.mt * BM, j0 = blk.nt * BN;
+    std::fill(C.begin(), C.end(), 0.0);
+    aw_v2::KCursor pk{0, 0, 0};
+    for (int it = 0; it < total; ++it) {
+      std::fill(As.begin(), As.end(), nan);
+      std::fill(Bs.begin(), Bs.end(), nan);
+      for (int tid = 0; tid < threads; ++tid) {
+        const int am = aw_v2::chunk_row<32, 8>(tid), akc = aw_v2::chunk_col<32, 8>(tid);
+        const int aq = q0 + am;
+        const bool q_ok = aq < P;
+        const int oh = q_ok ? aq / geo.wo : 0;
+        const int ow = q_ok ? aq - oh * geo.wo : 0;
+        const int ox = aw_v2::x_fwd_chunk(geo, q_ok, oh, ow, pk, akc, blk.gi);
+        MK_CHECK(ox < 0 || (ox % VEC == 0 && ox + VEC <= x_sample), "x chunk ", ox,
+                 " misaligned or out of the sample");
+        for (int u = 0; u < VEC; ++u)
+          As[am * ald + akc + u] = ox >= 0 ? xd[blk.n * x_sample + ox + u] : 0.0;
+        const int bj = tid % BN, bk0 = tid / BN;
+        const bool col_ok = j0 + bj < geo.c2g;
+        const int64_t srow =
+            (int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + (col_ok ? j0 + bj : 0)) * geo.taps;
+        const double scv = col_ok ? sd[srow + pk.r * geo.kw + pk.s] : 0.0;
+        for (int i = 0; i < bper; ++i) {
+          const int64_t wi = aw_v2::w_fwd_at(geo, pk, bk0 + brow_step * i, j0, bj, blk.gi);
+          MK_CHECK(wi < w.numel(), "weight index ", wi, " out of range");
+          Bs[(bk0 + brow_step * i) * bld + bj] = wi >= 0 ? wd[wi] * scv : 0.0;
+        }
+      }
+      for (int m = 0; m < BM; ++m)
+        for (int kk = 0; kk < BK; ++kk)
+          for (int j = 0; j < BN; ++j) C[m * BN + j] += As[m * ald + kk] * Bs[kk * bld + j];
+      aw_v2::kcursor_step(pk, BK, geo.c1g, geo.kw);
+    }
+    MK_CHECK(pk.r == geo.kh && pk.s == 0 && pk.c0 == 0, "the K cursor ends at (", pk.r, ", ", pk.s,
+             ", ", pk.c0, ")");
+    for (int tid = 0; tid < threads; ++tid) {
+      for (int i = 0; i < ychunks; ++i) {
+        const int e = tid + threads * i;
+        const int m = aw_v2::chunk_row<64, 8>(e), jc = aw_v2::chunk_col<64, 8>(e);
+        const int64_t yo = aw_v2::y_fwd_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi);
+        if (yo < 0) continue;
+        MK_CHECK(yo % VEC == 0 && yo + VEC <= y_n, "y chunk ", yo, " misaligned or out of y");
+        for (int u = 0; u < VEC; ++u) {
+          MK_CHECK(std::isnan(yd[yo + u]), "y element ", yo + u, " written twice");
+          const double bv =
+              bd != nullptr ? bd[int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + j0 + jc + u] : 0.0;
+          yd[yo + u] = C[m * BN + jc + u] + bv;
+        }
+      }
+    }
+  }
+  return {y.permute({0, 3, 1, 2}), plan};
+}
+
 }  // namespace
 }  // namespace manet_kernels
 
@@ -210,4 +318,8 @@ TORCH_LIBRARY_FRAGMENT(manet_kernels, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int elem_bytes, int sms) "
       "-> (Tensor dweight, Tensor dscale, Tensor plan)",
       &manet_kernels::wgrad_v2_emulate);
+  m.def(
+      "_aw_conv2d_fwd_v2_emulate(Tensor x, Tensor weight, Tensor scale, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor y, Tensor plan)",
+      &manet_kernels::fwd_v2_emulate);
 }

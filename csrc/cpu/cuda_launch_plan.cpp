@@ -247,8 +247,8 @@ bool brnpa(std::vector<Launch>& out, const std::string& op, bool cl, c10::Scalar
 bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channels_last,
                c10::ScalarType dt, at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {
   namespace ap = aw_plan;
-  const bool v2 = op_name == "aw_conv2d_bwd_v2";
-  const std::string op = v2 ? "aw_conv2d_bwd" : op_name;
+  const bool v2 = op_name == "aw_conv2d_bwd_v2" || op_name == "aw_conv2d_fwd_v2";
+  const std::string op = v2 ? op_name.substr(0, op_name.size() - 3) : op_name;
   const bool aw = op.rfind("aw_conv2d_", 0) == 0;
   const bool ps = op.rfind("per_sample_conv2d_", 0) == 0;
   if (!aw && !ps) return false;
@@ -272,13 +272,19 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channe
   const int bk = tc ? ap::WmmaTile::BK : ap::FmaTile::BK;
   const std::string T = scalar_name(dt);
   const ap::ConvGrid cg = ap::conv_grid(g, bwd, bm, bn);
-  if (cg.blocks > 0) {
+  const int elem = static_cast<int>(c10::elementSize(dt));
+  if (v2 && !bwd && ap::fwd_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+    const ap::FwdV2Grid fg = ap::fwd_v2_grid(g);
+    out.push_back(
+        launch1d(tmpl("_aw_conv2d_fwd_v2_kernel",
+                      {T, tmpl("WmmaCore", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})}),
+                 fg.blocks, ap::kThreads, fg.smem));
+  } else if (cg.blocks > 0) {
     out.push_back(launch1d(
         tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel", {T, core, bool_name(aw)}),
         cg.blocks, ap::kThreads));
   }
-  const int elem = static_cast<int>(c10::elementSize(dt));
-  if (v2 && ap::wgrad_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+  if (v2 && bwd && ap::wgrad_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
     const ap::WgradV2Grid vg = ap::wgrad_v2_grid(g, elem, acc_bytes(dt), gpu.sms);
     const std::string v2core =
         is16 ? tmpl("WmmaCoreKm", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})

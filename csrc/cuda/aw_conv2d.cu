@@ -854,6 +854,142 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------
+// Forward, second generation (aw op, fp16/bf16, channels_last; fwd_v2_supported decides
+// when it runs, the index math is aw_conv2d_v2_index.h). One block: 64 output positions
+// of one sample x 64 output channels of a group, K = (tap, input channel) in steps of 32
+// channels. x arrives as 16-byte cp.async chunks in a 3-stage ring; the weight tile is
+// gathered into registers one step ahead (the loads fly during the MMA), scaled by
+// scale[n, o, t] and rounded as it is stored into its ring slot. Cursors step the tap and
+// channel block without division. WmmaCore's tiles (row-major A and B) are the plan's.
+
+template <typename scalar_t>
+struct FwdV2Args {
+  Geo geo;
+  const scalar_t* x;   // (N, C1, H, W) channels_last
+  const scalar_t* w;   // (C2, C1/g, kh, kw)
+  const float* scale;  // (N, C2, kh, kw)
+  const float* bias;   // (N, C2) or null
+  scalar_t* y;         // (N, C2, Ho, Wo) channels_last
+  int n_mt, n_nt, ks_tap;
+};
+
+template <typename scalar_t, class Core>
+__global__ void __launch_bounds__(kThreads, 2)
+    _aw_conv2d_fwd_v2_kernel(const FwdV2Args<scalar_t> a) {
+  using comp_t = typename Core::comp_t;
+  using namespace aw_v2;
+  constexpr FwdV2Tile kT = fwd_v2_tile();
+  constexpr int BM = Core::BM, BN = Core::BN, BK = Core::BK;
+  constexpr int VEC = kT.vec, kStages = kT.stages;
+  static_assert(sizeof(comp_t) == 2 && sizeof(scalar_t) == 2 && BM == kT.bm && BN == kT.bn &&
+                    BK == kT.bk && Core::kALd == BK + kT.pad && Core::kBLd == BN + kT.pad &&
+                    Core::kCLd == BN + 4 && VEC == 8,
+                "the kernel's tiles are the plan's (fwd_v2_tile, fwd_v2_smem)");
+  static_assert(BM * BK == VEC * kThreads, "one x chunk per thread and step");
+  constexpr int kBRowStep = kThreads / BN;  // weight rows between a thread's elements
+  constexpr int kBPer = BK / kBRowStep;     // weight elements per thread and step
+  constexpr int kYChunks = BM * BN / VEC / kThreads;
+  static_assert(kThreads % BN == 0 && BK % kBRowStep == 0 && kYChunks * VEC * kThreads == BM * BN,
+                "thread layouts");
+  constexpr int kAStage = BM * Core::kALd, kBStage = BK * Core::kBLd;  // elements
+
+  extern __shared__ __align__(128) unsigned char raw[];
+  comp_t* As = reinterpret_cast<comp_t*>(raw);
+  comp_t* Bs = reinterpret_cast<comp_t*>(raw + fwd_v2_ring_a_bytes());
+  float* Cs = reinterpret_cast<float*>(raw);  // after the K loop, over the ring
+
+  const Geo& g = a.geo;
+  const FwdBlock blk = fwd_block(blockIdx.x, a.n_nt, a.n_mt, g.groups);
+  const int P = g.ho * g.wo;
+  const int q0 = blk.mt * BM, j0 = blk.nt * BN;
+  const scalar_t* xs = a.x + blk.n * (int64_t{g.h} * g.w * g.c1);
+
+  // x chunk of this thread: position q0 + am (one division, here), channels akc...
+  const int am = chunk_row<BK, VEC>(threadIdx.x), akc = chunk_col<BK, VEC>(threadIdx.x);
+  const int aq = q0 + am;
+  const bool q_ok = aq < P;
+  const int oh = q_ok ? aq / g.wo : 0;
+  const int ow = q_ok ? aq - oh * g.wo : 0;
+  // Weight elements of this thread: column bj, rows bk0 + kBRowStep * i.
+  const int bj = threadIdx.x % BN, bk0 = threadIdx.x / BN;
+  const bool col_ok = j0 + bj < g.c2g;
+  const float* srow =
+      a.scale +
+      (static_cast<int64_t>(blk.n) * g.c2 + blk.gi * g.c2g + (col_ok ? j0 + bj : 0)) * g.taps;
+
+  const int total = g.taps * a.ks_tap;
+  int issued = 0;
+  KCursor pk{0, 0, 0};
+  float breg[kBPer];
+  auto issue_a = [&](int stage) {
+    if (issued < total) {
+      const int ox = x_fwd_chunk(g, q_ok, oh, ow, pk, akc, blk.gi);
+      cp_async16(As + stage * kAStage + am * Core::kALd + akc, ox >= 0 ? xs + ox : a.x, ox >= 0);
+    }
+    cp_async_commit();
+  };
+  auto fetch_b = [&]() {
+    if (issued < total) {
+      const float sc = col_ok ? srow[pk.r * g.kw + pk.s] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kBPer; ++i) {
+        const int64_t wi = w_fwd_at(g, pk, bk0 + kBRowStep * i, j0, bj, blk.gi);
+        breg[i] = wi >= 0 ? static_cast<float>(a.w[wi]) * sc : 0.0f;
+      }
+    }
+  };
+  auto store_b_and_advance = [&](int stage) {
+    if (issued < total) {
+#pragma unroll
+      for (int i = 0; i < kBPer; ++i)
+        Bs[stage * kBStage + (bk0 + kBRowStep * i) * Core::kBLd + bj] = round_to<comp_t>(breg[i]);
+      ++issued;
+      kcursor_step(pk, BK, g.c1g, g.kw);
+    }
+  };
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    issue_a(st);
+    fetch_b();
+    store_b_and_advance(st);
+  }
+  Core core;
+  core.zero();
+  int cstage = 0, pstage = kStages - 1;
+  for (int it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `cstage` is complete; everyone is done with `pstage`
+    issue_a(pstage);
+    fetch_b();
+    core.step(As + cstage * kAStage, Bs + cstage * kBStage);
+    store_b_and_advance(pstage);  // read at iteration it + kStages - 1, after its barrier
+    cstage = cstage == kStages - 1 ? 0 : cstage + 1;
+    pstage = pstage == kStages - 1 ? 0 : pstage + 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: C goes over it
+  core.store(Cs);
+  __syncthreads();
+
+#pragma unroll
+  for (int i = 0; i < kYChunks; ++i) {
+    const int e = threadIdx.x + kThreads * i;
+    const int m = chunk_row<BN, VEC>(e), jc = chunk_col<BN, VEC>(e);
+    const int64_t yo = y_fwd_chunk(g, blk.n, q0 + m, j0, jc, blk.gi);
+    if (yo < 0) continue;
+    const float* bias = a.bias != nullptr
+                            ? a.bias + static_cast<int64_t>(blk.n) * g.c2 + blk.gi * g.c2g + j0 + jc
+                            : nullptr;
+    alignas(16) comp_t v[VEC];
+#pragma unroll
+    for (int u = 0; u < VEC; ++u)
+      v[u] = round_to<comp_t>(Cs[m * Core::kCLd + jc + u] + (bias != nullptr ? bias[u] : 0.0f));
+    *reinterpret_cast<uint4*>(a.y + yo) = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Argument checks. Every message starts with the argument's name; the messages match
 // the CPU kernels' (csrc/cpu/aw_conv2d.cpp) where the check is the same.
 
@@ -1191,6 +1327,40 @@ bool wgrad_v2(const Checked& ck, const Tensor& gy, const Tensor& x, const Tensor
   return true;
 }
 
+// The v2 forward (aw op): false when fwd_v2_supported rejects the call, and the caller
+// runs ConvLaunch.
+template <typename scalar_t>
+bool fwd_v2(const Checked& ck, const Tensor& x, const Tensor& w, const Tensor& scale,
+            const Tensor* bias, Tensor& y) {
+  if constexpr (!is_16bit<scalar_t>()) {
+    return false;
+  } else {
+    const Geo& g = ck.geo;
+    const auto* props = at::cuda::getCurrentDeviceProperties();
+    const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                    y.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const uint64_t bits = plan_util::addr_bits({x.const_data_ptr(), y.const_data_ptr()});
+    if (!fwd_v2_supported(g, sizeof(scalar_t), cl, bits, props->major)) return false;
+    const FwdV2Grid v = fwd_v2_grid(g);
+    FwdV2Args<scalar_t> a{};
+    a.geo = g;
+    a.x = x.const_data_ptr<scalar_t>();
+    a.w = w.const_data_ptr<scalar_t>();
+    a.scale = scale.const_data_ptr<float>();
+    a.bias = bias != nullptr ? bias->const_data_ptr<float>() : nullptr;
+    a.y = y.mutable_data_ptr<scalar_t>();
+    a.n_mt = v.n_mt;
+    a.n_nt = v.n_nt;
+    a.ks_tap = v.ks_tap;
+    const int64_t blocks = checked_blocks(v.blocks, "aw_conv2d");
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    _aw_conv2d_fwd_v2_kernel<scalar_t, WmmaCore<wmma_t<scalar_t>>>
+        <<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Ops
 
@@ -1283,6 +1453,30 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_cuda(const Tensor& gy, const Te
   return {dx, dw.view(weight.sizes()), ds.view(scale.sizes())};
 }
 
+// aw_conv2d_fwd with the v2 kernel where it applies (behind CUDA_AW_V2_VERIFIED).
+Tensor aw_conv2d_fwd_v2_cuda(const Tensor& x, const Tensor& weight, const Tensor& scale,
+                             const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_cuda_dense(x, "x");
+  check_weight_rank(weight, x);
+  const Checked ck = check_conv(x, weight.sizes(), "weight", stride, padding, dilation, groups);
+  check_weight_dtype(weight, "weight", ck);
+  check_scale(scale, ck, x);
+  check_bias(bias, ck, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geo& g = ck.geo;
+  Tensor y = at::empty({g.n, g.c2, g.ho, g.wo}, x.options().memory_format(ck.format));
+  if (y.numel() == 0) return y;
+  const Tensor* bias_ptr = bias.has_value() && bias->defined() ? &*bias : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aw_conv2d_fwd_v2",
+                                  [&] {
+                                    if (!fwd_v2<scalar_t>(ck, x, weight, scale, bias_ptr, y))
+                                      with_core<scalar_t, ConvLaunch<scalar_t, true, false>>(
+                                          ck, x, weight, &scale, bias_ptr, y);
+                                  });
+  return y;
+}
+
 // aw_conv2d_bwd with the v2 weight gradient where it applies (behind
 // CUDA_AW_V2_VERIFIED in manet_kernels/ops/aw_conv2d.py); dx is aw_conv2d_bwd's.
 std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_v2_cuda(const Tensor& gy, const Tensor& x,
@@ -1320,5 +1514,6 @@ TORCH_LIBRARY_IMPL(manet_kernels, CUDA, m) {
   m.impl("_per_sample_conv2d_bwd", &manet_kernels::per_sample_conv2d_bwd_cuda);
   m.impl("_aw_conv2d_fwd", &manet_kernels::aw_conv2d_fwd_cuda);
   m.impl("_aw_conv2d_bwd", &manet_kernels::aw_conv2d_bwd_cuda);
+  m.impl("_aw_conv2d_fwd_v2", &manet_kernels::aw_conv2d_fwd_v2_cuda);
   m.impl("_aw_conv2d_bwd_v2", &manet_kernels::aw_conv2d_bwd_v2_cuda);
 }

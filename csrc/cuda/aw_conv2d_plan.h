@@ -224,5 +224,53 @@ inline WgradV2Grid wgrad_v2_grid(const Geo& g, int elem_bytes, int acc_bytes, in
   return v;
 }
 
+// Forward, second generation (_aw_conv2d_fwd_v2_kernel, aw op, fp16/bf16 on sm_80+):
+// channels_last x copied with 16-byte cp.async into a 3-stage ring of A tiles
+// ([BM][BK + pad], positions x channels), the weight tile gathered, scaled by
+// scale[n, o, t] and rounded as it is loaded into a ring of B tiles ([BK][BN + pad]);
+// the fp32 C tile ([BM][BN + 4]) reuses the ring after the K loop.
+struct FwdV2Tile {
+  int bm, bn, bk, vec, pad, stages;
+};
+constexpr FwdV2Tile fwd_v2_tile() {
+  return {64, 64, 32, 8, 8, 3};
+}
+constexpr int fwd_v2_ring_a_bytes() {
+  return fwd_v2_tile().stages * fwd_v2_tile().bm * (fwd_v2_tile().bk + fwd_v2_tile().pad) * 2;
+}
+constexpr int fwd_v2_smem() {
+  const FwdV2Tile t = fwd_v2_tile();
+  const int ring = fwd_v2_ring_a_bytes() + t.stages * t.bk * (t.bn + t.pad) * 2;
+  const int c = t.bm * (t.bn + 4) * 4;
+  return ring > c ? ring : c;
+}
+
+// fp16/bf16 on sm_80+, channels_last x (and so y), channel counts per group that 16-byte
+// chunks tile, 16-byte aligned x and y, per-sample sizes in int32.
+inline bool fwd_v2_supported(const Geo& g, int elem_bytes, bool channels_last, uint64_t addr_bits,
+                             int cc_major) {
+  const int64_t lim = 2147483647;
+  return cc_major >= 8 && elem_bytes == 2 && channels_last && g.c1g > 0 && g.c2g > 0 &&
+         g.c1g % 8 == 0 && g.c2g % 8 == 0 && addr_bits % 16 == 0 &&
+         int64_t{g.h} * g.w * g.c1 <= lim && int64_t{g.ho} * g.wo * g.c2 <= lim;
+}
+
+struct FwdV2Grid {
+  int n_mt = 0, n_nt = 0, ks_tap = 0;  // tiles along M and N; K steps per tap
+  int64_t blocks = 0;
+  int smem = 0;
+};
+
+inline FwdV2Grid fwd_v2_grid(const Geo& g) {
+  const FwdV2Tile t = fwd_v2_tile();
+  FwdV2Grid v;
+  v.n_mt = static_cast<int>(ceil_div(int64_t{g.ho} * g.wo, t.bm));
+  v.n_nt = static_cast<int>(ceil_div(g.c2g, t.bn));
+  v.ks_tap = static_cast<int>(ceil_div(g.c1g, t.bk));
+  v.blocks = int64_t{v.n_mt} * v.n_nt * g.groups * g.n;
+  v.smem = fwd_v2_smem();
+  return v;
+}
+
 }  // namespace aw_plan
 }  // namespace manet_kernels

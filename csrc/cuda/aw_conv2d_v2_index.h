@@ -118,5 +118,69 @@ MK_HD int64_t ds_part_at(const Geo& g, int nt, int n, int o, int t) {
   return ((static_cast<int64_t>(nt) * g.n + n) * g.c2 + o) * g.taps + t;
 }
 
+// ---------------------------------------------------------------------------------------
+// Forward (_aw_conv2d_fwd_v2_kernel): M = output positions of one sample, N = output
+// channels of a group, K = (tap, input channel), taps outer, in steps of BK channels.
+
+// blockIdx.x -> (N tile, M tile, group, sample), the N tile fastest (as conv_tile).
+struct FwdBlock {
+  int nt, mt, gi, n;
+};
+
+MK_HD FwdBlock fwd_block(int64_t b, int n_nt, int n_mt, int groups) {
+  FwdBlock k;
+  k.nt = static_cast<int>(b % n_nt);
+  b /= n_nt;
+  k.mt = static_cast<int>(b % n_mt);
+  b /= n_mt;
+  k.gi = static_cast<int>(b % groups);
+  k.n = static_cast<int>(b / groups);
+  return k;
+}
+
+// The K cursor: tap (r, s) and the first channel c0 of the step; steps by BK channels,
+// then to the next tap, without division. K steps per tap: ceil(C1/g / BK).
+struct KCursor {
+  int r, s, c0;
+};
+
+MK_HD void kcursor_step(KCursor& k, int bk, int c1g, int kw) {
+  k.c0 += bk;
+  if (k.c0 >= c1g) {
+    k.c0 = 0;
+    if (++k.s == kw) {
+      k.s = 0;
+      ++k.r;
+    }
+  }
+}
+
+// Element offset inside sample n of x (channels_last) of the chunk of input channels
+// [c0 + kc, c0 + kc + VEC) of group gi that tap (r, s) reads for output position
+// (oh, ow), or -1 (zero-fill): past the last position (q_ok false), in the padding, or
+// past the group's channels (C1/g is a multiple of VEC).
+MK_HD int x_fwd_chunk(const Geo& g, bool q_ok, int oh, int ow, const KCursor& k, int kc, int gi) {
+  if (!q_ok || k.c0 + kc >= g.c1g) return -1;
+  const int ih = oh * g.sh - g.ph + k.r * g.dh;
+  const int iw = ow * g.sw - g.pw + k.s * g.dw;
+  if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return -1;
+  return (ih * g.w + iw) * g.c1 + gi * g.c1g + k.c0 + kc;
+}
+
+// The weight element of B(k, j) = w[o, c, t] (scaled on load), or -1 (zero): output
+// channel o = gi * C2/g + j0 + j past the group, or channel c = c0 + kk past C1/g.
+MK_HD int64_t w_fwd_at(const Geo& g, const KCursor& k, int kk, int j0, int j, int gi) {
+  if (j0 + j >= g.c2g || k.c0 + kk >= g.c1g) return -1;
+  const int o = gi * g.c2g + j0 + j;
+  return (static_cast<int64_t>(o) * g.c1g + k.c0 + kk) * g.taps + k.r * g.kw + k.s;
+}
+
+// Offset in y (channels_last (N, Ho, Wo, C2)) of the chunk of output channels
+// [j0 + jc, j0 + jc + VEC) of group gi at position q of sample n, or -1 (not written).
+MK_HD int64_t y_fwd_chunk(const Geo& g, int n, int q, int j0, int jc, int gi) {
+  if (q >= g.ho * g.wo || j0 + jc >= g.c2g) return -1;
+  return (static_cast<int64_t>(n) * g.ho * g.wo + q) * g.c2 + gi * g.c2g + j0 + jc;
+}
+
 }  // namespace aw_v2
 }  // namespace manet_kernels

@@ -29,18 +29,19 @@ __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
-# Whether the second-generation CUDA weight-gradient kernel (``_aw_conv2d_bwd_v2``:
-# cp.async ring, split-K over the batch, <= 128 registers; docs/design.md §2.4) has passed
-# its GPU tests (tests/test_aw_conv2d_v2.py, which benchmarks/run_device.sh's first step
-# runs with this gate open). Read at each call: until it is True, backend="cuda" (and so
-# an explicit request) runs the verified first-generation kernels.
+# Whether the second-generation CUDA kernels (``_aw_conv2d_fwd_v2``: cp.async ring,
+# weight scaled on load; ``_aw_conv2d_bwd_v2``: split-K weight gradient over the batch;
+# docs/design.md §2.4) have passed their GPU tests (tests/test_aw_conv2d_v2.py, which
+# benchmarks/run_device.sh's first step runs with this gate open). Read at each call:
+# until it is True, backend="cuda" (and so an explicit request) runs the verified
+# first-generation kernels.
 CUDA_AW_V2_VERIFIED = False
 
 
 @contextlib.contextmanager
 def unverified_cuda_aw_v2():
-    """Within: ``backend="cuda"`` uses the v2 weight gradient as if verified (for the GPU
-    tests that verify it)."""
+    """Within: ``backend="cuda"`` uses the v2 kernels as if verified (for the GPU tests
+    that verify them)."""
     global CUDA_AW_V2_VERIFIED
     saved = CUDA_AW_V2_VERIFIED
     CUDA_AW_V2_VERIFIED = True
@@ -76,9 +77,11 @@ def _aw_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
     if x.shape[0] == 0:
         return _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
-    return _passes(backend).aw_conv2d_fwd(x, weight.to(x.dtype).contiguous(),
-                                          scale.to(acc).contiguous(), b, stride, padding,
-                                          dilation, groups)
+    passes = _passes(backend)
+    fwd = (passes.aw_conv2d_fwd_v2 if backend == "cuda" and CUDA_AW_V2_VERIFIED and x.is_cuda
+           else passes.aw_conv2d_fwd)
+    return fwd(x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), b, stride,
+               padding, dilation, groups)
 
 
 def _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend):
