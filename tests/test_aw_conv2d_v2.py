@@ -110,6 +110,25 @@ def test_aw_v2_emulated_forward_index_math(case):
                                atol=1e-12)
 
 
+DX_EMU_CASES = [c[:9] for c in FWD_EMU_CASES if c[5] == (1, 1)] + [
+    (2, 8, 16, (13, 5), (1, 3), (1, 1), (2, 1), (2, 1), 1),
+    (2, 24, 8, (6, 9), (3, 3), (1, 1), (0, 2), (1, 1), 1),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", DX_EMU_CASES,
+                         ids=[f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}{c[4][1]}"
+                              f"-g{c[8]}" for c in DX_EMU_CASES])
+def test_aw_v2_emulated_dx_index_math(case):
+    n, c1, c2, hw, k, stride, padding, dilation, groups = case
+    x, w, s, g = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, torch.float64)
+    conv = [list(stride), list(padding), list(dilation), groups]
+    dx, _ = _OPS._aw_conv2d_dx_v2_emulate(g, w, s, list(hw), *conv)
+    torch.testing.assert_close(dx, passes.aw_conv2d_bwd(g, x, w, s, *conv)[0], rtol=1e-12,
+                               atol=1e-12)
+
+
 # ResNet-50's 3x3 stages at batch 64 (the kernel report's shapes): (N, C, H, W) -> C.
 STAGES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
 
@@ -131,6 +150,8 @@ def test_aw_v2_plan_fills_two_waves(shape, dtype):
     launches = _plan("aw_conv2d_bwd_v2", shape, dtype, True, shape[1])
     v2 = [la for la in launches if la[0].startswith("_aw_conv2d_wgrad_v2_kernel")]
     assert len(v2) == 1, launches
+    dx = "_aw_conv2d_dx_v2_kernel" if ELEM[dtype] == 2 else "_aw_conv2d_dx_kernel"
+    assert launches[0][0].startswith(dx + "<") and len(launches) == 2, launches
     _, blocks, smem = v2[0]
     assert 2 * (smem + 1024) <= 228 * 1024  # an H100 SM's shared memory, 1 KB per CTA reserved
     assert blocks >= 2 * 2 * H100["sms"]
@@ -158,7 +179,7 @@ def test_aw_v2_plan_falls_back(channels_last, c1, dtype):
     if dtype == torch.float32:
         return
     names = [la[0] for la in _plan("aw_conv2d_bwd_v2", (4, c1, 14, 14), dtype, channels_last, 16)]
-    assert not any("wgrad_v2" in name for name in names)
+    assert not any("_v2_kernel" in name for name in names)
     assert any(name.startswith("_aw_conv2d_wgrad_kernel") for name in names)
 
 
@@ -204,6 +225,8 @@ def test_aw_v2_cuda_matches_verified(case, dtype):
     conv = [list(stride), list(padding), list(dilation), groups]
     new, names = _kernel_names(lambda: _OPS._aw_conv2d_bwd_v2(g, x, w, s, *conv))
     assert any("wgrad_v2" in name for name in names), names
+    dx_v2 = ELEM[dtype] == 2 and stride == (1, 1)
+    assert any("dx_v2" in name for name in names) == dx_v2, names
     old = _OPS._aw_conv2d_bwd(g, x, w, s, *conv)
     ref = passes.aw_conv2d_bwd(*(t.double().cpu() for t in (g, x, w, s)), *conv)
     floor = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-3)
@@ -248,5 +271,6 @@ def test_aw_v2_cuda_public_gate(dtype):
     assert not any("_v2_kernel" in name for name in names_closed)
     assert any("wgrad_v2" in name for name in names_open)
     assert any("fwd_v2" in name for name in names_open) == (dtype == torch.bfloat16)
+    assert any("dx_v2" in name for name in names_open) == (dtype == torch.bfloat16)
     for a, b in zip(opened, closed):
         assert _rel(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -1,13 +1,14 @@
-// manet_kernels::_aw_conv2d_wgrad_v2_emulate (and _fwd_v2_emulate): the CUDA v2
-// weight-gradient (and forward) kernel (csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
+// manet_kernels::_aw_conv2d_{wgrad,fwd,dx}_v2_emulate: the CUDA v2 weight-gradient,
+// forward and dx kernels (csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
 // thread by thread and K step by K step, through the same index functions
 // (csrc/cuda/aw_conv2d_v2_index.h) and launch plan (csrc/cuda/aw_conv2d_plan.h): block
 // decoding, sample splits, the 16-byte chunk -> tile-slot map, the division-free position
 // cursors, zero-fill masks, the fold's thread layout and the partial buffers and their
 // fixed-order sums. Tile slots and partials start as NaN, so a slot or partial that no
 // thread writes shows in the result. No GPU is needed: tests/test_aw_conv2d_v2.py
-// compares both with the pass contract on odd shapes. Only the arithmetic of the MMA itself (and
-// the pipeline's timing) is not replayed.
+// compares them with the pass contract on odd shapes. Not replayed: the MMA's own
+// arithmetic, rounding to 16 bits, and the pipeline's timing (its barriers are argued in
+// the kernels' comments).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -200,54 +201,35 @@ std::tuple<Tensor, Tensor, Tensor> wgrad_v2_emulate(const Tensor& g_in, const Te
   return {dw_part.sum(0), ds_part.sum(0), plan};
 }
 
-// The forward v2 kernel (_aw_conv2d_fwd_v2_kernel) replayed the same way: returns
-// (y (N, C2, Ho, Wo), plan = [blocks, ks_tap, smem, supported]); bias (N, C2) or None.
-std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x_in, const Tensor& w_in,
-                                          const Tensor& scale_in,
-                                          const c10::optional<Tensor>& bias_in,
-                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                          at::IntArrayRef dilation, int64_t groups) {
-  for (const Tensor* t : {&x_in, &w_in, &scale_in})
-    MK_CHECK(t->scalar_type() == at::kDouble && t->device().is_cpu(),
-             "_aw_conv2d_fwd_v2_emulate: expected float64 CPU tensors, got ", t->scalar_type(),
-             " on ", t->device());
-  MK_CHECK(x_in.dim() == 4 && w_in.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
-               dilation.size() == 2,
-           "_aw_conv2d_fwd_v2_emulate: expected 4-D x and weight and pairs of conv parameters");
-  const int64_t st[2] = {stride[0], stride[1]}, pd[2] = {padding[0], padding[1]},
-                dl[2] = {dilation[0], dilation[1]};
-  const aw_plan::Geo geo =
-      aw_plan::make_geo(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), w_in.size(0),
-                        w_in.size(2), w_in.size(3), st, pd, dl, groups);
-  const bool supported = aw_plan::fwd_v2_supported(geo, 2, true, 0, 9);
-  const aw_plan::FwdV2Grid v = aw_plan::fwd_v2_grid(geo);
-  Tensor plan = at::tensor(std::vector<int64_t>{v.blocks, v.ks_tap, v.smem, supported ? 1 : 0});
-  MK_CHECK(supported, "_aw_conv2d_fwd_v2_emulate: the v2 kernel does not take this shape");
-
+// The forward / dx v2 kernels (conv_v2_body in csrc/cuda/aw_conv2d.cu) replayed the same
+// way on the channels_last activation `in` (x, or g for dx): returns the channels_last
+// output (N, rows, cols, channels) and plan = [blocks, ks_tap, smem].
+std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, const Tensor& in_cl,
+                                          const Tensor& w, const Tensor& sc, const Tensor& bias) {
+  const aw_plan::FwdV2Grid v = aw_plan::fwd_v2_grid(geo, dx);
+  Tensor plan = at::tensor(std::vector<int64_t>{v.blocks, v.ks_tap, v.smem});
   const aw_plan::FwdV2Tile T = aw_plan::fwd_v2_tile();
   const int BM = T.bm, BN = T.bn, BK = T.bk, VEC = T.vec;
   const int threads = aw_plan::kThreads;
   const int ald = BK + T.pad, bld = BN + T.pad;
   const int brow_step = threads / BN, bper = BK / brow_step;
-  const int ychunks = BM * BN / VEC / threads;
+  const int out_chunks = BM * BN / VEC / threads;
   MK_CHECK(BM * BK == VEC * threads && BM == 64 && BN == 64 && BK == 32 && VEC == 8, "tile layout");
-
-  const Tensor x = x_in.permute({0, 2, 3, 1}).contiguous();
-  const Tensor w = w_in.contiguous();
-  const Tensor sc = scale_in.contiguous();
-  const double* xd = x.const_data_ptr<double>();
+  const double* ind = in_cl.const_data_ptr<double>();
   const double* wd = w.const_data_ptr<double>();
   const double* sd = sc.const_data_ptr<double>();
-  Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
   const double* bd = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
-  const int P = geo.ho * geo.wo;
-  const int64_t x_sample = int64_t{geo.h} * geo.w * geo.c1;
+  const int P = dx ? geo.h * geo.w : geo.ho * geo.wo;
+  const int row_w = dx ? geo.w : geo.wo;
+  const int kchan = dx ? geo.c2g : geo.c1g, nchan = dx ? geo.c1g : geo.c2g;
+  const int64_t in_sample =
+      dx ? int64_t{geo.ho} * geo.wo * geo.c2 : int64_t{geo.h} * geo.w * geo.c1;
 
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  Tensor y = at::full({geo.n, geo.ho, geo.wo, geo.c2}, nan, at::kDouble);
-  double* yd = y.mutable_data_ptr<double>();
-  const int64_t y_n = y.numel();
+  Tensor out = dx ? at::full({geo.n, geo.h, geo.w, geo.c1}, nan, at::kDouble)
+                  : at::full({geo.n, geo.ho, geo.wo, geo.c2}, nan, at::kDouble);
+  double* od = out.mutable_data_ptr<double>();
+  const int64_t out_n = out.numel();
   std::vector<double> As(static_cast<size_t>(BM) * ald), Bs(static_cast<size_t>(BK) * bld);
   std::vector<double> C(static_cast<size_t>(BM) * BN);
   const int total = geo.taps * v.ks_tap;
@@ -264,48 +246,116 @@ std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x_in, const Tensor& w_in
         const int am = aw_v2::chunk_row<32, 8>(tid), akc = aw_v2::chunk_col<32, 8>(tid);
         const int aq = q0 + am;
         const bool q_ok = aq < P;
-        const int oh = q_ok ? aq / geo.wo : 0;
-        const int ow = q_ok ? aq - oh * geo.wo : 0;
-        const int ox = aw_v2::x_fwd_chunk(geo, q_ok, oh, ow, pk, akc, blk.gi);
-        MK_CHECK(ox < 0 || (ox % VEC == 0 && ox + VEC <= x_sample), "x chunk ", ox,
+        const int ph = q_ok ? aq / row_w : 0;
+        const int pw = q_ok ? aq - ph * row_w : 0;
+        const int off = dx ? aw_v2::g_dx_chunk(geo, q_ok, ph, pw, pk, akc, blk.gi)
+                           : aw_v2::x_fwd_chunk(geo, q_ok, ph, pw, pk, akc, blk.gi);
+        MK_CHECK(off < 0 || (off % VEC == 0 && off + VEC <= in_sample), "activation chunk ", off,
                  " misaligned or out of the sample");
         for (int u = 0; u < VEC; ++u)
-          As[am * ald + akc + u] = ox >= 0 ? xd[blk.n * x_sample + ox + u] : 0.0;
+          As[am * ald + akc + u] = off >= 0 ? ind[blk.n * in_sample + off + u] : 0.0;
         const int bj = tid % BN, bk0 = tid / BN;
-        const bool col_ok = j0 + bj < geo.c2g;
+        const bool col_ok = j0 + bj < nchan;
         const int64_t srow =
-            (int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + (col_ok ? j0 + bj : 0)) * geo.taps;
-        const double scv = col_ok ? sd[srow + pk.r * geo.kw + pk.s] : 0.0;
+            (int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + (!dx && col_ok ? j0 + bj : 0)) * geo.taps;
+        const double scv = !dx && col_ok ? sd[srow + pk.r * geo.kw + pk.s] : 0.0;
         for (int i = 0; i < bper; ++i) {
-          const int64_t wi = aw_v2::w_fwd_at(geo, pk, bk0 + brow_step * i, j0, bj, blk.gi);
-          MK_CHECK(wi < w.numel(), "weight index ", wi, " out of range");
-          Bs[(bk0 + brow_step * i) * bld + bj] = wi >= 0 ? wd[wi] * scv : 0.0;
+          const int kk = bk0 + brow_step * i;
+          double val = 0.0;
+          if (dx) {
+            const int64_t wi = aw_v2::w_dx_at(geo, pk, kk, j0, bj, blk.gi);
+            MK_CHECK(wi < w.numel(), "weight index ", wi, " out of range");
+            if (wi >= 0) {
+              const int64_t si = aw_v2::s_dx_at(geo, blk.n, pk, kk, blk.gi);
+              MK_CHECK(si >= 0 && si < sc.numel(), "scale index ", si, " out of range");
+              val = wd[wi] * sd[si];
+            }
+          } else {
+            const int64_t wi = aw_v2::w_fwd_at(geo, pk, kk, j0, bj, blk.gi);
+            MK_CHECK(wi < w.numel(), "weight index ", wi, " out of range");
+            val = wi >= 0 ? wd[wi] * scv : 0.0;
+          }
+          Bs[kk * bld + bj] = val;
         }
       }
       for (int m = 0; m < BM; ++m)
         for (int kk = 0; kk < BK; ++kk)
           for (int j = 0; j < BN; ++j) C[m * BN + j] += As[m * ald + kk] * Bs[kk * bld + j];
-      aw_v2::kcursor_step(pk, BK, geo.c1g, geo.kw);
+      aw_v2::kcursor_step(pk, BK, kchan, geo.kw);
     }
     MK_CHECK(pk.r == geo.kh && pk.s == 0 && pk.c0 == 0, "the K cursor ends at (", pk.r, ", ", pk.s,
              ", ", pk.c0, ")");
     for (int tid = 0; tid < threads; ++tid) {
-      for (int i = 0; i < ychunks; ++i) {
+      for (int i = 0; i < out_chunks; ++i) {
         const int e = tid + threads * i;
         const int m = aw_v2::chunk_row<64, 8>(e), jc = aw_v2::chunk_col<64, 8>(e);
-        const int64_t yo = aw_v2::y_fwd_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi);
-        if (yo < 0) continue;
-        MK_CHECK(yo % VEC == 0 && yo + VEC <= y_n, "y chunk ", yo, " misaligned or out of y");
+        const int64_t off = dx ? aw_v2::dx_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi)
+                               : aw_v2::y_fwd_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi);
+        if (off < 0) continue;
+        MK_CHECK(off % VEC == 0 && off + VEC <= out_n, "output chunk ", off,
+                 " misaligned or out of range");
         for (int u = 0; u < VEC; ++u) {
-          MK_CHECK(std::isnan(yd[yo + u]), "y element ", yo + u, " written twice");
-          const double bv =
-              bd != nullptr ? bd[int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + j0 + jc + u] : 0.0;
-          yd[yo + u] = C[m * BN + jc + u] + bv;
+          MK_CHECK(std::isnan(od[off + u]), "output element ", off + u, " written twice");
+          const double bv = bd != nullptr && !dx
+                                ? bd[int64_t{blk.n} * geo.c2 + blk.gi * geo.c2g + j0 + jc + u]
+                                : 0.0;
+          od[off + u] = C[m * BN + jc + u] + bv;
         }
       }
     }
   }
+  return {out, plan};
+}
+
+void check_f64(std::initializer_list<const Tensor*> ts, const char* op) {
+  for (const Tensor* t : ts)
+    MK_CHECK(t->scalar_type() == at::kDouble && t->device().is_cpu(), op,
+             ": expected float64 CPU tensors, got ", t->scalar_type(), " on ", t->device());
+}
+
+// _aw_conv2d_fwd_v2_emulate: (y (N, C2, Ho, Wo), plan = [blocks, ks_tap, smem]).
+std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x, const Tensor& w, const Tensor& scale,
+                                          const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                          int64_t groups) {
+  check_f64({&x, &w, &scale}, "_aw_conv2d_fwd_v2_emulate");
+  MK_CHECK(x.dim() == 4 && w.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
+               dilation.size() == 2,
+           "_aw_conv2d_fwd_v2_emulate: expected 4-D x and weight and pairs of conv parameters");
+  const int64_t st[2] = {stride[0], stride[1]}, pd[2] = {padding[0], padding[1]},
+                dl[2] = {dilation[0], dilation[1]};
+  const aw_plan::Geo geo = aw_plan::make_geo(x.size(0), x.size(1), x.size(2), x.size(3), w.size(0),
+                                             w.size(2), w.size(3), st, pd, dl, groups);
+  MK_CHECK(aw_plan::fwd_v2_supported(geo, 2, true, 0, 9),
+           "_aw_conv2d_fwd_v2_emulate: the v2 kernel does not take this shape");
+  Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  auto [y, plan] = conv_v2_replay(geo, false, x.permute({0, 2, 3, 1}).contiguous(), w.contiguous(),
+                                  scale.contiguous(), b);
   return {y.permute({0, 3, 1, 2}), plan};
+}
+
+// _aw_conv2d_dx_v2_emulate: (dx (N, C1, H, W), plan) for g and an input of size (H, W).
+std::tuple<Tensor, Tensor> dx_v2_emulate(const Tensor& g, const Tensor& w, const Tensor& scale,
+                                         at::IntArrayRef input_hw, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  check_f64({&g, &w, &scale}, "_aw_conv2d_dx_v2_emulate");
+  MK_CHECK(g.dim() == 4 && w.dim() == 4 && input_hw.size() == 2 && stride.size() == 2 &&
+               padding.size() == 2 && dilation.size() == 2,
+           "_aw_conv2d_dx_v2_emulate: expected 4-D g and weight and pairs of conv parameters");
+  const int64_t st[2] = {stride[0], stride[1]}, pd[2] = {padding[0], padding[1]},
+                dl[2] = {dilation[0], dilation[1]};
+  const aw_plan::Geo geo =
+      aw_plan::make_geo(g.size(0), w.size(1) * groups, input_hw[0], input_hw[1], w.size(0),
+                        w.size(2), w.size(3), st, pd, dl, groups);
+  MK_CHECK(geo.ho == g.size(2) && geo.wo == g.size(3), "g: expected the output size (", geo.ho,
+           ", ", geo.wo, "), got ", g.sizes());
+  MK_CHECK(aw_plan::dx_v2_supported(geo, 2, true, 0, 9),
+           "_aw_conv2d_dx_v2_emulate: the v2 kernel does not take this shape");
+  auto [dx, plan] = conv_v2_replay(geo, true, g.permute({0, 2, 3, 1}).contiguous(), w.contiguous(),
+                                   scale.contiguous(), Tensor());
+  return {dx.permute({0, 3, 1, 2}), plan};
 }
 
 }  // namespace
@@ -322,4 +372,8 @@ TORCH_LIBRARY_FRAGMENT(manet_kernels, m) {
       "_aw_conv2d_fwd_v2_emulate(Tensor x, Tensor weight, Tensor scale, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor y, Tensor plan)",
       &manet_kernels::fwd_v2_emulate);
+  m.def(
+      "_aw_conv2d_dx_v2_emulate(Tensor g, Tensor weight, Tensor scale, int[2] input_hw, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor plan)",
+      &manet_kernels::dx_v2_emulate);
 }

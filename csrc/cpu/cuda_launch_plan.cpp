@@ -279,6 +279,12 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channe
         launch1d(tmpl("_aw_conv2d_fwd_v2_kernel",
                       {T, tmpl("WmmaCore", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})}),
                  fg.blocks, ap::kThreads, fg.smem));
+  } else if (v2 && bwd && ap::dx_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+    const ap::FwdV2Grid dg = ap::fwd_v2_grid(g, true);
+    out.push_back(
+        launch1d(tmpl("_aw_conv2d_dx_v2_kernel",
+                      {T, tmpl("WmmaCore", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})}),
+                 dg.blocks, ap::kThreads, dg.smem));
   } else if (cg.blocks > 0) {
     out.push_back(launch1d(
         tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel", {T, core, bool_name(aw)}),

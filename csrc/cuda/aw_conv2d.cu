@@ -854,28 +854,30 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward, second generation (aw op, fp16/bf16, channels_last; fwd_v2_supported decides
-// when it runs, the index math is aw_conv2d_v2_index.h). One block: 64 output positions
-// of one sample x 64 output channels of a group, K = (tap, input channel) in steps of 32
-// channels. x arrives as 16-byte cp.async chunks in a 3-stage ring; the weight tile is
-// gathered into registers one step ahead (the loads fly during the MMA), scaled by
-// scale[n, o, t] and rounded as it is stored into its ring slot. Cursors step the tap and
+// Forward and dx, second generation (aw op, fp16/bf16, channels_last; fwd_v2_supported /
+// dx_v2_supported decide when they run, the index math is aw_conv2d_v2_index.h). One
+// block: 64 positions of one sample x 64 channels of a group (forward: output positions x
+// output channels, K = (tap, input channel); dx, stride 1: input positions x input
+// channels, K = (tap, output channel)), K in steps of 32 channels, taps outer. The
+// activation (x or g) arrives as 16-byte cp.async chunks in a 3-stage ring; the weight
+// tile is gathered into registers one step ahead (the loads fly during the MMA), scaled
+// by scale[n, o, t] and rounded as it is stored into its ring slot (round(w * s), as the
+// first kernels and eager PyTorch's conv on the scaled weight). Cursors step the tap and
 // channel block without division. WmmaCore's tiles (row-major A and B) are the plan's.
 
 template <typename scalar_t>
-struct FwdV2Args {
+struct ConvV2Args {
   Geo geo;
-  const scalar_t* x;   // (N, C1, H, W) channels_last
+  const scalar_t* in;  // forward: x (N, C1, H, W); dx: g (N, C2, Ho, Wo); channels_last
   const scalar_t* w;   // (C2, C1/g, kh, kw)
   const float* scale;  // (N, C2, kh, kw)
-  const float* bias;   // (N, C2) or null
-  scalar_t* y;         // (N, C2, Ho, Wo) channels_last
+  const float* bias;   // forward: (N, C2) or null; dx: null
+  scalar_t* out;       // forward: y; dx: dx; channels_last
   int n_mt, n_nt, ks_tap;
 };
 
-template <typename scalar_t, class Core>
-__global__ void __launch_bounds__(kThreads, 2)
-    _aw_conv2d_fwd_v2_kernel(const FwdV2Args<scalar_t> a) {
+template <typename scalar_t, class Core, bool kDx>
+__device__ __forceinline__ void conv_v2_body(const ConvV2Args<scalar_t>& a) {
   using comp_t = typename Core::comp_t;
   using namespace aw_v2;
   constexpr FwdV2Tile kT = fwd_v2_tile();
@@ -885,11 +887,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                     BK == kT.bk && Core::kALd == BK + kT.pad && Core::kBLd == BN + kT.pad &&
                     Core::kCLd == BN + 4 && VEC == 8,
                 "the kernel's tiles are the plan's (fwd_v2_tile, fwd_v2_smem)");
-  static_assert(BM * BK == VEC * kThreads, "one x chunk per thread and step");
+  static_assert(BM * BK == VEC * kThreads, "one activation chunk per thread and step");
   constexpr int kBRowStep = kThreads / BN;  // weight rows between a thread's elements
   constexpr int kBPer = BK / kBRowStep;     // weight elements per thread and step
-  constexpr int kYChunks = BM * BN / VEC / kThreads;
-  static_assert(kThreads % BN == 0 && BK % kBRowStep == 0 && kYChunks * VEC * kThreads == BM * BN,
+  constexpr int kOutChunks = BM * BN / VEC / kThreads;
+  static_assert(kThreads % BN == 0 && BK % kBRowStep == 0 && kOutChunks * VEC * kThreads == BM * BN,
                 "thread layouts");
   constexpr int kAStage = BM * Core::kALd, kBStage = BK * Core::kBLd;  // elements
 
@@ -900,22 +902,25 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const Geo& g = a.geo;
   const FwdBlock blk = fwd_block(blockIdx.x, a.n_nt, a.n_mt, g.groups);
-  const int P = g.ho * g.wo;
+  const int P = kDx ? g.h * g.w : g.ho * g.wo;  // rows of the GEMM (positions)
+  const int row_w = kDx ? g.w : g.wo;
   const int q0 = blk.mt * BM, j0 = blk.nt * BN;
-  const scalar_t* xs = a.x + blk.n * (int64_t{g.h} * g.w * g.c1);
+  const scalar_t* in =
+      a.in + blk.n * (kDx ? int64_t{g.ho} * g.wo * g.c2 : int64_t{g.h} * g.w * g.c1);
 
-  // x chunk of this thread: position q0 + am (one division, here), channels akc...
+  // Activation chunk of this thread: position q0 + am (one division, here), channels akc..
   const int am = chunk_row<BK, VEC>(threadIdx.x), akc = chunk_col<BK, VEC>(threadIdx.x);
   const int aq = q0 + am;
   const bool q_ok = aq < P;
-  const int oh = q_ok ? aq / g.wo : 0;
-  const int ow = q_ok ? aq - oh * g.wo : 0;
+  const int ph = q_ok ? aq / row_w : 0;
+  const int pw = q_ok ? aq - ph * row_w : 0;
   // Weight elements of this thread: column bj, rows bk0 + kBRowStep * i.
   const int bj = threadIdx.x % BN, bk0 = threadIdx.x / BN;
-  const bool col_ok = j0 + bj < g.c2g;
-  const float* srow =
-      a.scale +
-      (static_cast<int64_t>(blk.n) * g.c2 + blk.gi * g.c2g + (col_ok ? j0 + bj : 0)) * g.taps;
+  const bool col_ok = j0 + bj < (kDx ? g.c1g : g.c2g);
+  // forward: the scale of column bj (output channel), per tap
+  const float* srow = a.scale + (static_cast<int64_t>(blk.n) * g.c2 + blk.gi * g.c2g +
+                                 (!kDx && col_ok ? j0 + bj : 0)) *
+                                    g.taps;
 
   const int total = g.taps * a.ks_tap;
   int issued = 0;
@@ -923,18 +928,28 @@ __global__ void __launch_bounds__(kThreads, 2)
   float breg[kBPer];
   auto issue_a = [&](int stage) {
     if (issued < total) {
-      const int ox = x_fwd_chunk(g, q_ok, oh, ow, pk, akc, blk.gi);
-      cp_async16(As + stage * kAStage + am * Core::kALd + akc, ox >= 0 ? xs + ox : a.x, ox >= 0);
+      const int off = kDx ? g_dx_chunk(g, q_ok, ph, pw, pk, akc, blk.gi)
+                          : x_fwd_chunk(g, q_ok, ph, pw, pk, akc, blk.gi);
+      cp_async16(As + stage * kAStage + am * Core::kALd + akc, off >= 0 ? in + off : a.in,
+                 off >= 0);
     }
     cp_async_commit();
   };
   auto fetch_b = [&]() {
     if (issued < total) {
-      const float sc = col_ok ? srow[pk.r * g.kw + pk.s] : 0.0f;
+      const float sc = !kDx && col_ok ? srow[pk.r * g.kw + pk.s] : 0.0f;
 #pragma unroll
       for (int i = 0; i < kBPer; ++i) {
-        const int64_t wi = w_fwd_at(g, pk, bk0 + kBRowStep * i, j0, bj, blk.gi);
-        breg[i] = wi >= 0 ? static_cast<float>(a.w[wi]) * sc : 0.0f;
+        const int kk = bk0 + kBRowStep * i;
+        if constexpr (kDx) {
+          const int64_t wi = w_dx_at(g, pk, kk, j0, bj, blk.gi);
+          breg[i] = wi >= 0
+                        ? static_cast<float>(a.w[wi]) * a.scale[s_dx_at(g, blk.n, pk, kk, blk.gi)]
+                        : 0.0f;
+        } else {
+          const int64_t wi = w_fwd_at(g, pk, kk, j0, bj, blk.gi);
+          breg[i] = wi >= 0 ? static_cast<float>(a.w[wi]) * sc : 0.0f;
+        }
       }
     }
   };
@@ -944,7 +959,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int i = 0; i < kBPer; ++i)
         Bs[stage * kBStage + (bk0 + kBRowStep * i) * Core::kBLd + bj] = round_to<comp_t>(breg[i]);
       ++issued;
-      kcursor_step(pk, BK, g.c1g, g.kw);
+      kcursor_step(pk, BK, kDx ? g.c2g : g.c1g, g.kw);
     }
   };
 
@@ -973,20 +988,33 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
 
 #pragma unroll
-  for (int i = 0; i < kYChunks; ++i) {
+  for (int i = 0; i < kOutChunks; ++i) {
     const int e = threadIdx.x + kThreads * i;
     const int m = chunk_row<BN, VEC>(e), jc = chunk_col<BN, VEC>(e);
-    const int64_t yo = y_fwd_chunk(g, blk.n, q0 + m, j0, jc, blk.gi);
-    if (yo < 0) continue;
-    const float* bias = a.bias != nullptr
+    const int64_t off = kDx ? dx_chunk(g, blk.n, q0 + m, j0, jc, blk.gi)
+                            : y_fwd_chunk(g, blk.n, q0 + m, j0, jc, blk.gi);
+    if (off < 0) continue;
+    const float* bias = !kDx && a.bias != nullptr
                             ? a.bias + static_cast<int64_t>(blk.n) * g.c2 + blk.gi * g.c2g + j0 + jc
                             : nullptr;
     alignas(16) comp_t v[VEC];
 #pragma unroll
     for (int u = 0; u < VEC; ++u)
       v[u] = round_to<comp_t>(Cs[m * Core::kCLd + jc + u] + (bias != nullptr ? bias[u] : 0.0f));
-    *reinterpret_cast<uint4*>(a.y + yo) = *reinterpret_cast<const uint4*>(v);
+    *reinterpret_cast<uint4*>(a.out + off) = *reinterpret_cast<const uint4*>(v);
   }
+}
+
+template <typename scalar_t, class Core>
+__global__ void __launch_bounds__(kThreads, 2)
+    _aw_conv2d_fwd_v2_kernel(const ConvV2Args<scalar_t> a) {
+  conv_v2_body<scalar_t, Core, false>(a);
+}
+
+template <typename scalar_t, class Core>
+__global__ void __launch_bounds__(kThreads, 2)
+    _aw_conv2d_dx_v2_kernel(const ConvV2Args<scalar_t> a) {
+  conv_v2_body<scalar_t, Core, true>(a);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1327,35 +1355,44 @@ bool wgrad_v2(const Checked& ck, const Tensor& gy, const Tensor& x, const Tensor
   return true;
 }
 
-// The v2 forward (aw op): false when fwd_v2_supported rejects the call, and the caller
+// The v2 forward (kDx false: in = x, out = y) or dx (kDx true: in = g, out = dx) of the
+// aw op: false when fwd_v2_supported / dx_v2_supported rejects the call, and the caller
 // runs ConvLaunch.
-template <typename scalar_t>
-bool fwd_v2(const Checked& ck, const Tensor& x, const Tensor& w, const Tensor& scale,
-            const Tensor* bias, Tensor& y) {
+template <typename scalar_t, bool kDx>
+bool conv_v2(const Checked& ck, const Tensor& in, const Tensor& w, const Tensor& scale,
+             const Tensor* bias, Tensor& out) {
   if constexpr (!is_16bit<scalar_t>()) {
     return false;
   } else {
     const Geo& g = ck.geo;
     const auto* props = at::cuda::getCurrentDeviceProperties();
-    const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                    y.is_contiguous(at::MemoryFormat::ChannelsLast);
-    const uint64_t bits = plan_util::addr_bits({x.const_data_ptr(), y.const_data_ptr()});
-    if (!fwd_v2_supported(g, sizeof(scalar_t), cl, bits, props->major)) return false;
-    const FwdV2Grid v = fwd_v2_grid(g);
-    FwdV2Args<scalar_t> a{};
+    const bool cl = in.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const uint64_t bits = plan_util::addr_bits({in.const_data_ptr(), out.const_data_ptr()});
+    const bool ok = kDx ? dx_v2_supported(g, sizeof(scalar_t), cl, bits, props->major)
+                        : fwd_v2_supported(g, sizeof(scalar_t), cl, bits, props->major);
+    if (!ok) return false;
+    const FwdV2Grid v = fwd_v2_grid(g, kDx);
+    ConvV2Args<scalar_t> a{};
     a.geo = g;
-    a.x = x.const_data_ptr<scalar_t>();
+    a.in = in.const_data_ptr<scalar_t>();
     a.w = w.const_data_ptr<scalar_t>();
     a.scale = scale.const_data_ptr<float>();
     a.bias = bias != nullptr ? bias->const_data_ptr<float>() : nullptr;
-    a.y = y.mutable_data_ptr<scalar_t>();
+    a.out = out.mutable_data_ptr<scalar_t>();
     a.n_mt = v.n_mt;
     a.n_nt = v.n_nt;
     a.ks_tap = v.ks_tap;
-    const int64_t blocks = checked_blocks(v.blocks, "aw_conv2d");
+    const int64_t blocks = checked_blocks(v.blocks, kDx ? "aw_conv2d_bwd" : "aw_conv2d");
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    _aw_conv2d_fwd_v2_kernel<scalar_t, WmmaCore<wmma_t<scalar_t>>>
-        <<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);
+    using Core = WmmaCore<wmma_t<scalar_t>>;
+    if constexpr (kDx) {
+      _aw_conv2d_dx_v2_kernel<scalar_t, Core>
+          <<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);
+    } else {
+      _aw_conv2d_fwd_v2_kernel<scalar_t, Core>
+          <<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
@@ -1468,17 +1505,17 @@ Tensor aw_conv2d_fwd_v2_cuda(const Tensor& x, const Tensor& weight, const Tensor
   Tensor y = at::empty({g.n, g.c2, g.ho, g.wo}, x.options().memory_format(ck.format));
   if (y.numel() == 0) return y;
   const Tensor* bias_ptr = bias.has_value() && bias->defined() ? &*bias : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aw_conv2d_fwd_v2",
-                                  [&] {
-                                    if (!fwd_v2<scalar_t>(ck, x, weight, scale, bias_ptr, y))
-                                      with_core<scalar_t, ConvLaunch<scalar_t, true, false>>(
-                                          ck, x, weight, &scale, bias_ptr, y);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "aw_conv2d_fwd_v2", [&] {
+        if (!conv_v2<scalar_t, false>(ck, x, weight, scale, bias_ptr, y))
+          with_core<scalar_t, ConvLaunch<scalar_t, true, false>>(ck, x, weight, &scale, bias_ptr,
+                                                                 y);
+      });
   return y;
 }
 
-// aw_conv2d_bwd with the v2 weight gradient where it applies (behind
-// CUDA_AW_V2_VERIFIED in manet_kernels/ops/aw_conv2d.py); dx is aw_conv2d_bwd's.
+// aw_conv2d_bwd with the v2 dx and weight-gradient kernels where they apply (behind
+// CUDA_AW_V2_VERIFIED in manet_kernels/ops/aw_conv2d.py).
 std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_v2_cuda(const Tensor& gy, const Tensor& x,
                                                          const Tensor& weight, const Tensor& scale,
                                                          at::IntArrayRef stride,
@@ -1499,7 +1536,9 @@ std::tuple<Tensor, Tensor, Tensor> aw_conv2d_bwd_v2_cuda(const Tensor& gy, const
   Tensor dw, ds;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "aw_conv2d_bwd_v2", [&] {
-        with_core<scalar_t, ConvLaunch<scalar_t, true, true>>(ck, gy, weight, &scale, nullptr, dx);
+        if (!conv_v2<scalar_t, true>(ck, gy, weight, scale, nullptr, dx))
+          with_core<scalar_t, ConvLaunch<scalar_t, true, true>>(ck, gy, weight, &scale, nullptr,
+                                                                dx);
         if (!wgrad_v2<scalar_t>(ck, gy, x, weight, scale, dw, ds))
           with_core<scalar_t, WgradLaunch<scalar_t, true>>(ck, gy, x, weight, &scale, dw, ds);
       });

@@ -255,18 +255,28 @@ inline bool fwd_v2_supported(const Geo& g, int elem_bytes, bool channels_last, u
          int64_t{g.h} * g.w * g.c1 <= lim && int64_t{g.ho} * g.wo * g.c2 <= lim;
 }
 
+// dx v2 (_aw_conv2d_dx_v2_kernel): the same tiles and conditions, stride 1 only (a
+// strided dx would need a per-tap parity test; those calls keep the first kernel).
+inline bool dx_v2_supported(const Geo& g, int elem_bytes, bool channels_last, uint64_t addr_bits,
+                            int cc_major) {
+  return g.sh == 1 && g.sw == 1 &&
+         fwd_v2_supported(g, elem_bytes, channels_last, addr_bits, cc_major);
+}
+
 struct FwdV2Grid {
   int n_mt = 0, n_nt = 0, ks_tap = 0;  // tiles along M and N; K steps per tap
   int64_t blocks = 0;
   int smem = 0;
 };
 
-inline FwdV2Grid fwd_v2_grid(const Geo& g) {
+// dx = false: the forward's grid (output positions x output channels, K over input
+// channels); dx = true: input positions x input channels, K over output channels.
+inline FwdV2Grid fwd_v2_grid(const Geo& g, bool dx = false) {
   const FwdV2Tile t = fwd_v2_tile();
   FwdV2Grid v;
-  v.n_mt = static_cast<int>(ceil_div(int64_t{g.ho} * g.wo, t.bm));
-  v.n_nt = static_cast<int>(ceil_div(g.c2g, t.bn));
-  v.ks_tap = static_cast<int>(ceil_div(g.c1g, t.bk));
+  v.n_mt = static_cast<int>(ceil_div(dx ? int64_t{g.h} * g.w : int64_t{g.ho} * g.wo, t.bm));
+  v.n_nt = static_cast<int>(ceil_div(dx ? g.c1g : g.c2g, t.bn));
+  v.ks_tap = static_cast<int>(ceil_div(dx ? g.c2g : g.c1g, t.bk));
   v.blocks = int64_t{v.n_mt} * v.n_nt * g.groups * g.n;
   v.smem = fwd_v2_smem();
   return v;

@@ -182,5 +182,42 @@ MK_HD int64_t y_fwd_chunk(const Geo& g, int n, int q, int j0, int jc, int gi) {
   return (static_cast<int64_t>(n) * g.ho * g.wo + q) * g.c2 + gi * g.c2g + j0 + jc;
 }
 
+// ---------------------------------------------------------------------------------------
+// dx (_aw_conv2d_dx_v2_kernel, stride 1): M = input positions p = ih * W + iw of one
+// sample, N = input channels of a group, K = (tap, output channel), taps outer. Blocks
+// and the K cursor as the forward's (the cursor's channels are output channels).
+
+// Element offset inside sample n of g (channels_last) of the chunk of output channels
+// [c0 + kc, c0 + kc + VEC) of group gi at the output position that tap (r, s) takes input
+// position (ih, iw) to, or -1 (zero-fill): past the last position (p_ok false), no output
+// position, or past the group's channels.
+MK_HD int g_dx_chunk(const Geo& g, bool p_ok, int ih, int iw, const KCursor& k, int kc, int gi) {
+  if (!p_ok || k.c0 + kc >= g.c2g) return -1;
+  const int oh = ih + g.ph - k.r * g.dh;
+  const int ow = iw + g.pw - k.s * g.dw;
+  if (oh < 0 || oh >= g.ho || ow < 0 || ow >= g.wo) return -1;
+  return (oh * g.wo + ow) * g.c2 + gi * g.c2g + k.c0 + kc;
+}
+
+// B(k, j) = w[o, c, t] * scale[n, o, t] with o = gi * C2/g + c0 + kk, c = j0 + j: the
+// weight's offset, or -1 (zero) past the group's output or input channels.
+MK_HD int64_t w_dx_at(const Geo& g, const KCursor& k, int kk, int j0, int j, int gi) {
+  if (k.c0 + kk >= g.c2g || j0 + j >= g.c1g) return -1;
+  const int o = gi * g.c2g + k.c0 + kk;
+  return (static_cast<int64_t>(o) * g.c1g + j0 + j) * g.taps + k.r * g.kw + k.s;
+}
+
+// ... and its scale's offset in (N, C2, kh, kw) (valid where w_dx_at is).
+MK_HD int64_t s_dx_at(const Geo& g, int n, const KCursor& k, int kk, int gi) {
+  return (static_cast<int64_t>(n) * g.c2 + gi * g.c2g + k.c0 + kk) * g.taps + k.r * g.kw + k.s;
+}
+
+// Offset in dx (channels_last (N, H, W, C1)) of the chunk of input channels
+// [j0 + jc, j0 + jc + VEC) of group gi at position p of sample n, or -1.
+MK_HD int64_t dx_chunk(const Geo& g, int n, int p, int j0, int jc, int gi) {
+  if (p >= g.h * g.w || j0 + jc >= g.c1g) return -1;
+  return (static_cast<int64_t>(n) * g.h * g.w + p) * g.c1 + gi * g.c1g + j0 + jc;
+}
+
 }  // namespace aw_v2
 }  // namespace manet_kernels
