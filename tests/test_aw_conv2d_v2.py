@@ -96,20 +96,28 @@ FWD_EMU_CASES = [
     (2, 136, 72, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
     (3, 32, 32, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 4, False),
     (2, 8, 16, (13, 5), (1, 3), (2, 2), (1, 1), (2, 1), 1, True),
+    (3, 12, 20, (5, 6), (3, 3), (2, 1), (1, 1), (1, 1), 1, True),  # fp32 only
 ]
 
 
+def _with_elems(cases):
+    """(case, element size) for the fp16/bf16 (2) and fp32 (4) tiles whose 16-byte chunks
+    tile the case's channel counts per group."""
+    return [pytest.param(c, e, id=f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}"
+                         f"{c[4][1]}-g{c[8]}-e{e}")
+            for c in cases for e in (2, 4)
+            if (c[1] // c[8]) % (16 // e) == 0 and (c[2] // c[8]) % (16 // e) == 0]
+
+
 @needs_ext
-@pytest.mark.parametrize("case", FWD_EMU_CASES,
-                         ids=[f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}{c[4][1]}"
-                              f"-g{c[8]}" for c in FWD_EMU_CASES])
-def test_aw_v2_emulated_forward_index_math(case):
+@pytest.mark.parametrize("case,elem_bytes", _with_elems(FWD_EMU_CASES))
+def test_aw_v2_emulated_forward_index_math(case, elem_bytes):
     n, c1, c2, hw, k, stride, padding, dilation, groups, has_bias = case
     x, w, s, _ = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, torch.float64)
     b = torch.randn(n, c2, dtype=torch.float64) if has_bias else None
     conv = [list(stride), list(padding), list(dilation), groups]
-    y, plan = _OPS._aw_conv2d_fwd_v2_emulate(x, w, s, b, *conv)
-    assert plan.tolist()[1] == -(-(c1 // groups) // 32)  # K steps per tap
+    y, plan = _OPS._aw_conv2d_fwd_v2_emulate(x, w, s, b, *conv, elem_bytes)
+    assert plan.tolist()[1] == -(-(c1 // groups) // (64 // elem_bytes))  # K steps per tap
     torch.testing.assert_close(y, passes.aw_conv2d_fwd(x, w, s, b, *conv), rtol=1e-12,
                                atol=1e-12)
 
@@ -117,18 +125,17 @@ def test_aw_v2_emulated_forward_index_math(case):
 DX_EMU_CASES = [c[:9] for c in FWD_EMU_CASES if c[5] == (1, 1)] + [
     (2, 8, 16, (13, 5), (1, 3), (1, 1), (2, 1), (2, 1), 1),
     (2, 24, 8, (6, 9), (3, 3), (1, 1), (0, 2), (1, 1), 1),
+    (3, 12, 20, (5, 6), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # fp32 only: 4-channel chunks
 ]
 
 
 @needs_ext
-@pytest.mark.parametrize("case", DX_EMU_CASES,
-                         ids=[f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}x{c[3][1]}-k{c[4][0]}{c[4][1]}"
-                              f"-g{c[8]}" for c in DX_EMU_CASES])
-def test_aw_v2_emulated_dx_index_math(case):
+@pytest.mark.parametrize("case,elem_bytes", _with_elems(DX_EMU_CASES))
+def test_aw_v2_emulated_dx_index_math(case, elem_bytes):
     n, c1, c2, hw, k, stride, padding, dilation, groups = case
     x, w, s, g = _inputs(n, c1, c2, hw, k, stride, padding, dilation, groups, torch.float64)
     conv = [list(stride), list(padding), list(dilation), groups]
-    dx, _ = _OPS._aw_conv2d_dx_v2_emulate(g, w, s, list(hw), *conv)
+    dx, _ = _OPS._aw_conv2d_dx_v2_emulate(g, w, s, list(hw), *conv, elem_bytes)
     torch.testing.assert_close(dx, passes.aw_conv2d_bwd(g, x, w, s, *conv)[0], rtol=1e-12,
                                atol=1e-12)
 
@@ -154,7 +161,7 @@ def test_aw_v2_plan_fills_two_waves(shape, dtype):
     launches = _plan("aw_conv2d_bwd_v2", shape, dtype, True, shape[1])
     v2 = [la for la in launches if la[0].startswith("_aw_conv2d_wgrad_v2_kernel")]
     assert len(v2) == 1, launches
-    dx = "_aw_conv2d_dx_v2_kernel" if ELEM[dtype] == 2 else "_aw_conv2d_dx_kernel"
+    dx = "_aw_conv2d_dx_v2_kernel" if ELEM[dtype] <= 4 else "_aw_conv2d_dx_kernel"
     assert launches[0][0].startswith(dx + "<") and len(launches) == 2, launches
     _, blocks, smem = v2[0]
     assert 2 * (smem + 1024) <= 228 * 1024  # an H100 SM's shared memory, 1 KB per CTA reserved
@@ -162,7 +169,7 @@ def test_aw_v2_plan_fills_two_waves(shape, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", STAGES, ids=lambda s: "x".join(map(str, s)))
 def test_aw_v2_plan_forward(shape, dtype):
     launches = _plan("aw_conv2d_fwd_v2", shape, dtype, True, shape[1])
@@ -174,13 +181,13 @@ def test_aw_v2_plan_forward(shape, dtype):
 @pytest.mark.parametrize("channels_last,c1,dtype", [(False, 64, torch.bfloat16),
                                                     (True, 3, torch.bfloat16),
                                                     (True, 12, torch.bfloat16),
-                                                    (True, 64, torch.float32)])
+                                                    (True, 64, torch.float64)])
 def test_aw_v2_plan_falls_back(channels_last, c1, dtype):
     """NCHW, or channel counts that 16-byte chunks do not tile, keep the first kernels
-    (and fp32/fp64 the first forward)."""
+    (and fp64 the first forward and dx)."""
     fwd = [la[0] for la in _plan("aw_conv2d_fwd_v2", (4, c1, 14, 14), dtype, channels_last, 16)]
     assert fwd and all(name.startswith("_aw_conv2d_fwd_kernel") for name in fwd)
-    if dtype == torch.float32:
+    if dtype == torch.float64:
         return
     names = [la[0] for la in _plan("aw_conv2d_bwd_v2", (4, c1, 14, 14), dtype, channels_last, 16)]
     assert not any("_v2_kernel" in name for name in names)
@@ -233,7 +240,7 @@ def test_aw_v2_cuda_matches_verified(case, dtype):
     conv = [list(stride), list(padding), list(dilation), groups]
     new, names = _kernel_names(lambda: _OPS._aw_conv2d_bwd_v2(g, x, w, s, *conv))
     assert any("wgrad_v2" in name for name in names), names
-    dx_v2 = ELEM[dtype] == 2 and stride == (1, 1)
+    dx_v2 = ELEM[dtype] <= 4 and stride == (1, 1)
     assert any("dx_v2" in name for name in names) == dx_v2, names
     assert new[0].is_contiguous(memory_format=torch.channels_last)
     old = _OPS._aw_conv2d_bwd(g, x, w, s, *conv)
@@ -243,7 +250,7 @@ def test_aw_v2_cuda_matches_verified(case, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}to{c[2]}-{c[3][0]}")
 def test_aw_v2_cuda_forward_matches_verified(case, dtype):
     n, c1, c2, hw, k, stride, padding, dilation, groups = case
@@ -293,7 +300,7 @@ def test_aw_v2_cuda_public_gate(dtype):
         opened, names_open = _kernel_names(lambda: grads("cuda"))
     assert not any("_v2_kernel" in name for name in names_closed)
     assert any("wgrad_v2" in name for name in names_open)
-    assert any("fwd_v2" in name for name in names_open) == (dtype == torch.bfloat16)
-    assert any("dx_v2" in name for name in names_open) == (dtype == torch.bfloat16)
+    assert any("fwd_v2" in name for name in names_open)
+    assert any("dx_v2" in name for name in names_open)
     for a, b in zip(opened, closed):
         assert _rel(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)

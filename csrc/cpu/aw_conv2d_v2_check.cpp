@@ -204,17 +204,29 @@ std::tuple<Tensor, Tensor, Tensor> wgrad_v2_emulate(const Tensor& g_in, const Te
 // The forward / dx v2 kernels (conv_v2_body in csrc/cuda/aw_conv2d.cu) replayed the same
 // way on the channels_last activation `in` (x, or g for dx): returns the channels_last
 // output (N, rows, cols, channels) and plan = [blocks, ks_tap, smem].
-std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, const Tensor& in_cl,
-                                          const Tensor& w, const Tensor& sc, const Tensor& bias) {
-  const aw_plan::FwdV2Grid v = aw_plan::fwd_v2_grid(geo, dx);
+std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, int elem_bytes,
+                                          const Tensor& in_cl, const Tensor& w, const Tensor& sc,
+                                          const Tensor& bias) {
+  const aw_plan::FwdV2Grid v = aw_plan::fwd_v2_grid(geo, elem_bytes, dx);
   Tensor plan = at::tensor(std::vector<int64_t>{v.blocks, v.ks_tap, v.smem});
-  const aw_plan::FwdV2Tile T = aw_plan::fwd_v2_tile();
+  const aw_plan::FwdV2Tile T = aw_plan::fwd_v2_tile(elem_bytes);
   const int BM = T.bm, BN = T.bn, BK = T.bk, VEC = T.vec;
   const int threads = aw_plan::kThreads;
-  const int ald = BK + T.pad, bld = BN + T.pad;
+  const int ald = BK + T.pad_a, bld = BN + T.pad_b;
   const int brow_step = threads / BN, bper = BK / brow_step;
   const int out_chunks = BM * BN / VEC / threads;
-  MK_CHECK(BM * BK == VEC * threads && BM == 64 && BN == 64 && BK == 32 && VEC == 8, "tile layout");
+  MK_CHECK(BM * BK == VEC * threads && BM == 64 && BN == 64 &&
+               ((BK == 32 && VEC == 8) || (BK == 16 && VEC == 4)),
+           "tile layout");
+  // The kernels' compile-time chunk maps: activation tiles [BM][BK], outputs [BM][BN].
+  auto a_rc = [VEC](int e, int& row, int& col) {
+    row = VEC == 8 ? aw_v2::chunk_row<32, 8>(e) : aw_v2::chunk_row<16, 4>(e);
+    col = VEC == 8 ? aw_v2::chunk_col<32, 8>(e) : aw_v2::chunk_col<16, 4>(e);
+  };
+  auto out_rc = [VEC](int e, int& row, int& col) {
+    row = VEC == 8 ? aw_v2::chunk_row<64, 8>(e) : aw_v2::chunk_row<64, 4>(e);
+    col = VEC == 8 ? aw_v2::chunk_col<64, 8>(e) : aw_v2::chunk_col<64, 4>(e);
+  };
   const double* ind = in_cl.const_data_ptr<double>();
   const double* wd = w.const_data_ptr<double>();
   const double* sd = sc.const_data_ptr<double>();
@@ -243,7 +255,8 @@ std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, cons
       std::fill(As.begin(), As.end(), nan);
       std::fill(Bs.begin(), Bs.end(), nan);
       for (int tid = 0; tid < threads; ++tid) {
-        const int am = aw_v2::chunk_row<32, 8>(tid), akc = aw_v2::chunk_col<32, 8>(tid);
+        int am, akc;
+        a_rc(tid, am, akc);
         const int aq = q0 + am;
         const bool q_ok = aq < P;
         const int ph = q_ok ? aq / row_w : 0;
@@ -288,7 +301,8 @@ std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, cons
     for (int tid = 0; tid < threads; ++tid) {
       for (int i = 0; i < out_chunks; ++i) {
         const int e = tid + threads * i;
-        const int m = aw_v2::chunk_row<64, 8>(e), jc = aw_v2::chunk_col<64, 8>(e);
+        int m, jc;
+        out_rc(e, m, jc);
         const int64_t off = dx ? aw_v2::dx_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi)
                                : aw_v2::y_fwd_chunk(geo, blk.n, q0 + m, j0, jc, blk.gi);
         if (off < 0) continue;
@@ -313,11 +327,12 @@ void check_f64(std::initializer_list<const Tensor*> ts, const char* op) {
              ": expected float64 CPU tensors, got ", t->scalar_type(), " on ", t->device());
 }
 
-// _aw_conv2d_fwd_v2_emulate: (y (N, C2, Ho, Wo), plan = [blocks, ks_tap, smem]).
+// _aw_conv2d_fwd_v2_emulate: (y (N, C2, Ho, Wo), plan = [blocks, ks_tap, smem]) of the
+// kernel for elements of `elem_bytes` (2: fp16/bf16, 4: fp32); _dx_v2_emulate likewise.
 std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x, const Tensor& w, const Tensor& scale,
                                           const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation,
-                                          int64_t groups) {
+                                          int64_t groups, int64_t elem_bytes) {
   check_f64({&x, &w, &scale}, "_aw_conv2d_fwd_v2_emulate");
   MK_CHECK(x.dim() == 4 && w.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
                dilation.size() == 2,
@@ -326,12 +341,13 @@ std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x, const Tensor& w, cons
                 dl[2] = {dilation[0], dilation[1]};
   const aw_plan::Geo geo = aw_plan::make_geo(x.size(0), x.size(1), x.size(2), x.size(3), w.size(0),
                                              w.size(2), w.size(3), st, pd, dl, groups);
-  MK_CHECK(aw_plan::fwd_v2_supported(geo, 2, true, 0, 9),
+  MK_CHECK(aw_plan::fwd_v2_supported(geo, static_cast<int>(elem_bytes), true, 0, 9),
            "_aw_conv2d_fwd_v2_emulate: the v2 kernel does not take this shape");
   Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  auto [y, plan] = conv_v2_replay(geo, false, x.permute({0, 2, 3, 1}).contiguous(), w.contiguous(),
-                                  scale.contiguous(), b);
+  auto [y, plan] =
+      conv_v2_replay(geo, false, static_cast<int>(elem_bytes), x.permute({0, 2, 3, 1}).contiguous(),
+                     w.contiguous(), scale.contiguous(), b);
   return {y.permute({0, 3, 1, 2}), plan};
 }
 
@@ -339,7 +355,7 @@ std::tuple<Tensor, Tensor> fwd_v2_emulate(const Tensor& x, const Tensor& w, cons
 std::tuple<Tensor, Tensor> dx_v2_emulate(const Tensor& g, const Tensor& w, const Tensor& scale,
                                          at::IntArrayRef input_hw, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation,
-                                         int64_t groups) {
+                                         int64_t groups, int64_t elem_bytes) {
   check_f64({&g, &w, &scale}, "_aw_conv2d_dx_v2_emulate");
   MK_CHECK(g.dim() == 4 && w.dim() == 4 && input_hw.size() == 2 && stride.size() == 2 &&
                padding.size() == 2 && dilation.size() == 2,
@@ -351,10 +367,11 @@ std::tuple<Tensor, Tensor> dx_v2_emulate(const Tensor& g, const Tensor& w, const
                         w.size(2), w.size(3), st, pd, dl, groups);
   MK_CHECK(geo.ho == g.size(2) && geo.wo == g.size(3), "g: expected the output size (", geo.ho,
            ", ", geo.wo, "), got ", g.sizes());
-  MK_CHECK(aw_plan::dx_v2_supported(geo, 2, true, 0, 9),
+  MK_CHECK(aw_plan::dx_v2_supported(geo, static_cast<int>(elem_bytes), true, 0, 9),
            "_aw_conv2d_dx_v2_emulate: the v2 kernel does not take this shape");
-  auto [dx, plan] = conv_v2_replay(geo, true, g.permute({0, 2, 3, 1}).contiguous(), w.contiguous(),
-                                   scale.contiguous(), Tensor());
+  auto [dx, plan] =
+      conv_v2_replay(geo, true, static_cast<int>(elem_bytes), g.permute({0, 2, 3, 1}).contiguous(),
+                     w.contiguous(), scale.contiguous(), Tensor());
   return {dx.permute({0, 3, 1, 2}), plan};
 }
 
@@ -370,10 +387,12 @@ TORCH_LIBRARY_FRAGMENT(manet_kernels, m) {
       &manet_kernels::wgrad_v2_emulate);
   m.def(
       "_aw_conv2d_fwd_v2_emulate(Tensor x, Tensor weight, Tensor scale, Tensor? bias, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor y, Tensor plan)",
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int elem_bytes) "
+      "-> (Tensor y, Tensor plan)",
       &manet_kernels::fwd_v2_emulate);
   m.def(
       "_aw_conv2d_dx_v2_emulate(Tensor g, Tensor weight, Tensor scale, int[2] input_hw, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor plan)",
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int elem_bytes) "
+      "-> (Tensor dx, Tensor plan)",
       &manet_kernels::dx_v2_emulate);
 }

@@ -273,18 +273,15 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channe
   const std::string T = scalar_name(dt);
   const ap::ConvGrid cg = ap::conv_grid(g, bwd, bm, bn);
   const int elem = static_cast<int>(c10::elementSize(dt));
+  const std::string conv_v2_core = is16 ? core : tmpl("FmaCoreRm", {"float"});
   if (v2 && !bwd && ap::fwd_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
-    const ap::FwdV2Grid fg = ap::fwd_v2_grid(g);
-    out.push_back(
-        launch1d(tmpl("_aw_conv2d_fwd_v2_kernel",
-                      {T, tmpl("WmmaCore", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})}),
-                 fg.blocks, ap::kThreads, fg.smem));
+    const ap::FwdV2Grid fg = ap::fwd_v2_grid(g, elem, false);
+    out.push_back(launch1d(tmpl("_aw_conv2d_fwd_v2_kernel", {T, conv_v2_core}), fg.blocks,
+                           ap::kThreads, fg.smem));
   } else if (v2 && bwd && ap::dx_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
-    const ap::FwdV2Grid dg = ap::fwd_v2_grid(g, true);
-    out.push_back(
-        launch1d(tmpl("_aw_conv2d_dx_v2_kernel",
-                      {T, tmpl("WmmaCore", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})}),
-                 dg.blocks, ap::kThreads, dg.smem));
+    const ap::FwdV2Grid dg = ap::fwd_v2_grid(g, elem, true);
+    out.push_back(launch1d(tmpl("_aw_conv2d_dx_v2_kernel", {T, conv_v2_core}), dg.blocks,
+                           ap::kThreads, dg.smem));
   } else if (cg.blocks > 0) {
     out.push_back(launch1d(
         tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel", {T, core, bool_name(aw)}),

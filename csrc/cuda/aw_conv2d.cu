@@ -127,6 +127,10 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+template <>
+__device__ __forceinline__ float round_to<float>(float v) {
+  return v;
+}
 
 // fp16 / bf16 on tensor cores. Warps form a 4 x 2 grid of 16 x 32 warp tiles (two
 // 16x16x16 fragments each). Fragments are loaded from shared memory only: every
@@ -854,16 +858,79 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward and dx, second generation (aw op, fp16/bf16, channels_last; fwd_v2_supported /
+// Forward and dx, second generation (aw op, fp16/bf16/fp32, channels_last; fwd_v2_supported /
 // dx_v2_supported decide when they run, the index math is aw_conv2d_v2_index.h). One
 // block: 64 positions of one sample x 64 channels of a group (forward: output positions x
 // output channels, K = (tap, input channel); dx, stride 1: input positions x input
-// channels, K = (tap, output channel)), K in steps of 32 channels, taps outer. The
+// channels, K = (tap, output channel)), K in steps of 32 channels (16 for fp32), taps
+// outer. The
 // activation (x or g) arrives as 16-byte cp.async chunks in a 3-stage ring; the weight
 // tile is gathered into registers one step ahead (the loads fly during the MMA), scaled
 // by scale[n, o, t] and rounded as it is stored into its ring slot (round(w * s), as the
 // first kernels and eager PyTorch's conv on the scaled weight). Cursors step the tap and
-// channel block without division. WmmaCore's tiles (row-major A and B) are the plan's.
+// channel block without division. WmmaCore's (fp16/bf16) and FmaCoreRm's (fp32) tiles,
+// row-major A and B, are the plan's.
+
+// fp32 tiles of the forward / dx v2 body: as FmaCore, but A row-major ([BM][BK + pad_a]),
+// as the activation's channels arrive.
+template <typename acc_t_>
+struct FmaCoreRm {
+  using acc_t = acc_t_;
+  using comp_t = acc_t_;
+  static constexpr FwdV2Tile kTile = fwd_v2_tile(sizeof(acc_t_));
+  static constexpr int BM = kTile.bm, BN = kTile.bn, BK = kTile.bk;
+  static constexpr int kALd = BK + kTile.pad_a;
+  static constexpr int kBLd = BN + kTile.pad_b;
+  static constexpr int kCLd = BN + 4;
+  static_assert(kThreads == 256 && BM == 64 && BN == 64, "16 x 16 threads of 4 x 4 sub-tiles");
+
+  acc_t acc[4][4];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
+  }
+
+  __device__ void step(const comp_t* As, const comp_t* Bs) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = As[(ty + 16 * i) * kALd + kk];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk * kBLd + tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+
+  __device__ void store(acc_t* Cs) const {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Cs[(ty + 16 * i) * kCLd + tx + 16 * j] = acc[i][j];
+  }
+};
+
+// The forward / dx v2 tile engine per dtype (fp64 keeps the first kernels).
+template <typename scalar_t>
+struct ConvV2Core {
+  using type = FmaCoreRm<float>;
+};
+template <>
+struct ConvV2Core<c10::Half> {
+  using type = WmmaCore<__half>;
+};
+template <>
+struct ConvV2Core<c10::BFloat16> {
+  using type = WmmaCore<__nv_bfloat16>;
+};
 
 template <typename scalar_t>
 struct ConvV2Args {
@@ -880,12 +947,12 @@ template <typename scalar_t, class Core, bool kDx>
 __device__ __forceinline__ void conv_v2_body(const ConvV2Args<scalar_t>& a) {
   using comp_t = typename Core::comp_t;
   using namespace aw_v2;
-  constexpr FwdV2Tile kT = fwd_v2_tile();
+  constexpr FwdV2Tile kT = fwd_v2_tile(sizeof(scalar_t));
   constexpr int BM = Core::BM, BN = Core::BN, BK = Core::BK;
   constexpr int VEC = kT.vec, kStages = kT.stages;
-  static_assert(sizeof(comp_t) == 2 && sizeof(scalar_t) == 2 && BM == kT.bm && BN == kT.bn &&
-                    BK == kT.bk && Core::kALd == BK + kT.pad && Core::kBLd == BN + kT.pad &&
-                    Core::kCLd == BN + 4 && VEC == 8,
+  static_assert(sizeof(comp_t) == sizeof(scalar_t) && BM == kT.bm && BN == kT.bn && BK == kT.bk &&
+                    Core::kALd == BK + kT.pad_a && Core::kBLd == BN + kT.pad_b &&
+                    Core::kCLd == BN + 4 && VEC * sizeof(scalar_t) == 16,
                 "the kernel's tiles are the plan's (fwd_v2_tile, fwd_v2_smem)");
   static_assert(BM * BK == VEC * kThreads, "one activation chunk per thread and step");
   constexpr int kBRowStep = kThreads / BN;  // weight rows between a thread's elements
@@ -897,7 +964,7 @@ __device__ __forceinline__ void conv_v2_body(const ConvV2Args<scalar_t>& a) {
 
   extern __shared__ __align__(128) unsigned char raw[];
   comp_t* As = reinterpret_cast<comp_t*>(raw);
-  comp_t* Bs = reinterpret_cast<comp_t*>(raw + fwd_v2_ring_a_bytes());
+  comp_t* Bs = reinterpret_cast<comp_t*>(raw + fwd_v2_ring_a_bytes(sizeof(scalar_t)));
   float* Cs = reinterpret_cast<float*>(raw);  // after the K loop, over the ring
 
   const Geo& g = a.geo;
@@ -1361,7 +1428,7 @@ bool wgrad_v2(const Checked& ck, const Tensor& gy, const Tensor& x, const Tensor
 template <typename scalar_t, bool kDx>
 bool conv_v2(const Checked& ck, const Tensor& in, const Tensor& w, const Tensor& scale,
              const Tensor* bias, Tensor& out) {
-  if constexpr (!is_16bit<scalar_t>()) {
+  if constexpr (!is_16bit<scalar_t>() && !std::is_same_v<scalar_t, float>) {
     return false;
   } else {
     const Geo& g = ck.geo;
@@ -1372,7 +1439,7 @@ bool conv_v2(const Checked& ck, const Tensor& in, const Tensor& w, const Tensor&
     const bool ok = kDx ? dx_v2_supported(g, sizeof(scalar_t), cl, bits, props->major)
                         : fwd_v2_supported(g, sizeof(scalar_t), cl, bits, props->major);
     if (!ok) return false;
-    const FwdV2Grid v = fwd_v2_grid(g, kDx);
+    const FwdV2Grid v = fwd_v2_grid(g, sizeof(scalar_t), kDx);
     ConvV2Args<scalar_t> a{};
     a.geo = g;
     a.in = in.const_data_ptr<scalar_t>();
@@ -1385,7 +1452,7 @@ bool conv_v2(const Checked& ck, const Tensor& in, const Tensor& w, const Tensor&
     a.ks_tap = v.ks_tap;
     const int64_t blocks = checked_blocks(v.blocks, kDx ? "aw_conv2d_bwd" : "aw_conv2d");
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    using Core = WmmaCore<wmma_t<scalar_t>>;
+    using Core = typename ConvV2Core<scalar_t>::type;
     if constexpr (kDx) {
       _aw_conv2d_dx_v2_kernel<scalar_t, Core>
           <<<static_cast<unsigned>(blocks), kThreads, v.smem, stream>>>(a);

@@ -224,34 +224,38 @@ inline WgradV2Grid wgrad_v2_grid(const Geo& g, int elem_bytes, int acc_bytes, in
   return v;
 }
 
-// Forward, second generation (_aw_conv2d_fwd_v2_kernel, aw op, fp16/bf16 on sm_80+):
-// channels_last x copied with 16-byte cp.async into a 3-stage ring of A tiles
-// ([BM][BK + pad], positions x channels), the weight tile gathered, scaled by
-// scale[n, o, t] and rounded as it is loaded into a ring of B tiles ([BK][BN + pad]);
-// the fp32 C tile ([BM][BN + 4]) reuses the ring after the K loop.
+// Forward, second generation (_aw_conv2d_fwd_v2_kernel, aw op, fp16/bf16/fp32 on
+// sm_80+): channels_last x copied with 16-byte cp.async into a 3-stage ring of A tiles
+// ([BM][BK + pad_a], positions x channels), the weight tile gathered, scaled by
+// scale[n, o, t] (and rounded) as it is loaded into a ring of B tiles ([BK][BN + pad_b]);
+// the fp32 C tile ([BM][BN + 4]) reuses the ring after the K loop. fp16/bf16: WMMA, BK 32;
+// fp32: the FMA tile, BK 16.
 struct FwdV2Tile {
-  int bm, bn, bk, vec, pad, stages;
+  int bm, bn, bk, vec, pad_a, pad_b, stages;
 };
-constexpr FwdV2Tile fwd_v2_tile() {
-  return {64, 64, 32, 8, 8, 3};
+constexpr FwdV2Tile fwd_v2_tile(int elem_bytes) {
+  return elem_bytes == 2 ? FwdV2Tile{64, 64, 32, 8, 8, 8, 3} : FwdV2Tile{64, 64, 16, 4, 4, 0, 3};
 }
-constexpr int fwd_v2_ring_a_bytes() {
-  return fwd_v2_tile().stages * fwd_v2_tile().bm * (fwd_v2_tile().bk + fwd_v2_tile().pad) * 2;
+constexpr int fwd_v2_ring_a_bytes(int elem_bytes) {
+  const FwdV2Tile t = fwd_v2_tile(elem_bytes);
+  return t.stages * t.bm * (t.bk + t.pad_a) * elem_bytes;
 }
-constexpr int fwd_v2_smem() {
-  const FwdV2Tile t = fwd_v2_tile();
-  const int ring = fwd_v2_ring_a_bytes() + t.stages * t.bk * (t.bn + t.pad) * 2;
+constexpr int fwd_v2_smem(int elem_bytes) {
+  const FwdV2Tile t = fwd_v2_tile(elem_bytes);
+  const int ring =
+      fwd_v2_ring_a_bytes(elem_bytes) + t.stages * t.bk * (t.bn + t.pad_b) * elem_bytes;
   const int c = t.bm * (t.bn + 4) * 4;
   return ring > c ? ring : c;
 }
 
-// fp16/bf16 on sm_80+, channels_last x (and so y), channel counts per group that 16-byte
-// chunks tile, 16-byte aligned x and y, per-sample sizes in int32.
+// fp16/bf16/fp32 on sm_80+, channels_last x (and so y), channel counts per group that
+// 16-byte chunks tile, 16-byte aligned x and y, per-sample sizes in int32.
 inline bool fwd_v2_supported(const Geo& g, int elem_bytes, bool channels_last, uint64_t addr_bits,
                              int cc_major) {
   const int64_t lim = 2147483647;
-  return cc_major >= 8 && elem_bytes == 2 && channels_last && g.c1g > 0 && g.c2g > 0 &&
-         g.c1g % 8 == 0 && g.c2g % 8 == 0 && addr_bits % 16 == 0 &&
+  const int vec = 16 / elem_bytes;
+  return cc_major >= 8 && (elem_bytes == 2 || elem_bytes == 4) && channels_last && g.c1g > 0 &&
+         g.c2g > 0 && g.c1g % vec == 0 && g.c2g % vec == 0 && addr_bits % 16 == 0 &&
          int64_t{g.h} * g.w * g.c1 <= lim && int64_t{g.ho} * g.wo * g.c2 <= lim;
 }
 
@@ -271,14 +275,14 @@ struct FwdV2Grid {
 
 // dx = false: the forward's grid (output positions x output channels, K over input
 // channels); dx = true: input positions x input channels, K over output channels.
-inline FwdV2Grid fwd_v2_grid(const Geo& g, bool dx = false) {
-  const FwdV2Tile t = fwd_v2_tile();
+inline FwdV2Grid fwd_v2_grid(const Geo& g, int elem_bytes, bool dx) {
+  const FwdV2Tile t = fwd_v2_tile(elem_bytes);
   FwdV2Grid v;
   v.n_mt = static_cast<int>(ceil_div(dx ? int64_t{g.h} * g.w : int64_t{g.ho} * g.wo, t.bm));
   v.n_nt = static_cast<int>(ceil_div(dx ? g.c1g : g.c2g, t.bn));
   v.ks_tap = static_cast<int>(ceil_div(dx ? g.c2g : g.c1g, t.bk));
   v.blocks = int64_t{v.n_mt} * v.n_nt * g.groups * g.n;
-  v.smem = fwd_v2_smem();
+  v.smem = fwd_v2_smem(elem_bytes);
   return v;
 }
 
