@@ -96,6 +96,9 @@ def short_name(demangled: str) -> str:
     form the launch plan names kernels in."""
     name = re.sub(r"^void ", "", demangled)
     name = name.replace("(anonymous namespace)::", "").replace("manet_kernels::", "")
+    # c++filt writes nested closing brackets as "> >", the plans as ">>"
+    while "> >" in name:
+        name = name.replace("> >", ">>")
     depth = 0
     for i, ch in enumerate(name):
         depth += ch == "<"
