@@ -96,6 +96,9 @@ def short_name(demangled: str) -> str:
     form the launch plan names kernels in."""
     name = re.sub(r"^void ", "", demangled)
     name = name.replace("(anonymous namespace)::", "").replace("manet_kernels::", "")
+    # c++filt writes nested closing brackets as "> >", the plans as ">>"
+    while "> >" in name:
+        name = name.replace("> >", ">>")
     depth = 0
     for i, ch in enumerate(name):
         depth += ch == "<"
@@ -269,8 +272,14 @@ def op_calls(op: str, shape, dtype) -> list[tuple[str, tuple, object, tuple, str
         r = common.AW_KERNEL
         conv = (c, r, r, 1, 1, r // 2, r // 2, 1, 1, 1)
         ps_note = "per_sample_conv2d (the same kernels without the scale)"
+        aw_ops = importlib.import_module("manet_kernels.ops.aw_conv2d")
+        v2_note = ("the v2 kernels where they apply" if aw_ops.CUDA_AW_V2_VERIFIED
+                   else "not dispatched yet: backend='cuda' runs the first kernels "
+                   "(CUDA_AW_V2_VERIFIED = False)")
         return [("aw_conv2d_fwd", shape, dtype, conv, None),
                 ("aw_conv2d_bwd", shape, dtype, conv, None),
+                ("aw_conv2d_fwd_v2", shape, dtype, conv, v2_note),
+                ("aw_conv2d_bwd_v2", shape, dtype, conv, v2_note),
                 ("per_sample_conv2d_fwd", shape, dtype, conv, ps_note),
                 ("per_sample_conv2d_bwd", shape, dtype, conv, ps_note)]
     raise ValueError(f"op: expected one of {common.OPS}, got {op!r}")
@@ -332,9 +341,10 @@ def op_launches(op: str, shape, dtype, layout: str, kernels: dict) -> list[tuple
     launch repeated with the same grid (e.g. BR-NPA's step per part) is one entry."""
     counts, order = Counter(), []
     for call in op_calls(op, shape, dtype):
-        # AW-conv kernels take strides at run time, the spatial conv runs on (N, H, W)
-        # maps: their kernels and grids do not depend on the layout (layout None).
-        layout_free = op == "aw_conv2d" or len(call[1]) == 3
+        # AW-conv kernels take strides at run time (but for the v2 kernels, which take
+        # channels_last only), the spatial conv runs on (N, H, W) maps: their
+        # kernels and grids do not depend on the layout (layout None).
+        layout_free = (op == "aw_conv2d" and not call[0].endswith("_v2")) or len(call[1]) == 3
         if layout_free and layout != common.LAYOUTS[0]:
             continue
         for la in resolved_plan(call, layout == "channels_last", kernels):

@@ -27,7 +27,9 @@
 #                              (or reused/PREBUILT) tests-triton-rest  80  fp16/fp64/no dtype
 #     ext                  15  CUDA kernels load
 #     tests-never          60  CUDA spatial conv, fused op with it, every C++ error path,
-#                              the fused stages, GPU kernels per step, CUDA graph capture
+#                              the fused stages, GPU kernels per step, CUDA graph capture,
+#                              the v2 AW weight gradient (tests/test_aw_conv2d_v2.py, which
+#                              opens CUDA_AW_V2_VERIFIED itself)
 #     tests-cuda-fp32      50  CUDA pass and stage tests -k float32
 #     tests-cuda-bf16      40  CUDA pass and stage tests -k bfloat16
 #     (join, at 360 s)
@@ -89,7 +91,7 @@ OPS=(tests/test_mixed_attention.py tests/test_aw_conv2d.py tests/test_brnpa.py)
 # MK_CHECK rewrite has not run there since, nor have the CUDA spatial-conv kernels, the
 # fused stages (tests/test_*_stages.py, issue 16) or the whole GPU steps
 # (tests/test_gpu_steps.py: kernels per step, CUDA graph capture).
-NEVER_K="spatial_conv or bad_ or mixed_devices or name_the_argument or stage or gpu_kernels or cuda_graph"
+NEVER_K="spatial_conv or bad_ or mixed_devices or name_the_argument or stage or gpu_kernels or cuda_graph or aw_v2"
 REST_K="not float32 and not bfloat16 and not spatial_conv and not bad_ and not name_the_argument"
 OURS=(--modes full)
 # ours beside the compiled reference, so its ratio is side by side in one run (cuda only
@@ -108,7 +110,7 @@ add 1 B tests-triton-rest 80 pytest "triton and not float32 and not bfloat16" "$
 add 1 A build 180 fn build_ext setup.py
 add 1 A ext 15 fn ext_check
 add 1 A tests-never 60 pytest "($NEVER_K) and not (triton and passes)" "${PASS[@]}" \
-    "${OPS[@]}" tests/test_gpu_steps.py
+    "${OPS[@]}" tests/test_gpu_steps.py tests/test_aw_conv2d_v2.py
 add 1 A tests-cuda-fp32 50 pytest "cuda and float32 and not spatial_conv" "${PASS[@]}"
 add 1 A tests-cuda-bf16 40 pytest "cuda and bfloat16 and not spatial_conv" "${PASS[@]}"
 add 1 A join 0 join

@@ -100,4 +100,13 @@ TORCH_LIBRARY(manet_kernels, m) {
       "_aw_conv2d_bwd(Tensor g, Tensor x, Tensor weight, Tensor scale, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweight, "
       "Tensor dscale)");
+  // aw_conv2d_fwd / _bwd with the second-generation forward and weight-gradient kernels
+  // where they apply (CUDA only; behind CUDA_AW_V2_VERIFIED in manet_kernels/ops/aw_conv2d.py).
+  m.def(
+      "_aw_conv2d_fwd_v2(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "_aw_conv2d_bwd_v2(Tensor g, Tensor x, Tensor weight, Tensor scale, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor dx, Tensor dweight, "
+      "Tensor dscale)");
 }

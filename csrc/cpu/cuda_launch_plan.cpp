@@ -240,11 +240,15 @@ bool brnpa(std::vector<Launch>& out, const std::string& op, bool cl, c10::Scalar
 }
 
 // ---------------------------------------------------------------------------------------
-// AW-conv and per-sample conv (csrc/cuda/aw_conv2d.cu: ConvLaunch, WgradLaunch)
+// AW-conv and per-sample conv (csrc/cuda/aw_conv2d.cu: ConvLaunch, WgradLaunch, and
+// wgrad_v2 for aw_conv2d_bwd_v2, which falls back to WgradLaunch where the v2 kernel does
+// not take the call)
 
-bool aw_conv2d(std::vector<Launch>& out, const std::string& op, c10::ScalarType dt,
-               at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {
+bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channels_last,
+               c10::ScalarType dt, at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {
   namespace ap = aw_plan;
+  const bool v2 = op_name == "aw_conv2d_bwd_v2" || op_name == "aw_conv2d_fwd_v2";
+  const std::string op = v2 ? op_name.substr(0, op_name.size() - 3) : op_name;
   const bool aw = op.rfind("aw_conv2d_", 0) == 0;
   const bool ps = op.rfind("per_sample_conv2d_", 0) == 0;
   if (!aw && !ps) return false;
@@ -268,12 +272,32 @@ bool aw_conv2d(std::vector<Launch>& out, const std::string& op, c10::ScalarType 
   const int bk = tc ? ap::WmmaTile::BK : ap::FmaTile::BK;
   const std::string T = scalar_name(dt);
   const ap::ConvGrid cg = ap::conv_grid(g, bwd, bm, bn);
-  if (cg.blocks > 0) {
+  const int elem = static_cast<int>(c10::elementSize(dt));
+  const std::string conv_v2_core = is16 ? core : tmpl("FmaCoreRm", {"float"});
+  if (v2 && !bwd && ap::fwd_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+    const ap::FwdV2Grid fg = ap::fwd_v2_grid(g, elem, false);
+    out.push_back(launch1d(tmpl("_aw_conv2d_fwd_v2_kernel", {T, conv_v2_core}), fg.blocks,
+                           ap::kThreads, fg.smem));
+  } else if (v2 && bwd && ap::dx_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+    const ap::FwdV2Grid dg = ap::fwd_v2_grid(g, elem, true);
+    out.push_back(launch1d(tmpl("_aw_conv2d_dx_v2_kernel", {T, conv_v2_core}), dg.blocks,
+                           ap::kThreads, dg.smem));
+  } else if (cg.blocks > 0) {
     out.push_back(launch1d(
         tmpl(bwd ? "_aw_conv2d_dx_kernel" : "_aw_conv2d_fwd_kernel", {T, core, bool_name(aw)}),
         cg.blocks, ap::kThreads));
   }
-  if (bwd) {
+  if (v2 && bwd && ap::wgrad_v2_supported(g, elem, channels_last, 0, gpu.cc_major)) {
+    const ap::WgradV2Grid vg = ap::wgrad_v2_grid(g, elem, acc_bytes(dt), gpu.sms);
+    const std::string v2core =
+        is16 ? tmpl("WmmaCoreKm", {dt == c10::kHalf ? "__half" : "__nv_bfloat16"})
+             : tmpl("FmaCore", {acc_name(dt)});
+    if (vg.blocks > 0) {
+      out.push_back(launch1d(tmpl("_aw_conv2d_wgrad_v2_kernel",
+                                  {T, v2core, std::to_string(ap::wgrad_v2_tile(elem).stages)}),
+                             vg.blocks, ap::kThreads, vg.smem));
+    }
+  } else if (bwd) {
     const ap::WgradGrid wg = ap::wgrad_grid(g, bm, bn, bk, aw, acc_bytes(dt), gpu.sms);
     if (wg.blocks > 0) {
       out.push_back(launch1d(tmpl("_aw_conv2d_wgrad_kernel", {T, core, bool_name(aw)}), wg.blocks,
@@ -312,7 +336,7 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> cuda_launch_plan(
       (shape.size() == 4 || op.rfind("mixed_attention_spatial_conv", 0) == 0) &&
       (mixed_attention(launches, op, channels_last, dtype, shape, params, gpu) ||
        (shape.size() == 4 && (brnpa(launches, op, channels_last, dtype, shape, params, gpu) ||
-                              aw_conv2d(launches, op, dtype, shape, params, gpu))));
+                              aw_conv2d(launches, op, channels_last, dtype, shape, params, gpu))));
   TORCH_CHECK(known, "_cuda_launch_plan: op: unknown op ", op, " for shape ", shape);
   std::vector<std::string> names;
   std::vector<int64_t> nums;

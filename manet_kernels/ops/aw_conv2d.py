@@ -8,6 +8,7 @@ shape is already that size: it goes through ``per_sample_conv2d``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,27 @@ from manet_kernels.reference.passes import acc_dtype
 __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2dFunction"]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
+
+# Whether the second-generation CUDA kernels (``_aw_conv2d_fwd_v2``: cp.async ring,
+# weight scaled on load; ``_aw_conv2d_bwd_v2``: split-K weight gradient over the batch;
+# docs/design.md §2.4) have passed their GPU tests (tests/test_aw_conv2d_v2.py, which
+# benchmarks/run_device.sh's first step runs with this gate open). Read at each call:
+# until it is True, backend="cuda" (and so an explicit request) runs the verified
+# first-generation kernels.
+CUDA_AW_V2_VERIFIED = False
+
+
+@contextlib.contextmanager
+def unverified_cuda_aw_v2():
+    """Within: ``backend="cuda"`` uses the v2 kernels as if verified (for the GPU tests
+    that verify them)."""
+    global CUDA_AW_V2_VERIFIED
+    saved = CUDA_AW_V2_VERIFIED
+    CUDA_AW_V2_VERIFIED = True
+    try:
+        yield
+    finally:
+        CUDA_AW_V2_VERIFIED = saved
 
 
 def _passes(backend: str):
@@ -55,9 +77,11 @@ def _aw_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
     if x.shape[0] == 0:
         return _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
-    return _passes(backend).aw_conv2d_fwd(x, weight.to(x.dtype).contiguous(),
-                                          scale.to(acc).contiguous(), b, stride, padding,
-                                          dilation, groups)
+    passes = _passes(backend)
+    fwd = (passes.aw_conv2d_fwd_v2 if backend == "cuda" and CUDA_AW_V2_VERIFIED and x.is_cuda
+           else passes.aw_conv2d_fwd)
+    return fwd(x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), b, stride,
+               padding, dilation, groups)
 
 
 def _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend):
@@ -76,9 +100,11 @@ def _aw_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: li
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
                 weight.new_zeros(weight.shape[0]) if has_bias else None)
-    dx, dw, ds = _passes(backend).aw_conv2d_bwd(g, x, weight.to(x.dtype).contiguous(),
-                                               scale.to(acc).contiguous(), stride, padding,
-                                               dilation, groups)
+    passes = _passes(backend)
+    bwd = (passes.aw_conv2d_bwd_v2 if backend == "cuda" and CUDA_AW_V2_VERIFIED and x.is_cuda
+           else passes.aw_conv2d_bwd)
+    dx, dw, ds = bwd(g, x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), stride,
+                     padding, dilation, groups)
     db = g.sum((0, 2, 3), dtype=acc).to(weight.dtype) if has_bias else None
     return dx, dw.to(weight.dtype), ds.to(scale.dtype), db
 
