@@ -154,6 +154,13 @@ CUDA_STAGES_VERIFIED = False
 # tests/test_<op>_stages.py -k triton and tests/test_gpu_steps.py pass on a GPU, the
 # "triton" backend on CUDA tensors composes its stages from the Triton passes.
 TRITON_STAGES_VERIFIED = False
+# Whether the second Triton AW-conv kernels (manet_kernels/triton/aw_conv2d.py, issue 17:
+# flattened pipelined K loops, split-K weight gradient) have passed their GPU tests
+# (tests/test_aw_conv2d*.py -k triton, run with the gate open by benchmarks/run_device.sh).
+# Until then the "triton" backend on CUDA tensors runs the first kernels
+# (triton/aw_conv2d_v1.py), which passed theirs on the H100; CPU tensors (the
+# interpreter) always run the new ones.
+TRITON_AW_V2_VERIFIED = False
 
 
 class ComposedStages:
@@ -241,16 +248,17 @@ def _clear_stage_caches() -> None:
 
 @contextlib.contextmanager
 def unverified_stages():
-    """Within: the CUDA and Triton stage kernels are used on a GPU as if verified (for
-    the GPU tests that verify them, tests/test_gpu_steps.py)."""
-    global CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
-    saved = CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
-    CUDA_STAGES_VERIFIED = TRITON_STAGES_VERIFIED = True
+    """Within: the CUDA and Triton stage kernels and the second Triton AW-conv kernels
+    are used on a GPU as if verified (for the GPU tests that verify them,
+    tests/test_gpu_steps.py, and the AW tests under $MANET_KERNELS_UNVERIFIED=1)."""
+    global CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED, TRITON_AW_V2_VERIFIED
+    saved = CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED, TRITON_AW_V2_VERIFIED
+    CUDA_STAGES_VERIFIED = TRITON_STAGES_VERIFIED = TRITON_AW_V2_VERIFIED = True
     _clear_stage_caches()
     try:
         yield
     finally:
-        CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED = saved
+        CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED, TRITON_AW_V2_VERIFIED = saved
         _clear_stage_caches()
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from manet_kernels.ops import _common
 from manet_kernels.ops._boundary import Boundary, drop_in_function
 from manet_kernels.ops._common import (
     activation_format,
@@ -29,7 +30,11 @@ __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2
 _CPU_DTYPES = (torch.float32, torch.float64)
 
 
-def _passes(backend: str):
+def _passes(backend: str, device: torch.device):
+    """The pass kernels; on CUDA tensors the Triton backend keeps its first, GPU-verified
+    kernels until the second ones pass their GPU tests (read at each call)."""
+    if backend == "triton" and device.type == "cuda" and not _common.TRITON_AW_V2_VERIFIED:
+        return pass_kernels(backend, "aw_conv2d_v1")
     return pass_kernels(backend, "aw_conv2d")
 
 
@@ -55,9 +60,9 @@ def _aw_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
     if x.shape[0] == 0:
         return _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
-    return _passes(backend).aw_conv2d_fwd(x, weight.to(x.dtype).contiguous(),
-                                          scale.to(acc).contiguous(), b, stride, padding,
-                                          dilation, groups)
+    return _passes(backend, x.device).aw_conv2d_fwd(
+        x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), b, stride, padding,
+        dilation, groups)
 
 
 def _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend):
@@ -76,9 +81,9 @@ def _aw_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: li
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
                 weight.new_zeros(weight.shape[0]) if has_bias else None)
-    dx, dw, ds = _passes(backend).aw_conv2d_bwd(g, x, weight.to(x.dtype).contiguous(),
-                                               scale.to(acc).contiguous(), stride, padding,
-                                               dilation, groups)
+    dx, dw, ds = _passes(backend, x.device).aw_conv2d_bwd(
+        g, x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), stride, padding,
+        dilation, groups)
     db = g.sum((0, 2, 3), dtype=acc).to(weight.dtype) if has_bias else None
     return dx, dw.to(weight.dtype), ds.to(scale.dtype), db
 
@@ -96,8 +101,8 @@ def _ps_forward(x: Tensor, weights: Tensor, bias: Tensor | None, stride: list[in
     if x.shape[0] == 0:
         return _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
-    return _passes(backend).per_sample_conv2d_fwd(x, weights.to(x.dtype).contiguous(), b, stride,
-                                                  padding, dilation, groups)
+    return _passes(backend, x.device).per_sample_conv2d_fwd(
+        x, weights.to(x.dtype).contiguous(), b, stride, padding, dilation, groups)
 
 
 def _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend):
@@ -115,8 +120,8 @@ def _ps_backward(g: Tensor, x: Tensor, weights: Tensor, stride: list[int], paddi
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weights),
                 weights.new_zeros(0, weights.shape[1]))
-    dx, dw = _passes(backend).per_sample_conv2d_bwd(g, x, weights.to(x.dtype).contiguous(),
-                                                    stride, padding, dilation, groups)
+    dx, dw = _passes(backend, x.device).per_sample_conv2d_bwd(
+        g, x, weights.to(x.dtype).contiguous(), stride, padding, dilation, groups)
     db = g.sum((2, 3), dtype=acc_dtype(x.dtype))
     return dx, dw.to(weights.dtype), db.to(weights.dtype)
 
