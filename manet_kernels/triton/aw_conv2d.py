@@ -3,10 +3,11 @@
 Each launcher has the signature and return values of the function of the same
 name in ``manet_kernels/reference/passes.py``, which is the contract.
 
-Three launches per call, all implicit GEMMs with ``tl.dot`` (fp16/bf16 operands,
-fp32 accumulation; fp32 operands at ``input_precision="ieee"``, so no TF32; fp64
-operands with fp64 accumulation), shaped for the software pipeliner: each main loop
-is one flat loop with tens of iterations, not nested short ones.
+Two launches per forward call and three per backward: a small prep kernel, then
+implicit GEMMs with ``tl.dot`` (fp16/bf16 operands, fp32 accumulation; fp32 operands at
+``input_precision="ieee"``, so no TF32; fp64 operands with fp64 accumulation), shaped
+for the software pipeliner: each main loop is one flat loop with tens of iterations,
+not nested short ones.
 
 * prep: the weight as ``(..., kh*kw, C1/g, C2)`` and the scale as ``(N, kh*kw,
   C2)`` (one launch for both), so every weight and scale tile is contiguous along
@@ -81,16 +82,19 @@ _INTERP_WGRAD_MN = 16
 # DMMA, both short of registers at the 16-bit tiles, so they get smaller ones.
 # Compiled for sm_90 without a GPU (benchmarks/README.md, kernel report): no spills.
 # None is yet timed on a GPU. Autotune sees only the tiles that fit the channel
-# counts (_fits); with deterministic algorithms on, the first of those is used.
+# counts and the map (_fits); with deterministic algorithms on, the first of those
+# is used. Four warps per 128-row tile: a thread then moves 16 x 16 bytes of
+# operands per step against one 4-byte scale load (eight warps: 8 against 1).
 _GEMM_CONFIGS = {  # forward and dx: (positions, channels, K) tiles
     16: [
         # >= 128 channels: wgmma N=128
-        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 3),
         # 64 channels: wgmma N=64
         ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
-        # small maps (7x7, 14x14): fewer wasted rows
+        # small maps (7x7): fewer wasted rows
         ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 3),
         ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
         # narrow groups
         ({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3),
         # depthwise, first layer (C1 = 3)
@@ -106,19 +110,24 @@ _GEMM_CONFIGS = {  # forward and dx: (positions, channels, K) tiles
 # Weight grad: the (output channel, input channel) tile is the launcher's pick
 # (_wgrad_tile), because it sizes the partials allocated before the launch; autotune
 # picks the position step, warps and stages.
+# One warp per 16 output channels of the tile (_fits): 128-row tiles spilled at four
+# warps (ptxas, sm_90), 64-row ones at eight split wgmma's N to 32.
 _WGRAD_CONFIGS = {
     16: [
         ({"BLOCK_K": 64}, 8, 3),
-        ({"BLOCK_K": 64}, 4, 4),
+        ({"BLOCK_K": 32}, 8, 4),
+        ({"BLOCK_K": 64}, 4, 3),
         ({"BLOCK_K": 32}, 4, 4),
     ],
     32: [
-        ({"BLOCK_K": 16}, 8, 3),
+        ({"BLOCK_K": 16}, 4, 3),
         ({"BLOCK_K": 32}, 4, 3),
     ],
 }
-_WGRAD_MN_MAX = {16: 128, 32: 64}
-# Weight-grad programs per SM aimed at: at least two waves at two CTAs per SM.
+# Largest (output, input) channel tile: two fp32 accumulators (G_n and the sum) of
+# 128 x 128 spilled (ptxas, sm_90); 128 x 64 does not.
+_WGRAD_MN_MAX = {16: (128, 64), 32: (64, 64)}
+# Weight-grad programs aimed at per SM: at least two waves at two CTAs per SM.
 _WGRAD_PROGRAMS_PER_SM = 4
 _PREP_BLOCK = 256
 
@@ -135,17 +144,23 @@ def _width(dtype: torch.dtype) -> int:
     return 16 if dtype.itemsize == 2 else 32
 
 
-def _fits(cfg: triton.Config, n_dim: int | None, k_dim: int | None) -> bool:
-    """Whether a tile's N and K widths suit channel counts ``n_dim`` and ``k_dim``
-    (a tile twice as wide as the channels only adds padding)."""
+def _fits(cfg: triton.Config, dims: dict) -> bool:
+    """Whether a tile suits the problem: ``dims`` maps ``BLOCK_M/N/K`` to the size
+    that tile axis covers (positions or channels; a tile twice as large only adds
+    padding), and ``"rows"`` to the weight grad's output-channel tile (one warp per
+    16 rows, at least four)."""
     kw = cfg.kwargs
-    return all(dim is None or kw[name] <= max(16, triton.next_power_of_2(dim))
-               for name, dim in (("BLOCK_N", n_dim), ("BLOCK_K", k_dim)))
+    if "rows" in dims and cfg.num_warps * 16 != max(64, dims["rows"]):
+        return False
+    return all(dim is None or kw.get(name, 0) <= max(16 if name != "BLOCK_M" else 64,
+                                                     triton.next_power_of_2(dim))
+               for name, dim in dims.items() if name.startswith("BLOCK_"))
 
 
-def _autotune(table: dict, interp: dict, operand: str, key: list[str], n_arg=None, k_arg=None):
+def _autotune(table: dict, interp: dict, operand: str, key: list[str], dim_args=None):
     """Autotune over the tables' union, pruned to the operand dtype's list and to the
-    tiles that fit the channel counts (the first survivor is the deterministic pick)."""
+    tiles that fit (``dim_args``: ``_fits``'s dims, named by kernel argument; the
+    first survivor is the deterministic pick)."""
     if _INTERPRET:
         # The interpreter cannot time configs, and autotune over several fails under it.
         return triton.autotune(configs=[triton.Config(interp, num_warps=1, num_stages=1)], key=key)
@@ -157,16 +172,17 @@ def _autotune(table: dict, interp: dict, operand: str, key: list[str], n_arg=Non
                 configs.append(cfg)
 
     def prune(configs, named_args, **kwargs):
-        keep = {_cfg_key(c) for c in _pruned(table, named_args[operand].dtype,
-                                             named_args.get(n_arg), named_args.get(k_arg))}
+        args = {**named_args, **kwargs}
+        dims = {name: args[arg] for name, arg in (dim_args or {}).items()}
+        keep = {_cfg_key(c) for c in _pruned(table, args[operand].dtype, dims)}
         return [c for c in configs if _cfg_key(c) in keep]
 
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
-def _pruned(table: dict, dtype: torch.dtype, n_dim, k_dim) -> list[triton.Config]:
+def _pruned(table: dict, dtype: torch.dtype, dims: dict) -> list[triton.Config]:
     cfgs = _gpu_configs_for(table, _width(dtype))
-    return [c for c in cfgs if _fits(c, n_dim, k_dim)] or cfgs[-1:]
+    return [c for c in cfgs if _fits(c, dims)] or cfgs[-1:]
 
 
 # --------------------------------------------------------------------------- #
@@ -203,7 +219,8 @@ def _aw_conv2d_prep_kernel(w_ptr, wp_ptr, s_ptr, sp_ptr, W_TOTAL, S_TOTAL, C1G, 
 
 
 @_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "x_ptr",
-           key=["C1G", "C2G", "P_OUT", "T", "CHANNELS_LAST", "SCALED"], n_arg="C2G", k_arg="C1G")
+           key=["C1G", "C2G", "P_OUT", "T", "CHANNELS_LAST", "SCALED"],
+           dim_args={"BLOCK_M": "P_OUT", "BLOCK_N": "C2G", "BLOCK_K": "C1G"})
 @triton.jit
 def _aw_conv2d_fwd_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
@@ -294,8 +311,8 @@ def _first_tap(r, D, S, STEP, K):
 
 
 @_autotune(_GEMM_CONFIGS, _INTERP_GEMM_TILE, "g_ptr",
-           key=["C1G", "C2G", "PA_MAX", "T", "CHANNELS_LAST", "SCALED"], n_arg="C1G",
-           k_arg="C2G")
+           key=["C1G", "C2G", "PA_MAX", "T", "CHANNELS_LAST", "SCALED"],
+           dim_args={"BLOCK_M": "PA_MAX", "BLOCK_N": "C1G", "BLOCK_K": "C2G"})
 @triton.jit
 def _aw_conv2d_bwd_input_kernel(
     g_ptr, w_ptr, s_ptr, dx_ptr,
@@ -396,7 +413,7 @@ def _last_to_arrive(cnt_ptr, expected):
 
 @_autotune(_WGRAD_CONFIGS, _INTERP_WGRAD_TILE, "g_ptr",
            key=["C1G", "C2G", "P_OUT", "T", "N_CHUNK", "CHANNELS_LAST", "AW", "BLOCK_M",
-                "BLOCK_N"])
+                "BLOCK_N"], dim_args={"rows": "BLOCK_M"})
 @triton.jit
 def _aw_conv2d_bwd_weight_kernel(
     g_ptr, x_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, dwp_ptr, dsp_ptr, cnt_ptr,
@@ -413,8 +430,9 @@ def _aw_conv2d_bwd_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Outputs (T innermost, like the weight): dw (C2, C1/g, T) for aw, (N, C2, C1/g, T)
-    # per-sample; ds (N, C2, T). Partials: dwp (NUM_SPLITS, C2, C1/g, T), dsp
-    # (channel blocks, N, C2, T).
+    # per-sample; ds (N, C2, T). Partials, taps outer so that the finishing program
+    # reads them along channels: dwp (NUM_SPLITS, T, C2, C1/g), dsp (channel blocks,
+    # N, T, C2).
     pid = tl.program_id(0)
     num_nb = tl.cdiv(C1G, BLOCK_N)
     num_mb = tl.cdiv(C2G, BLOCK_M)
@@ -450,6 +468,7 @@ def _aw_conv2d_bwd_weight_kernel(
     x_cols = x_ptr + (gi * C1G + c1)[None, :] * xsC
     c2_all = G * C2G
     out_off = co[:, None] * (C1G * T) + c1[None, :] * T + t  # within one (C2, C1/g, T)
+    part_off = (t * c2_all + co[:, None]) * C1G + c1[None, :]  # within one (T, C2, C1/g)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for n32 in range(n_lo, n_hi):
@@ -476,7 +495,7 @@ def _aw_conv2d_bwd_weight_kernel(
             # weight tile is re-read per sample (cache-resident) to spare registers.
             wv = tl.load(w_ptr + t * wsT + c1[None, :] * wsC + co[:, None], mask=mask_mn,
                          other=0.0)
-            ds_off = (nb * N + n) * (c2_all * T) + co * T + t
+            ds_off = ((nb * N + n) * T + t) * c2_all + co
             tl.store(dsp_ptr + ds_off, tl.sum(wv.to(ACC) * gn, axis=1), mask=mask_m)
             sv = tl.load(s_ptr + n * ssN + t * ssT + co, mask=mask_m, other=0.0).to(ACC)
             acc += sv[:, None] * gn
@@ -484,14 +503,14 @@ def _aw_conv2d_bwd_weight_kernel(
             tl.store(dw_ptr + n * (c2_all * C1G * T) + out_off, gn, mask=mask_mn)
 
     if AW:
-        tl.store(dwp_ptr + split * (c2_all * C1G * T) + out_off, acc, mask=mask_mn)
+        tl.store(dwp_ptr + split * (c2_all * C1G * T) + part_off, acc, mask=mask_mn)
         # dscale: the last of this sample chunk's channel blocks adds theirs, in order.
         ds_cnt = cnt_ptr + split * (G * T * num_mb) + tile
         if _last_to_arrive(ds_cnt, num_nb):
             for n in range(n_lo, n_hi):
                 tot = tl.zeros((BLOCK_M,), dtype=ACC)
                 for j in range(0, num_nb):
-                    tot += tl.load(dsp_ptr + (j * N + n) * (c2_all * T) + co * T + t,
+                    tot += tl.load(dsp_ptr + ((j * N + n) * T + t) * c2_all + co,
                                    mask=mask_m, other=0.0)
                 tl.store(ds_ptr + n * (c2_all * T) + co * T + t, tot, mask=mask_m)
             tl.atomic_xchg(ds_cnt, 0)  # ready for the next launch, without a fill
@@ -500,7 +519,7 @@ def _aw_conv2d_bwd_weight_kernel(
         if _last_to_arrive(dw_cnt, NUM_SPLITS):
             tot2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             for j in range(0, NUM_SPLITS):
-                tot2 += tl.load(dwp_ptr + j * (c2_all * C1G * T) + out_off, mask=mask_mn,
+                tot2 += tl.load(dwp_ptr + j * (c2_all * C1G * T) + part_off, mask=mask_mn,
                                 other=0.0)
             tl.store(dw_ptr + out_off, tot2, mask=mask_mn)
             tl.atomic_xchg(dw_cnt, 0)
@@ -531,13 +550,13 @@ def _gpu_configs(kernel, dtype) -> list[triton.Config]:
     return _gpu_configs_for(_TABLES[kernel], _width(dtype))
 
 
-def _launch(kernel, grid, dtype: torch.dtype, dims: tuple, *args, **kwargs) -> None:
-    """``dims``: the (N, K) channel counts the tile must fit (None: no constraint)."""
+def _launch(kernel, grid, dtype: torch.dtype, dims: dict, *args, **kwargs) -> None:
+    """``dims``: what the tile must fit (``_fits``)."""
     cfg = _FORCED_CONFIGS.get(kernel)
     if cfg is None and torch.are_deterministic_algorithms_enabled():
         # The tile sets the summation order and autotune may pick another tile
         # in another process; a fixed pick keeps the bits equal.
-        cfg = kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, *dims)[0]
+        cfg = kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
     if cfg is None:
         kernel[grid](*args, **kwargs)
     else:
@@ -727,7 +746,8 @@ def _forward(x: Tensor, wp: Tensor, sp: Tensor | None, bias: Tensor | None, geo:
     grid = lambda meta: (geo.n * geo.groups * triton.cdiv(p_out, meta["BLOCK_M"])  # noqa: E731
                          * triton.cdiv(geo.c2g, meta["BLOCK_N"]),)
     with _device_ctx(x):
-        _launch(_aw_conv2d_fwd_kernel, grid, x.dtype, (geo.c2g, geo.c1g),
+        _launch(_aw_conv2d_fwd_kernel, grid, x.dtype,
+                {"BLOCK_M": p_out, "BLOCK_N": geo.c2g, "BLOCK_K": geo.c1g},
                 x, wp, sp if sp is not None else wp, bias if bias is not None else y, y,
                 geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.wo, p_out, geo.kw, geo.taps,
                 *geo.conv_args(), *xs, *ws, *ss, *ys,
@@ -750,7 +770,8 @@ def _input_grad(g: Tensor, g_cl: bool, wp: Tensor, sp: Tensor | None, geo: _Geo,
                          * triton.cdiv(pa_max, meta["BLOCK_M"])
                          * triton.cdiv(geo.c1g, meta["BLOCK_N"]),)
     with _device_ctx(x):
-        _launch(_aw_conv2d_bwd_input_kernel, grid, x.dtype, (geo.c1g, geo.c2g),
+        _launch(_aw_conv2d_bwd_input_kernel, grid, x.dtype,
+                {"BLOCK_M": pa_max, "BLOCK_N": geo.c1g, "BLOCK_K": geo.c2g},
                 g, wp, sp if sp is not None else wp, dx,
                 geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.ho, geo.wo, geo.kh, geo.kw,
                 geo.taps, pa_max, sh // math.gcd(sh, dh), sw // math.gcd(sw, dw),
@@ -762,13 +783,14 @@ def _input_grad(g: Tensor, g_cl: bool, wp: Tensor, sp: Tensor | None, geo: _Geo,
 
 def _wgrad_tile(geo: _Geo, dtype: torch.dtype) -> tuple[int, int]:
     """(output, input) channel tile of the weight grad: as wide as the channels, up
-    to 128 for 16-bit operands (wgmma N=128) and 64 for 32/64-bit ones."""
+    to ``_WGRAD_MN_MAX``."""
     if _FORCED_WGRAD_MN is not None:
         return _FORCED_WGRAD_MN
     if _INTERPRET:
         return _INTERP_WGRAD_MN, _INTERP_WGRAD_MN
-    top = _WGRAD_MN_MAX[_width(dtype)]
-    return tuple(min(top, max(16, triton.next_power_of_2(c))) for c in (geo.c2g, geo.c1g))
+    tops = _WGRAD_MN_MAX[_width(dtype)]
+    return tuple(min(top, max(16, triton.next_power_of_2(c)))
+                 for top, c in zip(tops, (geo.c2g, geo.c1g)))
 
 
 def _wgrad_splits(geo: _Geo, base_programs: int, device: torch.device) -> int:
@@ -779,7 +801,8 @@ def _wgrad_splits(geo: _Geo, base_programs: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     target = _WGRAD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return min(geo.n, max(1, triton.cdiv(target, base_programs)))
+    # Chunks of n_chunk samples, n_chunk rounded down: at least the target.
+    return triton.cdiv(geo.n, max(1, geo.n * base_programs // target))
 
 
 def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor | None,
@@ -797,8 +820,8 @@ def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor
     dw = torch.empty((*lead, geo.c2, geo.c1g, geo.kh, geo.kw), dtype=acc, device=dev)
     if aw:
         ds = torch.empty((geo.n, geo.c2, geo.kh, geo.kw), dtype=acc, device=dev)
-        dwp = torch.empty((splits, geo.c2, geo.c1g, t), dtype=acc, device=dev)
-        dsp = torch.empty((num_nb, geo.n, geo.c2, t), dtype=acc, device=dev)
+        dwp = torch.empty((splits, t, geo.c2, geo.c1g), dtype=acc, device=dev)
+        dsp = torch.empty((num_nb, geo.n, t, geo.c2), dtype=acc, device=dev)
         cnt = _sample_counters(tiles * (splits + num_nb), dev)
         wsp, ssp = (wp.stride(0), wp.stride(1)), (sp.stride(0), sp.stride(1))
     else:
@@ -808,7 +831,7 @@ def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor
     xs = _strides(x.shape, geo.x_cl)
     grid = (splits * tiles * num_nb,)
     with _device_ctx(x):
-        _launch(_aw_conv2d_bwd_weight_kernel, grid, x.dtype, (None, None),
+        _launch(_aw_conv2d_bwd_weight_kernel, grid, x.dtype, {"rows": block_m},
                 g, x, wp if aw else x, sp if aw else x, dw, ds, dwp, dsp, cnt,
                 geo.n, geo.groups, geo.c1g, geo.c2g, geo.h, geo.w, geo.wo, geo.ho * geo.wo,
                 geo.kw, t, *geo.conv_args(), n_chunk, splits, *gs, *xs, *wsp, *ssp,
