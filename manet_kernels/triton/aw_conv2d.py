@@ -129,7 +129,7 @@ _WGRAD_CONFIGS = {
 _WGRAD_MN_MAX = {16: (128, 64), 32: (64, 64)}
 # Weight-grad programs aimed at per SM: at least two waves at two CTAs per SM.
 _WGRAD_PROGRAMS_PER_SM = 4
-_PREP_BLOCK = 256
+_PREP_BLOCK = 1024  # 8 elements per thread: 16-byte loads of 16-bit weights
 
 
 def _cfg_key(cfg: triton.Config):
@@ -147,13 +147,15 @@ def _width(dtype: torch.dtype) -> int:
 def _fits(cfg: triton.Config, dims: dict) -> bool:
     """Whether a tile suits the problem: ``dims`` maps ``BLOCK_M/N/K`` to the size
     that tile axis covers (positions or channels; a tile twice as large only adds
-    padding), and ``"rows"`` to the weight grad's output-channel tile (one warp per
-    16 rows, at least four)."""
+    padding, one under 64 channels wide only narrows wgmma), and ``"rows"`` to the
+    weight grad's output-channel tile (one warp per 16 rows, at least four)."""
     kw = cfg.kwargs
     if "rows" in dims and cfg.num_warps * 16 != max(64, dims["rows"]):
         return False
-    return all(dim is None or kw.get(name, 0) <= max(16 if name != "BLOCK_M" else 64,
-                                                     triton.next_power_of_2(dim))
+    if "BLOCK_N" in dims and kw["BLOCK_N"] < min(64, triton.next_power_of_2(dims["BLOCK_N"])):
+        return False  # narrow tiles are for narrow groups: wgmma N >= 64 where it fits
+    return all(kw.get(name, 0) <= max(16 if name != "BLOCK_M" else 64,
+                                      triton.next_power_of_2(dim))
                for name, dim in dims.items() if name.startswith("BLOCK_"))
 
 
@@ -191,16 +193,18 @@ def _pruned(table: dict, dtype: torch.dtype, dims: dict) -> list[triton.Config]:
 
 @triton.jit
 def _taps_major_segment(src_ptr, dst_ptr, offs, total, C1, C2, T):
-    """``dst (L, T, C1, C2)[offs] = src (L, C2, C1, T)``, for ``offs < total``."""
+    """``dst (L, T, C1, C2) = src (L, C2, C1, T)`` at the source offsets ``offs <
+    total``: contiguous (16-byte) loads, scattered stores."""
     mask = offs < total
-    c2 = offs % C2
-    rest = offs // C2
+    t = offs % T
+    rest = offs // T
     c1 = rest % C1
     rest = rest // C1
-    t = rest % T
-    lead = rest // T
-    v = tl.load(src_ptr + ((lead * C2 + c2) * C1 + c1) * T + t, mask=mask)
-    tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
+    c2 = rest % C2
+    lead = rest // C2
+    v = tl.load(src_ptr + offs, mask=mask)
+    tl.store(dst_ptr + ((lead * T + t) * C1 + c1) * C2 + c2, v.to(dst_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
