@@ -125,8 +125,9 @@ _WGRAD_CONFIGS = {
     ],
 }
 # Largest (output, input) channel tile: two fp32 accumulators (G_n and the sum) of
-# 128 x 128 spilled (ptxas, sm_90); 128 x 64 does not.
-_WGRAD_MN_MAX = {16: (128, 64), 32: (64, 64)}
+# 128 x 128 spilled (ptxas, sm_90); 128 x 64 does not. fp32 operands: 64 x 64 spilled
+# up to 196 bytes in NCHW.
+_WGRAD_MN_MAX = {16: (128, 64), 32: (64, 32)}
 # Weight-grad programs aimed at per SM: at least two waves at two CTAs per SM.
 _WGRAD_PROGRAMS_PER_SM = 4
 _PREP_BLOCK = 1024  # 8 elements per thread: 16-byte loads of 16-bit weights
@@ -241,8 +242,8 @@ def _aw_conv2d_fwd_kernel(
 ):
     dot_t = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    num_nb = tl.cdiv(C2G, BLOCK_N)
-    num_mb = tl.cdiv(P_OUT, BLOCK_M)
+    num_nb = (C2G + BLOCK_N - 1) // BLOCK_N
+    num_mb = (P_OUT + BLOCK_M - 1) // BLOCK_M
     # Channel blocks vary fastest: neighbouring programs share the x tile.
     nb = pid % num_nb
     rest = pid // num_nb
@@ -274,7 +275,7 @@ def _aw_conv2d_fwd_kernel(
 
     # One flat loop over (tap, channel block): taps * C1/g / BLOCK_K iterations for
     # the pipeliner, instead of a short channel loop per tap.
-    num_cb = tl.cdiv(C1G, BLOCK_K)
+    num_cb = (C1G + BLOCK_K - 1) // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, T * num_cb):
         t = k // num_cb
@@ -333,8 +334,8 @@ def _aw_conv2d_bwd_input_kernel(
 ):
     dot_t = g_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    num_nb = tl.cdiv(C1G, BLOCK_N)
-    num_mb = tl.cdiv(PA_MAX, BLOCK_M)
+    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
+    num_mb = (PA_MAX + BLOCK_M - 1) // BLOCK_M
     nb = pid % num_nb
     rest = pid // num_nb
     mb = rest % num_mb
@@ -374,7 +375,7 @@ def _aw_conv2d_bwd_input_kernel(
     nkh = tl.where(ki0 < KH, (KH - ki0 + STEP_H - 1) // STEP_H, 0)
     nkw = tl.where(kj0 < KW, (KW - kj0 + STEP_W - 1) // STEP_W, 0)
     nkw_div = tl.where(nkw > 0, nkw, 1)
-    num_cb = tl.cdiv(C2G, BLOCK_K)
+    num_cb = (C2G + BLOCK_K - 1) // BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, nkh * nkw * num_cb):
@@ -405,16 +406,6 @@ def _aw_conv2d_bwd_input_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n2)
 
 
-@triton.jit
-def _last_to_arrive(cnt_ptr, expected):
-    """True in the last of ``expected`` programs to call this on ``cnt_ptr``, which it
-    resets for the next launch (call ``_done`` after reading). Every thread's stores
-    come before the (acq_rel, gpu-scope) increment, so the last program sees every
-    other program's stores."""
-    tl.debug_barrier()
-    return tl.atomic_add(cnt_ptr, 1) == expected - 1
-
-
 @_autotune(_WGRAD_CONFIGS, _INTERP_WGRAD_TILE, "g_ptr",
            key=["C1G", "C2G", "P_OUT", "T", "N_CHUNK", "CHANNELS_LAST", "AW", "BLOCK_M",
                 "BLOCK_N"], dim_args={"rows": "BLOCK_M"})
@@ -438,8 +429,8 @@ def _aw_conv2d_bwd_weight_kernel(
     # reads them along channels: dwp (NUM_SPLITS, T, C2, C1/g), dsp (channel blocks,
     # N, T, C2).
     pid = tl.program_id(0)
-    num_nb = tl.cdiv(C1G, BLOCK_N)
-    num_mb = tl.cdiv(C2G, BLOCK_M)
+    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
+    num_mb = (C2G + BLOCK_M - 1) // BLOCK_M
     nb = pid % num_nb
     rest = pid // num_nb
     mb = rest % num_mb
@@ -450,7 +441,7 @@ def _aw_conv2d_bwd_weight_kernel(
     split = rest // G
     tile = (gi * T + t) * num_mb + mb
     n_lo = split * N_CHUNK
-    n_hi = tl.minimum(n_lo + N_CHUNK, N)
+    n_hi = tl.where(n_lo + N_CHUNK < N, n_lo + N_CHUNK, N)
     ki = t // KW
     ih_t = ki * DH - PH
     iw_t = (t - ki * KW) * DW - PW
@@ -508,9 +499,15 @@ def _aw_conv2d_bwd_weight_kernel(
 
     if AW:
         tl.store(dwp_ptr + split * (c2_all * C1G * T) + part_off, acc, mask=mask_mn)
-        # dscale: the last of this sample chunk's channel blocks adds theirs, in order.
+        # The last program to arrive at a counter adds the partials in index order and
+        # resets it. Every thread's stores come before the (acq_rel, gpu-scope)
+        # increment, so the last program sees every other program's stores.
+        # (Inline, not a helper: the interpreter pays ~5 ms per nested jit call.)
+        # dscale: the last of this sample chunk's channel blocks.
         ds_cnt = cnt_ptr + split * (G * T * num_mb) + tile
-        if _last_to_arrive(ds_cnt, num_nb):
+        tl.debug_barrier()
+        if tl.atomic_add(ds_cnt, 1) == num_nb - 1:
+            tl.debug_barrier()
             for n in range(n_lo, n_hi):
                 tot = tl.zeros((BLOCK_M,), dtype=ACC)
                 for j in range(0, num_nb):
@@ -518,9 +515,10 @@ def _aw_conv2d_bwd_weight_kernel(
                                    mask=mask_m, other=0.0)
                 tl.store(ds_ptr + n * (c2_all * T) + co * T + t, tot, mask=mask_m)
             tl.atomic_xchg(ds_cnt, 0)  # ready for the next launch, without a fill
-        # dweight: the last sample chunk of this tile adds every chunk's, in order.
+        # dweight: the last sample chunk of this tile.
         dw_cnt = cnt_ptr + NUM_SPLITS * (G * T * num_mb) + tile * num_nb + nb
-        if _last_to_arrive(dw_cnt, NUM_SPLITS):
+        if tl.atomic_add(dw_cnt, 1) == NUM_SPLITS - 1:
+            tl.debug_barrier()
             tot2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             for j in range(0, NUM_SPLITS):
                 tot2 += tl.load(dwp_ptr + j * (c2_all * C1G * T) + part_off, mask=mask_mn,
