@@ -249,8 +249,8 @@ def _clear_stage_caches() -> None:
 @contextlib.contextmanager
 def unverified_stages():
     """Within: the CUDA and Triton stage kernels and the second Triton AW-conv kernels
-    are used on a GPU as if verified (for the GPU tests that verify them,
-    tests/test_gpu_steps.py, and the AW tests under $MANET_KERNELS_UNVERIFIED=1)."""
+    are used on a GPU as if verified (for the GPU tests that verify them:
+    tests/test_gpu_steps.py, the ``triton_aw_v2`` cases of tests/test_aw_conv2d.py)."""
     global CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED, TRITON_AW_V2_VERIFIED
     saved = CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED, TRITON_AW_V2_VERIFIED
     CUDA_STAGES_VERIFIED = TRITON_STAGES_VERIFIED = TRITON_AW_V2_VERIFIED = True

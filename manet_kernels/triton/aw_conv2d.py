@@ -277,7 +277,10 @@ def _aw_conv2d_fwd_kernel(
     # the pipeliner, instead of a short channel loop per tap.
     num_cb = (C1G + BLOCK_K - 1) // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in range(0, T * num_cb):
+    for k32 in range(0, T * num_cb):
+        k = k32
+        if I64:
+            k = tl.cast(k32, tl.int64)  # and every index derived from it
         t = k // num_cb
         c = (k - t * num_cb) * BLOCK_K + ck
         ki = t // KW
@@ -360,6 +363,8 @@ def _aw_conv2d_bwd_input_kernel(
     if I64:
         n = n.to(tl.int64)
         gi = gi.to(tl.int64)
+        rh = rh.to(tl.int64)
+        rw = rw.to(tl.int64)
         pa = pa.to(tl.int64)
         pb = pb.to(tl.int64)
         c1 = c1.to(tl.int64)
@@ -378,7 +383,10 @@ def _aw_conv2d_bwd_input_kernel(
     num_cb = (C2G + BLOCK_K - 1) // BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in range(0, nkh * nkw * num_cb):
+    for k32 in range(0, nkh * nkw * num_cb):
+        k = k32
+        if I64:
+            k = tl.cast(k32, tl.int64)  # and every index derived from it
         j = k // num_cb
         kk = (k - j * num_cb) * BLOCK_K + ck
         jh = j // nkw_div
@@ -508,11 +516,15 @@ def _aw_conv2d_bwd_weight_kernel(
         tl.debug_barrier()
         if tl.atomic_add(ds_cnt, 1) == num_nb - 1:
             tl.debug_barrier()
-            for n in range(n_lo, n_hi):
+            for n32 in range(n_lo, n_hi):
+                n = n32
+                if I64:
+                    n = tl.cast(n32, tl.int64)
                 tot = tl.zeros((BLOCK_M,), dtype=ACC)
-                for j in range(0, num_nb):
-                    tot += tl.load(dsp_ptr + ((j * N + n) * T + t) * c2_all + co,
-                                   mask=mask_m, other=0.0)
+                rows = dsp_ptr + (n * T + t) * c2_all + co  # channel block 0's partial
+                for _ in range(0, num_nb):  # block order: the same sum every run
+                    tot += tl.load(rows, mask=mask_m, other=0.0)
+                    rows += N * T * c2_all
                 tl.store(ds_ptr + n * (c2_all * T) + co * T + t, tot, mask=mask_m)
             tl.atomic_xchg(ds_cnt, 0)  # ready for the next launch, without a fill
         # dweight: the last sample chunk of this tile.
@@ -520,9 +532,10 @@ def _aw_conv2d_bwd_weight_kernel(
         if tl.atomic_add(dw_cnt, 1) == NUM_SPLITS - 1:
             tl.debug_barrier()
             tot2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-            for j in range(0, NUM_SPLITS):
-                tot2 += tl.load(dwp_ptr + j * (c2_all * C1G * T) + part_off, mask=mask_mn,
-                                other=0.0)
+            parts = dwp_ptr + part_off  # chunk 0's partial
+            for _ in range(0, NUM_SPLITS):  # chunk order: the same sum every run
+                tot2 += tl.load(parts, mask=mask_mn, other=0.0)
+                parts += c2_all * C1G * T
             tl.store(dw_ptr + out_off, tot2, mask=mask_mn)
             tl.atomic_xchg(dw_cnt, 0)
 
