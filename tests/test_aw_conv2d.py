@@ -151,6 +151,20 @@ def gpu_backend(request):
         yield backend
 
 
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu"), reason="needs triton")
+def test_triton_gate_keeps_the_verified_kernels_on_cuda():
+    # Module choice only: nothing runs, so no GPU is needed.
+    from manet_kernels.ops.aw_conv2d import _passes
+    new, v1 = "manet_kernels.triton.aw_conv2d", "manet_kernels.triton.aw_conv2d_v1"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not _common.TRITON_AW_V2_VERIFIED
+    assert (_passes("triton", cuda).__name__, _passes("triton", cpu).__name__) == (v1, new)
+    with _common.unverified_stages():
+        assert _passes("triton", cuda).__name__ == new
+    assert _passes("triton", cuda).__name__ == v1
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", GPU_BACKENDS, indirect=True)
