@@ -272,8 +272,8 @@ def op_calls(op: str, shape, dtype) -> list[tuple[str, tuple, object, tuple, str
         r = common.AW_KERNEL
         conv = (c, r, r, 1, 1, r // 2, r // 2, 1, 1, 1)
         ps_note = "per_sample_conv2d (the same kernels without the scale)"
-        aw_ops = importlib.import_module("manet_kernels.ops.aw_conv2d")
-        v2_note = ("the v2 kernels where they apply" if aw_ops.CUDA_AW_V2_VERIFIED
+        gates = importlib.import_module("manet_kernels.ops._common")
+        v2_note = ("the v2 kernels where they apply" if gates.CUDA_AW_V2_VERIFIED
                    else "not dispatched yet: backend='cuda' runs the first kernels "
                    "(CUDA_AW_V2_VERIFIED = False)")
         return [("aw_conv2d_fwd", shape, dtype, conv, None),

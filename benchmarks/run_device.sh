@@ -20,12 +20,13 @@
 # CPU machine while other builds ran): the dry run prints the last recorded time of
 # each step from benchmarks/results/device_steps.csv; retune the caps from there.
 #
-#   run 1 (lane A 470 s + 10 s packing)          lane B, from t=15 s (ends by 295 s)
+#   run 1 (lane A 470 s + 10 s packing)          lane B, from t=15 s (ends by 345 s)
 #     env                  15  nvidia-smi,         tests-triton-fp32 110  Triton pass tests
 #                              versions                                   -k float32
 #     build               180  sm_90, MAX_JOBS=16   tests-triton-bf16  90  -k bfloat16
 #                              (or reused/PREBUILT) tests-triton-rest  80  fp16/fp64/no dtype
-#     ext                  15  CUDA kernels load
+#     ext                  15  CUDA kernels load    tests-triton-aw_v2 50  the second Triton
+#                                                     AW kernels through the op, gate open
 #     tests-never          60  CUDA spatial conv, fused op with it, every C++ error path,
 #                              the fused stages, GPU kernels per step, CUDA graph capture,
 #                              the v2 AW weight gradient (tests/test_aw_conv2d_v2.py, which
@@ -90,8 +91,10 @@ OPS=(tests/test_mixed_attention.py tests/test_aw_conv2d.py tests/test_brnpa.py)
 # Every C++/CUDA argument check segfaulted on the first H100 run (compiler ABI); the
 # MK_CHECK rewrite has not run there since, nor have the CUDA spatial-conv kernels, the
 # fused stages (tests/test_*_stages.py, issue 16) or the whole GPU steps
-# (tests/test_gpu_steps.py: kernels per step, CUDA graph capture).
-NEVER_K="spatial_conv or bad_ or mixed_devices or name_the_argument or stage or gpu_kernels or cuda_graph or aw_v2"
+# (tests/test_gpu_steps.py: kernels per step, CUDA graph capture; AW-conv's with the
+# second Triton kernels), nor the second CUDA AW kernels (tests/test_aw_conv2d_v2.py
+# "aw_v2_cuda", which open CUDA_AW_V2_VERIFIED themselves).
+NEVER_K="spatial_conv or bad_ or mixed_devices or name_the_argument or stage or gpu_kernels or cuda_graph or aw_v2_cuda"
 REST_K="not float32 and not bfloat16 and not spatial_conv and not bad_ and not name_the_argument"
 OURS=(--modes full)
 # ours beside the compiled reference, so its ratio is side by side in one run (cuda only
@@ -107,6 +110,10 @@ add 1 A env 15 fn env_info
 add 1 B tests-triton-fp32 110 pytest "triton and float32" "${PASS[@]}"
 add 1 B tests-triton-bf16 90 pytest "triton and bfloat16" "${PASS[@]}"
 add 1 B tests-triton-rest 80 pytest "triton and not float32 and not bfloat16" "${PASS[@]}"
+# The second Triton AW kernels (issue 17) run on a GPU only once verified
+# (TRITON_AW_V2_VERIFIED): the pass tests above call them directly, this runs the op
+# with the gate open (test ids "triton_aw_v2"); tests-never runs their GPU step tests.
+add 1 B tests-triton-aw_v2 50 pytest "aw_v2" tests/test_aw_conv2d.py
 add 1 A build 180 fn build_ext setup.py
 add 1 A ext 15 fn ext_check
 add 1 A tests-never 60 pytest "($NEVER_K) and not (triton and passes)" "${PASS[@]}" \

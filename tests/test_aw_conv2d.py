@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import manet_kernels as mk
 from manet_kernels import reference
+from manet_kernels.ops import _common
 from manet_kernels.reference import aw_conv2d as ref_ops
 
 # The references' fp32 convolutions in IEEE fp32 on a GPU (conftest.no_tf32): the Triton
@@ -132,18 +133,46 @@ def test_triton_interpreter_aw(cfg, layout, dtype):
 
 GPU_CONFIGS = CONFIGS + [(64, 64, 3, 1, 1, 1, 1, 56, 56), (256, 256, 3, 2, 1, 1, 1, 14, 14),
                          (64, 64, 3, 1, 1, 1, 64, 28, 28)]
+# "triton_aw_v2": the triton backend with the second AW kernels, which it runs on a GPU
+# only once verified (TRITON_AW_V2_VERIFIED): these cases are that verification
+# (benchmarks/run_device.sh, step tests-triton-aw_v2).
+GPU_BACKENDS = ["cuda", "triton", "triton_aw_v2"]
+
+
+@pytest.fixture
+def gpu_backend(request):
+    backend = request.param
+    if backend.removesuffix("_aw_v2") not in backends_for("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    if backend == "triton_aw_v2":
+        with _common.unverified_stages():
+            yield "triton"
+    else:
+        yield backend
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_for("cpu"), reason="needs triton")
+def test_triton_gate_keeps_the_verified_kernels_on_cuda():
+    # Module choice only: nothing runs, so no GPU is needed.
+    from manet_kernels.ops.aw_conv2d import _passes
+    new, v1 = "manet_kernels.triton.aw_conv2d", "manet_kernels.triton.aw_conv2d_v1"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not _common.TRITON_AW_V2_VERIFIED
+    assert (_passes("triton", cuda).__name__, _passes("triton", cpu).__name__) == (v1, new)
+    with _common.unverified_stages():
+        assert _passes("triton", cuda).__name__ == new
+    assert _passes("triton", cuda).__name__ == v1
 
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=ids)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_gpu_aw_matches_reference(backend, cfg, layout, dtype):
-    if backend not in backends_for("cuda"):
-        pytest.skip(f"backend {backend} not available")
-    check_aw(backend, "cuda", dtype, layout, cfg, n=2)
+def test_gpu_aw_matches_reference(gpu_backend, cfg, layout, dtype):
+    check_aw(gpu_backend, "cuda", dtype, layout, cfg, n=2)
 
 
 # --------------------------------------------------------------------------- per-sample conv
@@ -202,14 +231,12 @@ def test_triton_interpreter_per_sample(cfg, dtype):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("gpu_backend", GPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_per_sample_matches_reference(backend, cfg, layout, dtype):
-    if backend not in backends_for("cuda"):
-        pytest.skip(f"backend {backend} not available")
-    check_per_sample(backend, "cuda", dtype, layout, cfg, "shared", n=2)
+def test_gpu_per_sample_matches_reference(gpu_backend, cfg, layout, dtype):
+    check_per_sample(gpu_backend, "cuda", dtype, layout, cfg, "shared", n=2)
 
 
 @requires_ext

@@ -668,11 +668,11 @@ def test_deterministic_and_thread_count(backend, layout, threads):
 @pytest.mark.parametrize("backend,op,layout", pc.backend_params(OP, KERNEL, {
     "triton": [(AW, "nchw"), (PS, "channels_last")]}))
 def test_weight_grad_splits(backend, op, layout, monkeypatch):
-    # Several sample chunks (3 samples in chunks of 2: one ragged) and position chunks
-    # (49 positions in chunks of 32: one ragged), each writing its own partial for torch
-    # to add.
-    monkeypatch.setattr(backend.namespace, "_FORCED_SPLITS", (2, 2))
-    check_triton(backend, op, Conv(3, 3, 8, (7, 7), 3, padding=1), F64, layout, seed=3)
+    # Split-K over samples (3 samples in chunks of 2: one ragged) and two input-channel
+    # blocks (20 channels in tiles of 16): each program writes its partials, the last
+    # to finish adds them (dweight over chunks, dscale over channel blocks).
+    monkeypatch.setattr(backend.namespace, "_FORCED_SPLITS", 2)
+    check_triton(backend, op, Conv(3, 20, 8, (5, 4), 3, padding=1), F64, layout, seed=3)
 
 
 @pytest.mark.parametrize("backend,op,layout,case", pc.backend_params(OP, KERNEL, {"triton": [
@@ -697,10 +697,14 @@ def test_every_gpu_config_under_interpreter(backend, dtype, monkeypatch):
     case = Conv(2, 20, 36, (5, 4), 3, stride=2, padding=1, groups=2)
     kernels = (tri._aw_conv2d_fwd_kernel, tri._aw_conv2d_bwd_input_kernel,
                tri._aw_conv2d_bwd_weight_kernel)
-    lists = [tri._gpu_configs(k, dtype) for k in kernels]
+    # Warps and stages do not change what the interpreter computes: one run per tile.
+    lists = [list({tuple(sorted(c.kwargs.items())): c for c in tri._gpu_configs(k, dtype)}
+                  .values()) for k in kernels]
+    wgrad_tiles = [(32, 16), (16, 32), (64, 64)]  # the launcher's (C2, C1) weight-grad tile
     for i in range(max(map(len, lists))):
         for kernel, cfgs in zip(kernels, lists):
             monkeypatch.setitem(tri._FORCED_CONFIGS, kernel, cfgs[i % len(cfgs)])
+        monkeypatch.setattr(tri, "_FORCED_WGRAD_MN", wgrad_tiles[i % len(wgrad_tiles)])
         check_triton(backend, AW, case, dtype, pc.LAYOUTS[i % 2], seed=8 + i)
 
 

@@ -23,6 +23,7 @@ from manet_kernels.reference import passes
 
 # the module (manet_kernels.ops re-exports a function of the same name)
 aw_ops = importlib.import_module("manet_kernels.ops.aw_conv2d")
+_common = importlib.import_module("manet_kernels.ops._common")
 
 _OPS = torch.ops.manet_kernels
 needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason="the extension is not built")
@@ -195,10 +196,10 @@ def test_aw_v2_plan_falls_back(channels_last, c1, dtype):
 
 
 def test_aw_v2_gate_is_closed_by_default():
-    assert aw_ops.CUDA_AW_V2_VERIFIED is False
-    with aw_ops.unverified_cuda_aw_v2():
-        assert aw_ops.CUDA_AW_V2_VERIFIED is True
-    assert aw_ops.CUDA_AW_V2_VERIFIED is False
+    assert _common.CUDA_AW_V2_VERIFIED is False
+    with _common.unverified_stages():
+        assert _common.CUDA_AW_V2_VERIFIED is True
+    assert _common.CUDA_AW_V2_VERIFIED is False
 
 
 # --------------------------------------------------------------------------- GPU
@@ -285,7 +286,7 @@ def test_aw_v2_cuda_matches_contract(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_aw_v2_cuda_public_gate(dtype):
     """aw_conv2d(backend="cuda"): the first kernels while the gate is closed, v2 within
-    unverified_cuda_aw_v2(); both match the reference's gradients."""
+    unverified_stages(); both match the reference's gradients."""
     x, w, s, g = _inputs(4, 64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1), 1, dtype, "cuda")
     attn = (s - 1).to(dtype)[:, :, None]
 
@@ -296,7 +297,7 @@ def test_aw_v2_cuda_public_gate(dtype):
         return xs.grad, ws.grad, a.grad
 
     closed, names_closed = _kernel_names(lambda: grads("cuda"))
-    with aw_ops.unverified_cuda_aw_v2():
+    with _common.unverified_stages():
         opened, names_open = _kernel_names(lambda: grads("cuda"))
     assert not any("_v2_kernel" in name for name in names_closed)
     assert any("wgrad_v2" in name for name in names_open)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_launch_counts import TARGETS
 
+import manet_kernels as mk
 from manet_kernels import _ext
 from manet_kernels import nn as mknn
 from manet_kernels.ops import _common
@@ -28,8 +29,25 @@ BACKENDS = [pytest.param("cuda", marks=pytest.mark.skipif(
                 not triton_available(), reason="needs triton"))]
 
 
+class _AWConv(torch.nn.Module):
+    """The AW op alone (its attention branch is plain PyTorch), 3x3, 64 channels."""
+
+    def __init__(self, backend: str, n: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 64, 3, 3) * 0.05)
+        self.attn = torch.nn.Parameter(torch.rand(n, 64, 1, 3, 3))
+        self.backend = backend
+
+    def forward(self, x):
+        return mk.aw_conv2d(x, self.weight, self.attn, None, 1, 1, backend=self.backend)
+
+
 def _module(case: str, backend: str):
     torch.manual_seed(0)
+    if case == "aw_conv2d":
+        if backend == "cuda":  # the CUDA AW kernels are issue 17's other half
+            pytest.skip("AW-conv: the Triton kernels only")
+        return _AWConv(backend, 4).cuda(), (4, 64, 14, 14)
     if case == "brnpa":
         return mknn.BRNPA(3, backend=backend).cuda(), (4, 64, 14, 14)
     m = mknn.MixedAttention(64, spatial_norm=case.endswith("bn_train"), backend=backend)
@@ -54,6 +72,7 @@ def _setup(case, backend):
     return m, x, grads
 
 
+CASES = ["mixed_attention", "mixed_attention_bn_train", "brnpa", "aw_conv2d"]
 PATHS = ["stages", "composed"]  # the stage kernels (as if verified), or today's default
 
 
@@ -68,7 +87,7 @@ def path(request):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["mixed_attention", "mixed_attention_bn_train", "brnpa"])
+@pytest.mark.parametrize("case", CASES)
 def test_gpu_kernels_per_step(case, backend, path):
     m, x, grads = _setup(case, backend)
     for _ in range(2):  # autotuning and first-call work happen before the counted step
@@ -80,6 +99,8 @@ def test_gpu_kernels_per_step(case, backend, path):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"\n{case} ({backend}, {path}): {len(kernels)} GPU kernels: {kernels}")
     verified = {"cuda": _common.CUDA_STAGES_VERIFIED, "triton": _common.TRITON_STAGES_VERIFIED}
+    if case == "aw_conv2d":
+        verified["triton"] = _common.TRITON_AW_V2_VERIFIED
     if not verified[backend]:
         pytest.xfail(f"{len(kernels)} kernels: the {backend} stage kernels have not passed on "
                      f"a GPU yet, so the {backend} backend composes the stages from its passes")
@@ -88,7 +109,7 @@ def test_gpu_kernels_per_step(case, backend, path):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["mixed_attention", "mixed_attention_bn_train", "brnpa"])
+@pytest.mark.parametrize("case", CASES)
 def test_cuda_graph_replay_matches_eager(case, backend, path):
     """Capture forward+backward once, replay on new inputs, compare with eager on the
     same inputs (and the BatchNorm's running statistics with eager's)."""

@@ -59,7 +59,7 @@ def test_dry_run_checks_the_plan_and_prints_every_step():
         1 for *_, s, _ in steps if s.startswith("tests-"))
     assert "ok: --help lists its options" in p.stdout
     assert "dry run: every check passed" in p.stdout
-    assert "lane B 15..295s, joined at 360s" in p.stdout
+    assert "lane B 15..345s, joined at 360s" in p.stdout
 
 
 def test_dry_run_fails_on_a_missing_script():
@@ -94,7 +94,7 @@ def test_dry_run_prints_the_last_recorded_time(tmp_path):
     assert re.search(r"1 A\s+build\s+180s  88s \(rc 0, limit 180, NVIDIA H200, def5678, "
                      r"2026-12-07\)", p.stdout)
     assert re.search(r"1 A\s+ext\s+15s  no recorded run", p.stdout)
-    assert "run 1: lane A 470s + 10s to pack of 480s; lane B 15..295s, joined at 360s; " \
+    assert "run 1: lane A 470s + 10s to pack of 480s; lane B 15..345s, joined at 360s; " \
            "last recorded lane A steps took 88s (1 steps)" in p.stdout
 
 

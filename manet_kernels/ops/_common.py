@@ -154,6 +154,19 @@ CUDA_STAGES_VERIFIED = False
 # tests/test_<op>_stages.py -k triton and tests/test_gpu_steps.py pass on a GPU, the
 # "triton" backend on CUDA tensors composes its stages from the Triton passes.
 TRITON_STAGES_VERIFIED = False
+# Whether the second Triton AW-conv kernels (manet_kernels/triton/aw_conv2d.py, issue 17:
+# flattened pipelined K loops, split-K weight gradient) have passed their GPU tests
+# (tests/test_aw_conv2d*.py -k triton, run with the gate open by benchmarks/run_device.sh).
+# Until then the "triton" backend on CUDA tensors runs the first kernels
+# (triton/aw_conv2d_v1.py), which passed theirs on the H100; CPU tensors (the
+# interpreter) always run the new ones.
+TRITON_AW_V2_VERIFIED = False
+# The same for the second CUDA AW-conv kernels (``_aw_conv2d_fwd_v2`` / ``_bwd_v2``:
+# cp.async ring, split-K weight gradient; docs/design.md §2.4; tests/test_aw_conv2d_v2.py):
+# until then backend="cuda" runs the first kernels, which passed on the H100.
+CUDA_AW_V2_VERIFIED = False
+_GATES = ("CUDA_STAGES_VERIFIED", "TRITON_STAGES_VERIFIED", "TRITON_AW_V2_VERIFIED",
+          "CUDA_AW_V2_VERIFIED")
 
 
 class ComposedStages:
@@ -241,16 +254,18 @@ def _clear_stage_caches() -> None:
 
 @contextlib.contextmanager
 def unverified_stages():
-    """Within: the CUDA and Triton stage kernels are used on a GPU as if verified (for
-    the GPU tests that verify them, tests/test_gpu_steps.py)."""
-    global CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
-    saved = CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED
-    CUDA_STAGES_VERIFIED = TRITON_STAGES_VERIFIED = True
+    """Within: every gated GPU kernel (the ``*_VERIFIED`` flags above: the CUDA and
+    Triton stages, the second Triton and CUDA AW-conv kernels) is used on a GPU as if
+    verified, for the GPU tests that verify them (tests/test_gpu_steps.py, the
+    ``triton_aw_v2`` cases of tests/test_aw_conv2d.py, tests/test_aw_conv2d_v2.py)."""
+    module = globals()
+    saved = {name: module[name] for name in _GATES}
+    module.update(dict.fromkeys(_GATES, True))
     _clear_stage_caches()
     try:
         yield
     finally:
-        CUDA_STAGES_VERIFIED, TRITON_STAGES_VERIFIED = saved
+        module.update(saved)
         _clear_stage_caches()
 
 

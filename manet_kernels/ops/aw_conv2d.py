@@ -8,12 +8,12 @@ shape is already that size: it goes through ``per_sample_conv2d``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from manet_kernels.ops import _common
 from manet_kernels.ops._boundary import Boundary, drop_in_function
 from manet_kernels.ops._common import (
     activation_format,
@@ -29,29 +29,17 @@ __all__ = ["aw_conv2d", "per_sample_conv2d", "AWConv2dFunction", "PerSampleConv2
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
-# Whether the second-generation CUDA kernels (``_aw_conv2d_fwd_v2``: cp.async ring,
-# weight scaled on load; ``_aw_conv2d_bwd_v2``: split-K weight gradient over the batch;
-# docs/design.md §2.4) have passed their GPU tests (tests/test_aw_conv2d_v2.py, which
-# benchmarks/run_device.sh's first step runs with this gate open). Read at each call:
-# until it is True, backend="cuda" (and so an explicit request) runs the verified
-# first-generation kernels.
-CUDA_AW_V2_VERIFIED = False
+def _cuda_v2(backend: str, x: Tensor) -> bool:
+    """Whether the second CUDA kernels run (``_common.CUDA_AW_V2_VERIFIED``, read at each
+    call: until their GPU tests pass, backend="cuda" runs the first, verified ones)."""
+    return backend == "cuda" and _common.CUDA_AW_V2_VERIFIED and x.is_cuda
 
 
-@contextlib.contextmanager
-def unverified_cuda_aw_v2():
-    """Within: ``backend="cuda"`` uses the v2 kernels as if verified (for the GPU tests
-    that verify them)."""
-    global CUDA_AW_V2_VERIFIED
-    saved = CUDA_AW_V2_VERIFIED
-    CUDA_AW_V2_VERIFIED = True
-    try:
-        yield
-    finally:
-        CUDA_AW_V2_VERIFIED = saved
-
-
-def _passes(backend: str):
+def _passes(backend: str, device: torch.device):
+    """The pass kernels; on CUDA tensors the Triton backend keeps its first, GPU-verified
+    kernels until the second ones pass their GPU tests (read at each call)."""
+    if backend == "triton" and device.type == "cuda" and not _common.TRITON_AW_V2_VERIFIED:
+        return pass_kernels(backend, "aw_conv2d_v1")
     return pass_kernels(backend, "aw_conv2d")
 
 
@@ -77,9 +65,8 @@ def _aw_forward(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
     if x.shape[0] == 0:
         return _aw_fake(x, weight, scale, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc)[None].expand(x.shape[0], -1).contiguous()
-    passes = _passes(backend)
-    fwd = (passes.aw_conv2d_fwd_v2 if backend == "cuda" and CUDA_AW_V2_VERIFIED and x.is_cuda
-           else passes.aw_conv2d_fwd)
+    passes = _passes(backend, x.device)
+    fwd = passes.aw_conv2d_fwd_v2 if _cuda_v2(backend, x) else passes.aw_conv2d_fwd
     return fwd(x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), b, stride,
                padding, dilation, groups)
 
@@ -100,9 +87,8 @@ def _aw_backward(g: Tensor, x: Tensor, weight: Tensor, scale: Tensor, stride: li
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(scale),
                 weight.new_zeros(weight.shape[0]) if has_bias else None)
-    passes = _passes(backend)
-    bwd = (passes.aw_conv2d_bwd_v2 if backend == "cuda" and CUDA_AW_V2_VERIFIED and x.is_cuda
-           else passes.aw_conv2d_bwd)
+    passes = _passes(backend, x.device)
+    bwd = passes.aw_conv2d_bwd_v2 if _cuda_v2(backend, x) else passes.aw_conv2d_bwd
     dx, dw, ds = bwd(g, x, weight.to(x.dtype).contiguous(), scale.to(acc).contiguous(), stride,
                      padding, dilation, groups)
     db = g.sum((0, 2, 3), dtype=acc).to(weight.dtype) if has_bias else None
@@ -122,8 +108,8 @@ def _ps_forward(x: Tensor, weights: Tensor, bias: Tensor | None, stride: list[in
     if x.shape[0] == 0:
         return _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend)
     b = None if bias is None else bias.to(acc_dtype(x.dtype)).contiguous()
-    return _passes(backend).per_sample_conv2d_fwd(x, weights.to(x.dtype).contiguous(), b, stride,
-                                                  padding, dilation, groups)
+    return _passes(backend, x.device).per_sample_conv2d_fwd(
+        x, weights.to(x.dtype).contiguous(), b, stride, padding, dilation, groups)
 
 
 def _ps_fake(x, weights, bias, stride, padding, dilation, groups, backend):
@@ -141,8 +127,8 @@ def _ps_backward(g: Tensor, x: Tensor, weights: Tensor, stride: list[int], paddi
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weights),
                 weights.new_zeros(0, weights.shape[1]))
-    dx, dw = _passes(backend).per_sample_conv2d_bwd(g, x, weights.to(x.dtype).contiguous(),
-                                                    stride, padding, dilation, groups)
+    dx, dw = _passes(backend, x.device).per_sample_conv2d_bwd(
+        g, x, weights.to(x.dtype).contiguous(), stride, padding, dilation, groups)
     db = g.sum((2, 3), dtype=acc_dtype(x.dtype))
     return dx, dw.to(weights.dtype), db.to(weights.dtype)
 
