@@ -390,10 +390,15 @@ def test_bad_inputs_name_the_argument():
         ((x, w1, b1, w2, b2, torch.randn(1, 3, 3, 3), cb), "conv_w"),
         ((x, w1, b1, w2, b2, cw, torch.randn(2)), "conv_b"),
         ((x[:, :, :0], w1, b1, w2, b2, cw, cb), "C, H, W >= 1"),
+        ((x, w1.tolist(), b1, w2, b2, cw, cb), "w1 must be a 2-D tensor"),
+        ((x, w1, b1, w2, b2, torch.tensor(1.0), cb), "conv_w"),
+        ((x, w1, b1, w2, b2, cw[0], cb), "conv_w"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
             mk.mixed_attention(*args)
+    with pytest.raises(TypeError, match="b2 must be a floating-point tensor"):
+        mk.mixed_attention(x, w1, b1, w2, b2.to(torch.int64), cw, cb)
     with pytest.raises(TypeError, match="x must have dtype"):
         mk.mixed_attention(x.to(torch.int32), w1, b1, w2, b2, cw, cb, backend="triton")
     with pytest.raises(TypeError, match="x must be a floating-point"):

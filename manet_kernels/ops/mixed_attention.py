@@ -248,7 +248,8 @@ _MIXED_ATTENTION = Boundary("mixed_attention", _forward, _backward, forward_fake
 
 def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
     """Checks the arguments; returns the concrete backend (internal API of the module
-    ``nn.MixedAttention``, as ``fused``)."""
+    ``nn.MixedAttention``, as ``fused``). Arguments as a module holds them pass one
+    expression (``_usual``); anything else gets the checks that name what is wrong."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -258,6 +259,33 @@ def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
         raise ValueError(f"x must have C, H, W >= 1, got shape {tuple(x.shape)}")
     backend = resolve_backend(backend, x.device, "mixed_attention_apply")
     check_dtype("x", x, backend)
+    if not _usual(x.device, c, w1, b1, w2, b2, conv_w, conv_b):
+        _check_params(x.device, c, w1, b1, w2, b2, conv_w, conv_b)
+    return backend
+
+
+def _usual(device, c, w1, b1, w2, b2, conv_w, conv_b) -> bool:
+    """The usual case at once: floating-point tensors of the expected shapes on
+    ``device`` (no error message needed; False sends them to ``_check_params``)."""
+    if (type(w1) not in _TENSORS or w1.dim() != 2 or type(conv_w) not in _TENSORS
+            or conv_w.dim() != 4):
+        return False
+    cr = w1.shape[0]
+    k = conv_w.shape[-1]
+    return (w1.shape[1] == c and type(w2) in _TENSORS and w2.shape == (c, cr)
+            and (b1 is None or type(b1) in _TENSORS and b1.shape == (cr,))
+            and (b2 is None or type(b2) in _TENSORS and b2.shape == (c,))
+            and conv_w.shape == (1, 2, k, k) and k % 2 == 1
+            and (conv_b is None or type(conv_b) in _TENSORS and conv_b.shape == (1,))
+            and all(p is None or (p.device == device and p.is_floating_point())
+                    for p in (w1, b1, w2, b2, conv_w, conv_b)))
+
+
+_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _check_params(device, c, w1, b1, w2, b2, conv_w, conv_b) -> None:
+    """Raises the error that names what is wrong with the parameters."""
     if not isinstance(w1, Tensor) or w1.dim() != 2:
         raise ValueError(f"w1 must be a 2-D tensor (C_r, C), got "
                          f"{tuple(w1.shape) if isinstance(w1, Tensor) else type(w1).__name__}")
@@ -275,11 +303,10 @@ def check_args(x, w1, b1, w2, b2, conv_w, conv_b, backend) -> str:
                          f"got k={conv_w.shape[-1]}")
     check_shape("conv_b", conv_b, (1,), optional=True)
     params = dict(w1=w1, b1=b1, w2=w2, b2=b2, conv_w=conv_w, conv_b=conv_b)
-    check_same_device(x.device, **params)
+    check_same_device(device, **params)
     for name, p in params.items():
         if p is not None and not p.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
-    return backend
 
 
 _NO_NORM = SpatialNorm(None, None, None, None, False, 0.0)
