@@ -55,9 +55,15 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
-from manet_kernels.triton._common import device_ctx, interpreting, needs_i64
+from manet_kernels.triton._common import (
+    activation,
+    device_ctx,
+    interpreting,
+    launch,
+    needs_i64,
+    sample_counters,
+)
 from manet_kernels.triton._common import small as _small
-from manet_kernels.triton.mixed_attention import _sample_counters
 
 __all__ = [
     "per_sample_conv2d_fwd",
@@ -567,16 +573,9 @@ def _gpu_configs(kernel, dtype) -> list[triton.Config]:
 
 def _launch(kernel, grid, dtype: torch.dtype, dims: dict, *args, **kwargs) -> None:
     """``dims``: what the tile must fit (``_fits``)."""
-    cfg = _FORCED_CONFIGS.get(kernel)
-    if cfg is None and torch.are_deterministic_algorithms_enabled():
-        # The tile sets the summation order and autotune may pick another tile
-        # in another process; a fixed pick keeps the bits equal.
-        cfg = kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def pick(kernel, _kwargs):  # deterministic: the first tile that fits
+        return kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
+    launch(_FORCED_CONFIGS, pick, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -599,21 +598,7 @@ def _strides(shape, channels_last: bool) -> tuple[int, int, int, int]:
 
 def _activation(name: str, t) -> bool:
     """Validate an activation; return whether it is read as channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _ACT_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    if min(t.shape[1:]) < 1:
-        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
-    # The reference's rule for "x's memory format": NCHW wins when both hold.
-    if t.is_contiguous():
-        return False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return activation(name, t, _ACT_DTYPES, sizes="nonempty")
 
 
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:
@@ -837,7 +822,7 @@ def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor
         ds = torch.empty((geo.n, geo.c2, geo.kh, geo.kw), dtype=acc, device=dev)
         dwp = torch.empty((splits, t, geo.c2, geo.c1g), dtype=acc, device=dev)
         dsp = torch.empty((num_nb, geo.n, t, geo.c2), dtype=acc, device=dev)
-        cnt = _sample_counters(tiles * (splits + num_nb), dev)
+        cnt = sample_counters(tiles * (splits + num_nb), dev)
         wsp, ssp = (wp.stride(0), wp.stride(1)), (sp.stride(0), sp.stride(1))
     else:
         ds = dwp = dsp = cnt = dw  # unused

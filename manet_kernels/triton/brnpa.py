@@ -36,10 +36,16 @@ from torch import Tensor
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting
+from manet_kernels.triton._common import (
+    device_ctx,
+    interpreting,
+    launch,
+    layout_pick,
+    ncp_strides,
+    sample_counters,
+)
 from manet_kernels.triton._common import needs_i64 as _i64
 from manet_kernels.triton._common import small as _check_small
-from manet_kernels.triton.mixed_attention import _sample_counters
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx",
            "brnpa_prepare", "brnpa_part", "brnpa_bwd_finish"]
@@ -668,15 +674,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    cfg = _FORCED_CONFIGS.get(kernel)
-    if cfg is None and torch.are_deterministic_algorithms_enabled():
-        # The tile sets the summation order and autotune may pick another tile
-        # in another process; a fixed pick per layout keeps the bits equal.
-        cfg = kernel.configs[-1 if kwargs["CHANNELS_LAST"] else 0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    launch(_FORCED_CONFIGS, layout_pick, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -690,23 +688,7 @@ def _device_ctx(x: Tensor):
 def _check_x(name: str, t) -> tuple[int, int, int, bool]:
     """Validate an activation; return its (sB, sC, sP) as a (B, C, P) view and
     whether it is channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _X_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    b, c, h, w = t.shape
-    if b > 0 and min(c, h, w) < 1:
-        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
-    p = h * w
-    # Canonical strides, not t.stride(): a dim of size 1 may carry any stride.
-    if t.is_contiguous():
-        return c * p, p, 1, False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return p * c, 1, c, True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return ncp_strides(name, t, _X_DTYPES, batch="B", sizes="nonempty_if_batch")
 
 
 def _check_rank(name: str, t, dim: int) -> None:
@@ -790,7 +772,7 @@ def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
         # The last program of each (sample, K-chunk) sums the partials: one launch.
         _launch(_brnpa_bwd_reduce_kernel, (b * num_pb, num_kc),
                 x, inv_nrm, dv, dmap, dw, u_part, t_part, u, t,
-                _sample_counters(b * num_kc, x.device), c, p, k, sb, sc, sp,
+                sample_counters(b * num_kc, x.device), c, p, k, sb, sc, sp,
                 CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k,
                 BLOCK_P=block_p)
     return dw, u, t

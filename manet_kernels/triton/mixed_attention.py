@@ -31,7 +31,15 @@ from torch import Tensor
 from manet_kernels.triton._common import INTERPRET as _INTERPRET_AT_IMPORT
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting, small
+from manet_kernels.triton._common import (
+    device_ctx,
+    interpreting,
+    launch,
+    layout_pick,
+    ncp_strides,
+    sample_counters,
+    small,
+)
 from manet_kernels.triton._common import needs_i64 as _needs_i64
 
 __all__ = [
@@ -943,17 +951,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    cfg = _FORCED_CONFIGS.get(kernel)
-    # Plain jit kernels (most stage kernels) have tiles fixed by the launcher already.
-    if cfg is None and torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
-        # Tiles set the summation order, and autotune may pick another tile in
-        # another process; a fixed pick keeps the bits equal across processes.
-        channels_last = kwargs.get("CHANNELS_LAST", kwargs.get("X_CHANNELS_LAST"))
-        cfg = kernel.configs[-1 if channels_last else 0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    launch(_FORCED_CONFIGS, layout_pick, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -967,21 +965,7 @@ def _device_ctx(t: Tensor, name: str = "x"):
 def _activation(name: str, t) -> tuple[int, int, int, bool]:
     """Validate an activation; return its (sN, sC, sP) as a (N, C, P) view and
     whether it is channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _ACT_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    _, c, h, w = t.shape
-    p = h * w
-    # Canonical strides, not t.stride(): dims of size 1 may carry any stride.
-    if t.is_contiguous():
-        return c * p, p, 1, False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return p * c, 1, c, True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return ncp_strides(name, t, _ACT_DTYPES)
 
 
 def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype,
@@ -1086,7 +1070,7 @@ def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor,
     with _device_ctx(x):
         # The last program of each sample sums its dmc partials (one launch, no torch sum).
         _launch(_mixed_attention_bwd_reduce_kernel, (n * num_pb,),
-                g, x, mc, ms, dms, dmc_part, dmc, _sample_counters(n, x.device),
+                g, x, mc, ms, dms, dmc_part, dmc, sample_counters(n, x.device),
                 c, p, gsn, gsc, gsp, xsn, xsc, xsp,
                 G_CHANNELS_LAST=gcl, X_CHANNELS_LAST=xcl, I64=_needs_i64(x, dmc_part),
                 BLOCK_P=block_p)
@@ -1193,21 +1177,6 @@ def _conv_weight(conv_w, acc: torch.dtype, device: torch.device) -> tuple[Tensor
 
 
 # Per device: an int32 counter per sample for the last-program finishes of
-# channel_attn_bwd and bwd_reduce (and BR-NPA's bwd_reduce, which imports this),
-# zero-filled once; every launch leaves it at zero again. Launches that use it run in
-# stream order (two streams running these kernels at once would share it).
-_COUNTERS: dict[torch.device, Tensor] = {}
-
-
-def _sample_counters(n: int, device: torch.device) -> Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        size = max(n, 256, 2 * buf.numel() if buf is not None else 0)
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def mixed_attention_channel_attn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                                  b2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """F1 + the shared MLP: ``(mc, avg, mx, im)``, ``mc = sigmoid(mlp(avg) + mlp(mx))``.
@@ -1453,7 +1422,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
             _launch(_mixed_attention_channel_attn_bwd_kernel,
                     lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
                     x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1, b1, w2, dl, hid, dh, d_avg,
-                    d_mx, _sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
+                    d_mx, sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
                     I64=_needs_i64(x), HAS_G=gmc is not None, HAS_B1=b1 is not None,
                     BLOCK_R=block_r)
         # With no samples this still runs, and writes the zero sums.
