@@ -1,5 +1,7 @@
 """Host-side pieces every Triton launcher shares: interpreter detection, the
-interpreter's single tile config, device context, argument checks."""
+interpreter's single tile config, device context, argument checks, the launch with
+its test hook and deterministic tile, the per-sample counters. (Device-side shared
+pieces: ``_tiles.py``.)"""
 
 from __future__ import annotations
 
@@ -84,8 +86,8 @@ def activation(name: str, t, dtypes: tuple[torch.dtype, ...], batch: str = "N",
                sizes: str = "any") -> bool:
     """Check a 4-D ``(batch, C, H, W)`` activation of one of ``dtypes``; return whether it
     is read as channels_last (NCHW wins where both hold, the reference's rule). ``sizes``:
-    ``"any"``, ``"nonempty"`` (C, H, W >= 1) or ``"nonempty_if_batch"`` (so unless the
-    batch is empty)."""
+    ``"any"``, ``"nonempty"`` (C, H, W >= 1) or ``"nonempty_if_batch"`` (C, H, W >= 1
+    unless the batch is empty)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
@@ -114,14 +116,15 @@ def ncp_strides(name: str, t, dtypes: tuple[torch.dtype, ...], batch: str = "N",
     return (p * c, 1, c, True) if cl else (c * p, p, 1, False)
 
 
-def launch(forced: dict, pick, kernel, grid, *args, **kwargs) -> None:
+def launch(forced: dict, kernel, grid, *args, pick=None, **kwargs) -> None:
     """Launch ``kernel`` on ``grid``: the test hook's config ``forced[kernel]`` if there
-    is one, else under deterministic algorithms ``pick(kernel, kwargs)`` (a fixed tile: it
-    sets the summation order, and autotune may pick another in another process), else
-    whatever autotune picks. A config is launched on the raw jit function."""
+    is one, else under deterministic algorithms ``pick(kernel, kwargs)`` (default
+    ``layout_pick``; a fixed tile: it sets the summation order, and autotune may pick
+    another in another process), else whatever autotune picks. A config is launched
+    on the raw jit function."""
     cfg = forced.get(kernel)
     if cfg is None and torch.are_deterministic_algorithms_enabled():
-        cfg = pick(kernel, kwargs)
+        cfg = (pick or layout_pick)(kernel, kwargs)
     if cfg is None:
         kernel[grid](*args, **kwargs)
     else:

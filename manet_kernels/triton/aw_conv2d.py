@@ -55,14 +55,8 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
-from manet_kernels.triton._common import (
-    activation,
-    device_ctx,
-    interpreting,
-    launch,
-    needs_i64,
-    sample_counters,
-)
+from manet_kernels.triton._common import activation, device_ctx, interpreting, launch, needs_i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _small
 
 __all__ = [
@@ -575,7 +569,7 @@ def _launch(kernel, grid, dtype: torch.dtype, dims: dict, *args, **kwargs) -> No
     """``dims``: what the tile must fit (``_fits``)."""
     def pick(kernel, _kwargs):  # deterministic: the first tile that fits
         return kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
-    launch(_FORCED_CONFIGS, pick, kernel, grid, *args, **kwargs)
+    launch(_FORCED_CONFIGS, kernel, grid, *args, pick=pick, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -822,7 +816,7 @@ def _weight_grad(g: Tensor, g_cl: bool, x: Tensor, wp: Tensor | None, sp: Tensor
         ds = torch.empty((geo.n, geo.c2, geo.kh, geo.kw), dtype=acc, device=dev)
         dwp = torch.empty((splits, t, geo.c2, geo.c1g), dtype=acc, device=dev)
         dsp = torch.empty((num_nb, geo.n, t, geo.c2), dtype=acc, device=dev)
-        cnt = sample_counters(tiles * (splits + num_nb), dev)
+        cnt = _sample_counters(tiles * (splits + num_nb), dev)
         wsp, ssp = (wp.stride(0), wp.stride(1)), (sp.stride(0), sp.stride(1))
     else:
         ds = dwp = dsp = cnt = dw  # unused

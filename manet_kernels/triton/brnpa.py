@@ -36,16 +36,11 @@ from torch import Tensor
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import (
-    device_ctx,
-    interpreting,
-    launch,
-    layout_pick,
-    ncp_strides,
-    sample_counters,
-)
+from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_strides
 from manet_kernels.triton._common import needs_i64 as _i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _check_small
+from manet_kernels.triton._tiles import cp_tile, sample_block
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx",
            "brnpa_prepare", "brnpa_part", "brnpa_bwd_finish"]
@@ -127,26 +122,13 @@ def _mask_if(mask, ok):
     return tl.where(ok, mask, False)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
-                 key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
-def _brnpa_norms_kernel(
-    x_ptr, nrm_ptr,
-    C, P, sB, sC, sP,
-    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
-    I64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
+def _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                 I64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The norms over C of the program's block of positions (``sample_block``), summed in
+    nrm's dtype and correctly rounded like torch's: ``(b, offs_p, mask_p, nrm)``."""
     acc_t = nrm_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
     cols = x_ptr + b * sB + offs_p[None, :] * sP
 
     sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -162,6 +144,22 @@ def _brnpa_norms_kernel(
         nrm = tl.sqrt(sq)  # fp64 sqrt is correctly rounded; sqrt_rn takes fp32 only
     else:
         nrm = tl.sqrt_rn(sq)  # correctly rounded, like torch; tl.sqrt may be approximate on GPU
+    return b, offs_p, mask_p, nrm
+
+
+@triton.autotune(configs=_configs(_NORMS_CONFIGS,
+                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+                 key=["C", "P", "CHANNELS_LAST"])
+@triton.jit
+def _brnpa_norms_kernel(
+    x_ptr, nrm_ptr,
+    C, P, sB, sC, sP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b, offs_p, mask_p, nrm = _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                                          I64, BLOCK_C, BLOCK_P)
     tl.store(nrm_ptr + b * P + offs_p, nrm, mask=mask_p)
 
 
@@ -212,16 +210,8 @@ def _brnpa_step_kernel(
     I64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part = pid
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part = part.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part = tl.program_id(0).to(b.dtype)
     ridx = tl.load(idx_ptr + b).to(tl.int64)
     _step_tile(x_ptr + b * sB, inv_ptr + b * P, ridx, s_ptr + b * P, sv_part_ptr + part * C,
                offs_p, mask_p, C, P, sC, sP, I64, BLOCK_P, BLOCK_C)
@@ -241,20 +231,15 @@ def _brnpa_bwd_reduce_kernel(
     acc_t = inv_ptr.dtype.element_ty
     if DOT:
         tl.static_assert(BLOCK_C >= 16, "tl.dot needs every operand dimension >= 16")
-    pid = tl.program_id(0)
+    part = tl.program_id(0)
     kc = tl.program_id(1)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part = part.to(b.dtype)
     num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_p = offs_p < P
     mask_k = offs_k < K
-    part = pid
     if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
-        part = part.to(tl.int64)
     inv = tl.load(inv_ptr + b * P + offs_p, mask=mask_p, other=0.0)
     cols = x_ptr + b * sB + offs_p[None, :] * sP
     rows_k = b * K + offs_k  # row of (B, K, .) small tensors
@@ -346,21 +331,7 @@ def _brnpa_bwd_dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = m_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    b = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    mask = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        b = b.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    b, offs_c, offs_p, mask_c, mask_p, mask = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
 
     # J (= 2K) rank-1 updates: a few FMAs per element of a pass that is
     # memory-bound, and no (J, C, P) product or tf32 question.
@@ -433,29 +404,8 @@ def _brnpa_prepare_kernel(
 ):
     """The norms kernel, plus ``inv = 1 / (nrm + eps)`` and the first score."""
     acc_t = nrm_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-    cols = x_ptr + b * sB + offs_p[None, :] * sP
-
-    sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m = (offs_c < C)[:, None] & mask_p[None, :]
-        if I64:
-            offs_c = offs_c.to(tl.int64)
-        f = tl.load(cols + offs_c[:, None] * sC, mask=m, other=0.0).to(acc_t)
-        sq += f * f
-    sq = tl.sum(sq, axis=0)
-    if acc_t == tl.float64:
-        nrm = tl.sqrt(sq)
-    else:
-        nrm = tl.sqrt_rn(sq)
+    b, offs_p, mask_p, nrm = _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                                          I64, BLOCK_C, BLOCK_P)
     # torch's 1.0 / t is reciprocal(t) * 1.0, i.e. a correctly rounded 1 / t.
     ne = nrm + EPS
     inv = _div(tl.full([BLOCK_P], 1.0, acc_t), ne)
@@ -484,17 +434,9 @@ def _brnpa_part_step_kernel(
     the step for its block of positions: ``s[:, j]`` and a partial of ``sv``. The
     sample's first program writes ``idx[:, j]``. Reads no output of its own, so
     autotune may rerun it."""
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    pb = pid % num_pb
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part = pid
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part = part.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part = tl.program_id(0).to(b.dtype)
+    pb = tl.program_id(0) % tl.cdiv(P, BLOCK_P)
     ridx = _first_argmax(score_ptr + b * P, P, BLOCK_A).to(tl.int64)
     row = b * K + j
     tl.store(idx_ptr + row, ridx, mask=pb == 0)
@@ -674,7 +616,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    launch(_FORCED_CONFIGS, layout_pick, kernel, grid, *args, **kwargs)
+    launch(_FORCED_CONFIGS, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -772,7 +714,7 @@ def brnpa_bwd_reduce(x: Tensor, inv_nrm: Tensor, dv: Tensor, dmap: Tensor
         # The last program of each (sample, K-chunk) sums the partials: one launch.
         _launch(_brnpa_bwd_reduce_kernel, (b * num_pb, num_kc),
                 x, inv_nrm, dv, dmap, dw, u_part, t_part, u, t,
-                sample_counters(b * num_kc, x.device), c, p, k, sb, sc, sp,
+                _sample_counters(b * num_kc, x.device), c, p, k, sb, sc, sp,
                 CHANNELS_LAST=cl, I64=_i64(x, u_part, dw), DOT=dot, BLOCK_K=block_k,
                 BLOCK_P=block_p)
     return dw, u, t

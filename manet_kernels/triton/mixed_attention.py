@@ -31,16 +31,10 @@ from torch import Tensor
 from manet_kernels.triton._common import INTERPRET as _INTERPRET_AT_IMPORT
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import (
-    device_ctx,
-    interpreting,
-    launch,
-    layout_pick,
-    ncp_strides,
-    sample_counters,
-    small,
-)
+from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_strides, small
 from manet_kernels.triton._common import needs_i64 as _needs_i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
+from manet_kernels.triton._tiles import cp_tile, sample_block
 
 __all__ = [
     "mixed_attention_channel_pool",
@@ -158,14 +152,7 @@ def _mixed_attention_channel_pool_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = avg_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -202,14 +189,7 @@ def _mixed_attention_spatial_pool_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    n = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        n = n.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
     cols = x_ptr + n * sN + offs_p[None, :] * sP
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -250,21 +230,7 @@ def _mixed_attention_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    n = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    m = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_c, offs_p, mask_c, mask_p, m = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
     mcv = tl.load(mc_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     msv = tl.load(ms_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     xv = tl.load(x_ptr + n * sN + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=m, other=0.0)
@@ -285,16 +251,9 @@ def _mixed_attention_bwd_reduce_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    n, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part_row = tl.program_id(0).to(n.dtype)
     num_pb = tl.cdiv(P, BLOCK_P)
-    n = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part_row = pid
-    if I64:
-        n = n.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part_row = part_row.to(tl.int64)
     msv = tl.load(ms_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     g_cols = g_ptr + n * gsN + offs_p[None, :] * gsP
     x_cols = x_ptr + n * xsN + offs_p[None, :] * xsP
@@ -376,14 +335,7 @@ def _mixed_attention_bwd_channel_kernel(
     I64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
     tl.store(out_ptr + n * C + offs_c,
              _bwd_channel_rows(rows, da_ptr, dm_ptr, ic_ptr, n, offs_c, mask_c, C, P, sP,
@@ -402,21 +354,7 @@ def _mixed_attention_bwd_dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    n = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    m = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_c, offs_p, mask_c, mask_p, m = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
     per_c = n * C + offs_c
     per_p = n * P + offs_p
     mcv = tl.load(mc_ptr + per_c, mask=mask_c, other=0.0)
@@ -860,14 +798,7 @@ def _mixed_attention_channel_attn_bwd_kernel(
     # B2 for one tile of channels of one sample, then dl = (dmc + B2 + gmc) * mc *
     # (1 - mc) for them; the last program of the sample to finish (an int32 counter
     # per sample) takes dl back through the MLP and resets the counter to 0.
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
     dmc2 = _bwd_channel_rows(rows, da_ptr, dm_ptr, ic_ptr, n, offs_c, mask_c, C, P, sP,
                              I64, BLOCK_C, BLOCK_P)
@@ -881,7 +812,7 @@ def _mixed_attention_channel_attn_bwd_kernel(
     # that sees num_cb - 1 comes after every other program's increment, hence stores.
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr + n, 1)
-    if done == num_cb - 1:
+    if done == tl.cdiv(C, BLOCK_C) - 1:
         tl.debug_barrier()
         _channel_mlp_bwd_finish(n.to(tl.int64), avg_ptr, mx_ptr, dl_ptr, w1_ptr, b1_ptr, w2_ptr,
                                 hid_ptr, dh_ptr, davg_ptr, dmx_ptr, C, CR, HAS_B1, BLOCK_R,
@@ -951,7 +882,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    launch(_FORCED_CONFIGS, layout_pick, kernel, grid, *args, **kwargs)
+    launch(_FORCED_CONFIGS, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -1070,7 +1001,7 @@ def mixed_attention_bwd_reduce(g: Tensor, x: Tensor, mc: Tensor,
     with _device_ctx(x):
         # The last program of each sample sums its dmc partials (one launch, no torch sum).
         _launch(_mixed_attention_bwd_reduce_kernel, (n * num_pb,),
-                g, x, mc, ms, dms, dmc_part, dmc, sample_counters(n, x.device),
+                g, x, mc, ms, dms, dmc_part, dmc, _sample_counters(n, x.device),
                 c, p, gsn, gsc, gsp, xsn, xsc, xsp,
                 G_CHANNELS_LAST=gcl, X_CHANNELS_LAST=xcl, I64=_needs_i64(x, dmc_part),
                 BLOCK_P=block_p)
@@ -1422,7 +1353,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
             _launch(_mixed_attention_channel_attn_bwd_kernel,
                     lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
                     x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1, b1, w2, dl, hid, dh, d_avg,
-                    d_mx, sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
+                    d_mx, _sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
                     I64=_needs_i64(x), HAS_G=gmc is not None, HAS_B1=b1 is not None,
                     BLOCK_R=block_r)
         # With no samples this still runs, and writes the zero sums.
