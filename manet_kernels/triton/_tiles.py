@@ -49,3 +49,17 @@ def cp_tile(C, P, I64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexp
         offs_c = offs_c.to(tl.int64)
         offs_p = offs_p.to(tl.int64)
     return n, offs_c, offs_p, mask_c, mask_p, mask
+
+
+@triton.jit
+def gemm_blocks(N_EXT, BLOCK_N: tl.constexpr, M_EXT, BLOCK_M: tl.constexpr):
+    """A GEMM-like kernel's program id split into ``(nb, mb, rest)``: its block of
+    ``BLOCK_N`` along an axis of ``N_EXT`` (fastest, so neighbouring programs share the
+    other operand's tile), its block of ``BLOCK_M`` along ``M_EXT``, and what is left
+    of the id (the kernel's own outer indices)."""
+    pid = tl.program_id(0)
+    num_nb = (N_EXT + BLOCK_N - 1) // BLOCK_N
+    num_mb = (M_EXT + BLOCK_M - 1) // BLOCK_M
+    nb = pid % num_nb
+    rest = pid // num_nb
+    return nb, rest % num_mb, rest // num_mb

@@ -58,6 +58,7 @@ from manet_kernels.triton._common import acc_dtype as _acc_dtype
 from manet_kernels.triton._common import activation, device_ctx, interpreting, launch, needs_i64
 from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _small
+from manet_kernels.triton._tiles import gemm_blocks
 
 __all__ = [
     "per_sample_conv2d_fwd",
@@ -241,14 +242,8 @@ def _aw_conv2d_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dot_t = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_nb = (C2G + BLOCK_N - 1) // BLOCK_N
-    num_mb = (P_OUT + BLOCK_M - 1) // BLOCK_M
     # Channel blocks vary fastest: neighbouring programs share the x tile.
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
+    nb, mb, rest = gemm_blocks(C2G, BLOCK_N, P_OUT, BLOCK_M)
     gi = rest % G
     n = rest // G
 
@@ -336,13 +331,7 @@ def _aw_conv2d_bwd_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dot_t = g_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
-    num_mb = (PA_MAX + BLOCK_M - 1) // BLOCK_M
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
+    nb, mb, rest = gemm_blocks(C1G, BLOCK_N, PA_MAX, BLOCK_M)
     phase = rest % (SH * SW)
     rest = rest // (SH * SW)
     gi = rest % G
@@ -436,13 +425,9 @@ def _aw_conv2d_bwd_weight_kernel(
     # per-sample; ds (N, C2, T). Partials, taps outer so that the finishing program
     # reads them along channels: dwp (NUM_SPLITS, T, C2, C1/g), dsp (channel blocks,
     # N, T, C2).
-    pid = tl.program_id(0)
-    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
+    nb, mb, rest = gemm_blocks(C1G, BLOCK_N, C2G, BLOCK_M)
+    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N  # for the counters and the partials below
     num_mb = (C2G + BLOCK_M - 1) // BLOCK_M
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
     t = rest % T
     rest = rest // T
     gi = rest % G
