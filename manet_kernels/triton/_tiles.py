@@ -1,7 +1,8 @@
 """Device-side pieces the Triton kernels share: which block of a ``(N, C, P)``
-activation a program owns. Each runs once per program, before the kernel's loops
-(a nested ``@triton.jit`` call is inlined on a GPU, but costs Python time per call
-under the interpreter: keep such helpers out of hot loops).
+activation (or of a GEMM) a program owns, and arithmetic rounded as torch's. The
+block helpers run once per program, before the kernel's loops (a nested
+``@triton.jit`` call is inlined on a GPU, but costs Python time per call under the
+interpreter: keep such helpers out of hot loops).
 
 With ``I64`` the sample index and the offsets come back as int64, so that every
 element offset computed from them is exact past 2**31.
@@ -63,3 +64,25 @@ def gemm_blocks(N_EXT, BLOCK_N: tl.constexpr, M_EXT, BLOCK_M: tl.constexpr):
     nb = pid % num_nb
     rest = pid // num_nb
     return nb, rest % num_mb, rest // num_mb
+
+
+@triton.jit
+def div_rn(a, b):
+    """``a / b`` correctly rounded, as torch divides (fp32 ``/`` may be approximate
+    on a GPU; ``tl.div_rn`` takes fp32 only, fp64 ``/`` is exact)."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def sqrt_rn(v):
+    """``sqrt(v)`` correctly rounded, like torch's (``tl.sqrt`` may be approximate on a
+    GPU; ``tl.sqrt_rn`` takes fp32 only, fp64 ``tl.sqrt`` is exact)."""
+    if v.dtype == tl.float64:
+        r = tl.sqrt(v)
+    else:
+        r = tl.sqrt_rn(v)
+    return r

@@ -40,7 +40,7 @@ from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_s
 from manet_kernels.triton._common import needs_i64 as _i64
 from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _check_small
-from manet_kernels.triton._tiles import cp_tile, sample_block
+from manet_kernels.triton._tiles import cp_tile, div_rn, sample_block, sqrt_rn
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx",
            "brnpa_prepare", "brnpa_part", "brnpa_bwd_finish"]
@@ -140,11 +140,7 @@ def _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
         f = tl.load(cols + offs_c[:, None] * sC, mask=m, other=0.0).to(acc_t)
         sq += f * f
     sq = tl.sum(sq, axis=0)
-    if acc_t == tl.float64:
-        nrm = tl.sqrt(sq)  # fp64 sqrt is correctly rounded; sqrt_rn takes fp32 only
-    else:
-        nrm = tl.sqrt_rn(sq)  # correctly rounded, like torch; tl.sqrt may be approximate on GPU
-    return b, offs_p, mask_p, nrm
+    return b, offs_p, mask_p, sqrt_rn(sq)
 
 
 @triton.autotune(configs=_configs(_NORMS_CONFIGS,
@@ -354,17 +350,6 @@ def _brnpa_bwd_dx_kernel(
 
 
 @triton.jit
-def _div(a, b):
-    """``a / b`` correctly rounded, as torch divides (fp32 ``/`` may be approximate
-    on a GPU; ``div_rn`` takes fp32 only, fp64 ``/`` is exact)."""
-    if a.dtype == tl.float64:
-        q = a / b
-    else:
-        q = tl.math.div_rn(a, b)
-    return q
-
-
-@triton.jit
 def _first_argmax(row_ptr, P, BLOCK_A: tl.constexpr):
     """``torch.argmax`` of the ``P`` values at ``row_ptr`` (int32): the first maximum,
     and the first NaN if there is one (a NaN counts as the maximum). Each lane keeps the
@@ -408,7 +393,7 @@ def _brnpa_prepare_kernel(
                                           I64, BLOCK_C, BLOCK_P)
     # torch's 1.0 / t is reciprocal(t) * 1.0, i.e. a correctly rounded 1 / t.
     ne = nrm + EPS
-    inv = _div(tl.full([BLOCK_P], 1.0, acc_t), ne)
+    inv = div_rn(tl.full([BLOCK_P], 1.0, acc_t), ne)
     if PAPER:
         score = nrm * nrm
     else:
@@ -477,7 +462,7 @@ def _brnpa_part_finish_kernel(
         offs = p0 + tl.arange(0, BLOCK_P)
         m = offs < P
         sv = tl.load(s_row + offs, mask=m, other=0.0)
-        w = _div(sv, tot)
+        w = div_rn(sv, tot)
         tl.store(maps_row + offs, w.to(maps_ptr.dtype.element_ty), mask=m)
         sc = tl.load(score_row + offs, mask=m, other=0.0)
         if PAPER:
@@ -495,7 +480,7 @@ def _brnpa_part_finish_kernel(
         vacc = tl.zeros([BLOCK_C], dtype=acc_t)
         for q in range(0, NUM_PB):
             vacc += tl.load(part0 + q * C + offs_c, mask=mc, other=0.0)
-        tl.store(vec_ptr + row * C + offs_c, _div(vacc, tot).to(vec_ptr.dtype.element_ty),
+        tl.store(vec_ptr + row * C + offs_c, div_rn(vacc, tot).to(vec_ptr.dtype.element_ty),
                  mask=mc)
 
 
@@ -540,7 +525,7 @@ def _brnpa_bwd_finish_kernel(
             at = rows[:, None] * P + offs_p[None, :]
             sv = tl.load(s_ptr + at, mask=kp, other=0.0)
             dwv = tl.load(dw_ptr + at, mask=kp, other=0.0)
-            ck += tl.sum(dwv * _div(sv, tot[:, None]), axis=1)
+            ck += tl.sum(dwv * div_rn(sv, tot[:, None]), axis=1)
         if ONE_CHUNK:
             ck_keep = ck
         else:
@@ -565,7 +550,7 @@ def _brnpa_bwd_finish_kernel(
             tl.store(m_b + K * C + kcs, r, mask=kc)
             uv = tl.load(u_ptr + kc_b + kcs, mask=kc, other=0.0)
             tv = tl.load(t_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-            q = _div(uv - ck[:, None] * tv[None, :], tot[:, None])
+            q = div_rn(uv - ck[:, None] * tv[None, :], tot[:, None])
             tl.store(m_b + 2 * K * C + kcs, q * inv_r[:, None], mask=kc)
 
     if not ONE_CHUNK:
@@ -594,15 +579,15 @@ def _brnpa_bwd_finish_kernel(
             at = rows[:, None] * P + offs_p[None, :]
             sv = tl.load(s_ptr + at, mask=kp, other=0.0)
             dwv = tl.load(dw_ptr + at, mask=kp, other=0.0)
-            ds = _div(dwv - ck[:, None], tot[:, None])  # padding rows and lanes: 0
+            ds = div_rn(dwv - ck[:, None], tot[:, None])  # padding rows and lanes: 0
             kps = offs_k[:, None] * P + offs_p[None, :]
-            tl.store(a_b + kps, _div(sv, tot[:, None]), mask=kp)
+            tl.store(a_b + kps, div_rn(sv, tot[:, None]), mask=kp)
             tl.store(a_b + K * P + kps, (ds * inv[None, :]) * inv_r[:, None], mask=kp)
             hit = offs_p[None, :] == ridx[:, None]
             tl.store(a_b + 2 * K * P + kps, tl.where(hit, 1.0, 0.0).to(acc_t), mask=kp)
             cacc += tl.sum(ds * sv, axis=0)
         nr = tl.load(nrm_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-        safe = tl.where(nr > 0, _div(inv, nr), 0.0)
+        safe = tl.where(nr > 0, div_rn(inv, nr), 0.0)
         tl.store(c_ptr + b * P + offs_p, cacc * safe, mask=mask_p)
 
 

@@ -34,7 +34,7 @@ from manet_kernels.triton._common import configs as _configs
 from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_strides, small
 from manet_kernels.triton._common import needs_i64 as _needs_i64
 from manet_kernels.triton._common import sample_counters as _sample_counters
-from manet_kernels.triton._tiles import cp_tile, sample_block
+from manet_kernels.triton._tiles import cp_tile, div_rn, sample_block, sqrt_rn
 
 __all__ = [
     "mixed_attention_channel_pool",
@@ -396,12 +396,8 @@ def _f64_arg(bits):
 @triton.jit
 def _rsqrt(v):
     # 1 / sqrt(v) rounded as torch.rsqrt's (IEEE sqrt and division, not the fast
-    # approximations); sqrt_rn and div_rn are float32-only, float64's are IEEE anyway.
-    if v.dtype == tl.float64:
-        r = 1.0 / tl.sqrt(v)
-    else:
-        r = tl.div_rn(tl.full(v.shape, 1.0, v.dtype), tl.sqrt_rn(v))
-    return r
+    # approximations).
+    return div_rn(tl.full(v.shape, 1.0, v.dtype), sqrt_rn(v))
 
 
 @triton.jit
