@@ -142,6 +142,18 @@ def layout_pick(kernel, kwargs: dict):
     return kernel.configs[-1 if channels_last else 0]
 
 
+def block_grid(n: int, length: int, block: str):
+    """The grid of a kernel that takes ``_tiles.sample_block``: one program per sample
+    and block of ``meta[block]`` indices along an axis of ``length``."""
+    return lambda meta: (n * triton.cdiv(length, meta[block]),)
+
+
+def tile_grid(n: int, c: int, p: int):
+    """The grid of a kernel that takes ``_tiles.cp_tile``: one program per
+    ``(BLOCK_C, BLOCK_P)`` tile of each of ``n`` samples."""
+    return lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
+
+
 # channel_attn_bwd's and the bwd_reduce kernels' per-sample counters, zero-filled once;
 # every launch leaves them at zero again. Launches that use them run in stream order
 # (two streams running these kernels at once would share them).

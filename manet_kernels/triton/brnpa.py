@@ -35,8 +35,15 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import (
+    block_grid,
+    device_ctx,
+    interpreting,
+    launch,
+    ncp_strides,
+    tile_grid,
+)
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_strides
 from manet_kernels.triton._common import needs_i64 as _i64
 from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _check_small
@@ -635,7 +642,7 @@ def brnpa_norms(x: Tensor) -> Tensor:
     if b == 0:
         return nrm
     with _device_ctx(x):
-        _launch(_brnpa_norms_kernel, lambda meta: (b * triton.cdiv(p, meta["BLOCK_P"]),),
+        _launch(_brnpa_norms_kernel, block_grid(b, p, "BLOCK_P"),
                 x, nrm, c, p, sb, sc, sp, CHANNELS_LAST=cl, I64=_i64(x))
     return nrm
 
@@ -723,8 +730,7 @@ def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
     dsb, dsc, dsp, _ = _check_x("df", df)
     with _device_ctx(x):
         _launch(_brnpa_bwd_dx_kernel,
-                lambda meta: (b * triton.cdiv(ch, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(b, ch, p),
                 x, a, m, c, df, ch, p, j, sb, sc, sp, dsb, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_i64(x, a, m))
     return df
@@ -786,7 +792,7 @@ def brnpa_prepare(x: Tensor, paper: bool, eps: float) -> tuple[Tensor, Tensor, T
     if b == 0:
         return nrm, inv, score
     with _device_ctx(x):
-        _launch(_brnpa_prepare_kernel, lambda meta: (b * triton.cdiv(p, meta["BLOCK_P"]),),
+        _launch(_brnpa_prepare_kernel, block_grid(b, p, "BLOCK_P"),
                 x, nrm, inv, score, c, p, sb, sc, sp, EPS=float(eps), PAPER=bool(paper),
                 CHANNELS_LAST=cl, I64=_i64(x))
     return nrm, inv, score

@@ -30,8 +30,16 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET_AT_IMPORT
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import (
+    block_grid,
+    device_ctx,
+    interpreting,
+    launch,
+    ncp_strides,
+    small,
+    tile_grid,
+)
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting, launch, ncp_strides, small
 from manet_kernels.triton._common import needs_i64 as _needs_i64
 from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._tiles import cp_tile, div_rn, sample_block, sqrt_rn
@@ -924,7 +932,7 @@ def mixed_attention_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"x: cannot take a max over zero positions (shape {tuple(x.shape)})")
     with _device_ctx(x):
         _launch(_mixed_attention_channel_pool_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                block_grid(n, c, "BLOCK_C"),
                 x, avg, mx, im, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return avg, mx, im
 
@@ -946,7 +954,7 @@ def mixed_attention_spatial_pool(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor,
         raise ValueError(f"x: cannot take a max over zero channels (shape {tuple(x.shape)})")
     with _device_ctx(x):
         _launch(_mixed_attention_spatial_pool_kernel,
-                lambda meta: (n * triton.cdiv(p, meta["BLOCK_P"]),),
+                block_grid(n, p, "BLOCK_P"),
                 x, mc, sa, sm, ic, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return sa, sm, ic
 
@@ -966,8 +974,7 @@ def mixed_attention_apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     ysn, ysc, ysp, _ = _activation("y", y)
     with _device_ctx(x):
         _launch(_mixed_attention_apply_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(n, c, p),
                 x, mc, ms, y, c, p, sn, sc, sp, ysn, ysc, ysp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return y
 
@@ -1020,7 +1027,7 @@ def mixed_attention_bwd_channel(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: Tenso
     out = torch.empty((n, c), dtype=acc, device=x.device)
     with _device_ctx(x):
         _launch(_mixed_attention_bwd_channel_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                block_grid(n, c, "BLOCK_C"),
                 x, da_s, dm_s, ic, out, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return out
 
@@ -1048,8 +1055,7 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     dsn, dsc, dsp, _ = _activation("dx", dx)
     with _device_ctx(g, "g"):
         _launch(_mixed_attention_bwd_dx_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(n, c, p),
                 g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx, c, p, sn, sc, sp, dsn, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_needs_i64(g))
     return dx
@@ -1347,7 +1353,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
     with _device_ctx(x):
         if n * c > 0:
             _launch(_mixed_attention_channel_attn_bwd_kernel,
-                    lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                    block_grid(n, c, "BLOCK_C"),
                     x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1, b1, w2, dl, hid, dh, d_avg,
                     d_mx, _sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
                     I64=_needs_i64(x), HAS_G=gmc is not None, HAS_B1=b1 is not None,
