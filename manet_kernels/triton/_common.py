@@ -154,9 +154,10 @@ def tile_grid(n: int, c: int, p: int):
     return lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
 
 
-# channel_attn_bwd's and the bwd_reduce kernels' per-sample counters, zero-filled once;
-# every launch leaves them at zero again. Launches that use them run in stream order
-# (two streams running these kernels at once would share them).
+# Per device: the int32 counters of the last-program finishes (mixed attention's
+# channel_attn_bwd and bwd_reduce, BR-NPA's bwd_reduce, AW-conv's weight gradient),
+# zero-filled once; every launch leaves them at zero again. Launches that use them run
+# in stream order (two streams running these kernels at once would share them).
 _COUNTERS: dict[torch.device, Tensor] = {}
 
 

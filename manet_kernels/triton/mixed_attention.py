@@ -1109,7 +1109,31 @@ def _conv_weight(conv_w, acc: torch.dtype, device: torch.device) -> tuple[Tensor
     return _small("conv_w", conv_w, (1, 2, k, k), acc, device), k
 
 
-# Per device: an int32 counter per sample for the last-program finishes of
+def _mlp_weights(w1, b1, w2, c: int, acc: torch.dtype,
+                 dev: torch.device) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """Check the shared MLP's ``w1 (C_r, C)``, ``b1 (C_r,)`` or None and ``w2 (C, C_r)``;
+    return them and ``C_r``."""
+    if not isinstance(w1, Tensor) or w1.dim() != 2:
+        raise ValueError("w1: expected a (C_r, C) tensor")
+    cr = w1.shape[0]
+    w1 = _small("w1", w1, (cr, c), acc, dev)
+    b1 = _opt("b1", b1, (cr,), acc, dev)
+    w2 = _small("w2", w2, (c, cr), acc, dev)
+    return w1, b1, w2, cr
+
+
+def _bn_given(bn_mean, bn_var, bn_weight, acc: torch.dtype,
+              dev: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check BatchNorm's given statistics (``bn_var`` goes with ``bn_mean``) and its
+    weight or None; return them."""
+    bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
+    if bn_var is None:
+        raise ValueError("bn_var: expected a tensor with bn_mean, got None")
+    bn_var = _small("bn_var", bn_var, (1,), acc, dev)
+    bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+    return bn_mean, bn_var, bn_weight
+
+
 def mixed_attention_channel_attn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                                  b2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """F1 + the shared MLP: ``(mc, avg, mx, im)``, ``mc = sigmoid(mlp(avg) + mlp(mx))``.
@@ -1118,12 +1142,7 @@ def mixed_attention_channel_attn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: T
     n, c = x.shape[:2]
     acc = _acc_dtype(x.dtype)
     dev = x.device
-    if not isinstance(w1, Tensor) or w1.dim() != 2:
-        raise ValueError("w1: expected a (C_r, C) tensor")
-    cr = w1.shape[0]
-    w1 = _small("w1", w1, (cr, c), acc, dev)
-    b1 = _opt("b1", b1, (cr,), acc, dev)
-    w2 = _small("w2", w2, (c, cr), acc, dev)
+    w1, b1, w2, cr = _mlp_weights(w1, b1, w2, c, acc, dev)
     b2 = _opt("b2", b2, (c,), acc, dev)
     avg, mx, im = mixed_attention_channel_pool(x)
     mc = torch.empty((n, c), dtype=acc, device=dev)
@@ -1154,11 +1173,7 @@ def mixed_attention_spatial_attn(x: Tensor, mc: Tensor, conv_w: Tensor, conv_b: 
     conv_b = _opt("conv_b", conv_b, (1,), acc, dev)
     bn = not batch_norm and bn_mean is not None
     if bn:
-        bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
-        if bn_var is None:
-            raise ValueError("bn_var: expected a tensor with bn_mean, got None")
-        bn_var = _small("bn_var", bn_var, (1,), acc, dev)
-        bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+        bn_mean, bn_var, bn_weight = _bn_given(bn_mean, bn_var, bn_weight, acc, dev)
         bn_bias = _opt("bn_bias", bn_bias, (1,), acc, dev)
     else:
         bn_weight = bn_bias = bn_mean = bn_var = None
@@ -1282,11 +1297,7 @@ def mixed_attention_spatial_attn_bwd(d: Tensor, gms: Tensor | None, ms: Tensor |
         gms = None
     bn = has_ms and bn_mean is not None
     if bn:
-        bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
-        if bn_var is None:
-            raise ValueError("bn_var: expected a tensor with bn_mean, got None")
-        bn_var = _small("bn_var", bn_var, (1,), acc, dev)
-        bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+        bn_mean, bn_var, bn_weight = _bn_given(bn_mean, bn_var, bn_weight, acc, dev)
     else:
         bn_weight = bn_mean = bn_var = None
     has_bn_w = bn and bn_weight is not None
@@ -1332,12 +1343,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
     mc = _small("mc", mc, (n, c), acc, dev)
     avg = _small("avg", avg, (n, c), acc, dev)
     mx = _small("mx", mx, (n, c), acc, dev)
-    if not isinstance(w1, Tensor) or w1.dim() != 2:
-        raise ValueError("w1: expected a (C_r, C) tensor")
-    cr = w1.shape[0]
-    w1 = _small("w1", w1, (cr, c), acc, dev)
-    b1 = _opt("b1", b1, (cr,), acc, dev)
-    w2 = _small("w2", w2, (c, cr), acc, dev)
+    w1, b1, w2, cr = _mlp_weights(w1, b1, w2, c, acc, dev)
     d_avg = torch.empty((n, c), dtype=acc, device=dev)
     d_mx = torch.empty((n, c), dtype=acc, device=dev)
     dw1 = torch.empty((cr, c), dtype=acc, device=dev)
