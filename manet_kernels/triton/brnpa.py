@@ -59,6 +59,7 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # several blocks with a partial last one, and the K-chunks of bwd_reduce reach
 # the tl.dot path (every dot operand dimension must be >= 16).
 _INTERP_BLOCK = 16
+_INTERP_TILE = {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}
 
 
 # Every list runs from P-long to C-long tiles; with deterministic algorithms on,
@@ -150,8 +151,7 @@ def _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
     return b, offs_p, mask_p, sqrt_rn(sq)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_NORMS_CONFIGS, _INTERP_TILE),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_norms_kernel(
@@ -322,8 +322,7 @@ def _brnpa_bwd_reduce_kernel(
         tl.atomic_xchg(cnt, 0)  # ready for the next launch, without a fill
 
 
-@triton.autotune(configs=_configs(_BWD_DX_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_BWD_DX_CONFIGS, _INTERP_TILE),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_bwd_dx_kernel(
@@ -381,8 +380,7 @@ def _first_argmax(row_ptr, P, BLOCK_A: tl.constexpr):
     return tl.where(first_nan < P, first_nan, i)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_NORMS_CONFIGS, _INTERP_TILE),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_prepare_kernel(
