@@ -1,5 +1,7 @@
 """Host-side pieces every Triton launcher shares: interpreter detection, the
-interpreter's single tile config, device context, argument checks."""
+interpreter's single tile config, device context, argument checks, the launch with
+its test hook and deterministic tile, the per-sample counters. (Device-side shared
+pieces: ``_tiles.py``.)"""
 
 from __future__ import annotations
 
@@ -78,3 +80,92 @@ def small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype, device: torc
 def needs_i64(*ts: Tensor) -> bool:
     # int32 offsets are exact while every element offset fits in int32.
     return any(t.numel() >= 2**31 for t in ts)
+
+
+def activation(name: str, t, dtypes: tuple[torch.dtype, ...], batch: str = "N",
+               sizes: str = "any") -> bool:
+    """Check a 4-D ``(batch, C, H, W)`` activation of one of ``dtypes``; return whether it
+    is read as channels_last (NCHW wins where both hold, the reference's rule). ``sizes``:
+    ``"any"``, ``"nonempty"`` (C, H, W >= 1) or ``"nonempty_if_batch"`` (C, H, W >= 1
+    unless the batch is empty)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{name}: expected a 4-D ({batch}, C, H, W) tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
+    if sizes != "any" and min(t.shape[1:]) < 1 and (sizes == "nonempty" or t.shape[0] > 0):
+        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
+    # The layout from contiguity, not t.stride(): a dim of size 1 may carry any stride.
+    if t.is_contiguous():
+        return False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
+                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def ncp_strides(name: str, t, dtypes: tuple[torch.dtype, ...], batch: str = "N",
+                sizes: str = "any") -> tuple[int, int, int, bool]:
+    """``activation``'s check; return the strides of ``t`` seen as ``(batch, C, P)`` and
+    whether it is channels_last."""
+    cl = activation(name, t, dtypes, batch, sizes)
+    _, c, h, w = t.shape
+    p = h * w
+    return (p * c, 1, c, True) if cl else (c * p, p, 1, False)
+
+
+def launch(forced: dict, kernel, grid, *args, pick=None, **kwargs) -> None:
+    """Launch ``kernel`` on ``grid``: the test hook's config ``forced[kernel]`` if there
+    is one, else under deterministic algorithms ``pick(kernel, kwargs)`` (default
+    ``layout_pick``; a fixed tile: it sets the summation order, and autotune may pick
+    another in another process), else whatever autotune picks. A config is launched
+    on the raw jit function."""
+    cfg = forced.get(kernel)
+    if cfg is None and torch.are_deterministic_algorithms_enabled():
+        cfg = (pick or layout_pick)(kernel, kwargs)
+    if cfg is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **cfg.kwargs,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def layout_pick(kernel, kwargs: dict):
+    """The deterministic tile of an autotuned kernel keyed by layout: its first config
+    (P-long tiles) for NCHW, its last (C-long) for channels_last; None for a plain jit
+    kernel, whose tile the launcher fixes."""
+    if not hasattr(kernel, "configs"):
+        return None
+    channels_last = kwargs.get("CHANNELS_LAST", kwargs.get("X_CHANNELS_LAST"))
+    return kernel.configs[-1 if channels_last else 0]
+
+
+def block_grid(n: int, length: int, block: str):
+    """The grid of a kernel that takes ``_tiles.sample_block``: one program per sample
+    and block of ``meta[block]`` indices along an axis of ``length``."""
+    return lambda meta: (n * triton.cdiv(length, meta[block]),)
+
+
+def tile_grid(n: int, c: int, p: int):
+    """The grid of a kernel that takes ``_tiles.cp_tile``: one program per
+    ``(BLOCK_C, BLOCK_P)`` tile of each of ``n`` samples."""
+    return lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(p, meta["BLOCK_P"]),)
+
+
+# Per device: the int32 counters of the last-program finishes (mixed attention's
+# channel_attn_bwd and bwd_reduce, BR-NPA's bwd_reduce, AW-conv's weight gradient),
+# zero-filled once; every launch leaves them at zero again. Launches that use them run
+# in stream order (two streams running these kernels at once would share them).
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def sample_counters(n: int, device: torch.device) -> Tensor:
+    """At least ``n`` int32 counters on ``device``, all zero (one buffer per device)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        size = max(n, 256, 2 * buf.numel() if buf is not None else 0)
+        buf = torch.zeros(size, dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf

@@ -55,9 +55,10 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
-from manet_kernels.triton._common import device_ctx, interpreting, needs_i64
+from manet_kernels.triton._common import activation, device_ctx, interpreting, launch, needs_i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _small
-from manet_kernels.triton.mixed_attention import _sample_counters
+from manet_kernels.triton._tiles import gemm_blocks
 
 __all__ = [
     "per_sample_conv2d_fwd",
@@ -241,14 +242,8 @@ def _aw_conv2d_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dot_t = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_nb = (C2G + BLOCK_N - 1) // BLOCK_N
-    num_mb = (P_OUT + BLOCK_M - 1) // BLOCK_M
     # Channel blocks vary fastest: neighbouring programs share the x tile.
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
+    nb, mb, rest = gemm_blocks(C2G, BLOCK_N, P_OUT, BLOCK_M)
     gi = rest % G
     n = rest // G
 
@@ -336,13 +331,7 @@ def _aw_conv2d_bwd_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     dot_t = g_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
-    num_mb = (PA_MAX + BLOCK_M - 1) // BLOCK_M
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
+    nb, mb, rest = gemm_blocks(C1G, BLOCK_N, PA_MAX, BLOCK_M)
     phase = rest % (SH * SW)
     rest = rest // (SH * SW)
     gi = rest % G
@@ -436,13 +425,9 @@ def _aw_conv2d_bwd_weight_kernel(
     # per-sample; ds (N, C2, T). Partials, taps outer so that the finishing program
     # reads them along channels: dwp (NUM_SPLITS, T, C2, C1/g), dsp (channel blocks,
     # N, T, C2).
-    pid = tl.program_id(0)
-    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N
+    nb, mb, rest = gemm_blocks(C1G, BLOCK_N, C2G, BLOCK_M)
+    num_nb = (C1G + BLOCK_N - 1) // BLOCK_N  # for the counters and the partials below
     num_mb = (C2G + BLOCK_M - 1) // BLOCK_M
-    nb = pid % num_nb
-    rest = pid // num_nb
-    mb = rest % num_mb
-    rest = rest // num_mb
     t = rest % T
     rest = rest // T
     gi = rest % G
@@ -567,16 +552,9 @@ def _gpu_configs(kernel, dtype) -> list[triton.Config]:
 
 def _launch(kernel, grid, dtype: torch.dtype, dims: dict, *args, **kwargs) -> None:
     """``dims``: what the tile must fit (``_fits``)."""
-    cfg = _FORCED_CONFIGS.get(kernel)
-    if cfg is None and torch.are_deterministic_algorithms_enabled():
-        # The tile sets the summation order and autotune may pick another tile
-        # in another process; a fixed pick keeps the bits equal.
-        cfg = kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    def pick(kernel, _kwargs):  # deterministic: the first tile that fits
+        return kernel.configs[0] if _INTERPRET else _pruned(_TABLES[kernel], dtype, dims)[0]
+    launch(_FORCED_CONFIGS, kernel, grid, *args, pick=pick, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -599,21 +577,7 @@ def _strides(shape, channels_last: bool) -> tuple[int, int, int, int]:
 
 def _activation(name: str, t) -> bool:
     """Validate an activation; return whether it is read as channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _ACT_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    if min(t.shape[1:]) < 1:
-        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
-    # The reference's rule for "x's memory format": NCHW wins when both hold.
-    if t.is_contiguous():
-        return False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return activation(name, t, _ACT_DTYPES, sizes="nonempty")
 
 
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:

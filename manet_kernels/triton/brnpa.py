@@ -35,11 +35,19 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import (
+    block_grid,
+    device_ctx,
+    interpreting,
+    launch,
+    ncp_strides,
+    tile_grid,
+)
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting
 from manet_kernels.triton._common import needs_i64 as _i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
 from manet_kernels.triton._common import small as _check_small
-from manet_kernels.triton.mixed_attention import _sample_counters
+from manet_kernels.triton._tiles import cp_tile, div_rn, sample_block, sqrt_rn
 
 __all__ = ["brnpa_norms", "brnpa_step", "brnpa_bwd_reduce", "brnpa_bwd_dx",
            "brnpa_prepare", "brnpa_part", "brnpa_bwd_finish"]
@@ -51,6 +59,7 @@ _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # several blocks with a partial last one, and the K-chunks of bwd_reduce reach
 # the tl.dot path (every dot operand dimension must be >= 16).
 _INTERP_BLOCK = 16
+_INTERP_TILE = {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}
 
 
 # Every list runs from P-long to C-long tiles; with deterministic algorithms on,
@@ -121,26 +130,13 @@ def _mask_if(mask, ok):
     return tl.where(ok, mask, False)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
-                 key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
-def _brnpa_norms_kernel(
-    x_ptr, nrm_ptr,
-    C, P, sB, sC, sP,
-    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
-    I64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
+def _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                 I64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The norms over C of the program's block of positions (``sample_block``), summed in
+    nrm's dtype and correctly rounded like torch's: ``(b, offs_p, mask_p, nrm)``."""
     acc_t = nrm_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
     cols = x_ptr + b * sB + offs_p[None, :] * sP
 
     sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -152,10 +148,21 @@ def _brnpa_norms_kernel(
         f = tl.load(cols + offs_c[:, None] * sC, mask=m, other=0.0).to(acc_t)
         sq += f * f
     sq = tl.sum(sq, axis=0)
-    if acc_t == tl.float64:
-        nrm = tl.sqrt(sq)  # fp64 sqrt is correctly rounded; sqrt_rn takes fp32 only
-    else:
-        nrm = tl.sqrt_rn(sq)  # correctly rounded, like torch; tl.sqrt may be approximate on GPU
+    return b, offs_p, mask_p, sqrt_rn(sq)
+
+
+@triton.autotune(configs=_configs(_NORMS_CONFIGS, _INTERP_TILE),
+                 key=["C", "P", "CHANNELS_LAST"])
+@triton.jit
+def _brnpa_norms_kernel(
+    x_ptr, nrm_ptr,
+    C, P, sB, sC, sP,
+    CHANNELS_LAST: tl.constexpr,  # only keys the autotune cache
+    I64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b, offs_p, mask_p, nrm = _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                                          I64, BLOCK_C, BLOCK_P)
     tl.store(nrm_ptr + b * P + offs_p, nrm, mask=mask_p)
 
 
@@ -206,16 +213,8 @@ def _brnpa_step_kernel(
     I64: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part = pid
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part = part.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part = tl.program_id(0).to(b.dtype)
     ridx = tl.load(idx_ptr + b).to(tl.int64)
     _step_tile(x_ptr + b * sB, inv_ptr + b * P, ridx, s_ptr + b * P, sv_part_ptr + part * C,
                offs_p, mask_p, C, P, sC, sP, I64, BLOCK_P, BLOCK_C)
@@ -235,6 +234,9 @@ def _brnpa_bwd_reduce_kernel(
     acc_t = inv_ptr.dtype.element_ty
     if DOT:
         tl.static_assert(BLOCK_C >= 16, "tl.dot needs every operand dimension >= 16")
+    # sample_block's prologue, written out: with the K-chunk indices interleaved as
+    # here the compile keeps its register count (through sample_block, ptxas took 72
+    # registers instead of 69 at C16 K4 P64, sm_90).
     pid = tl.program_id(0)
     kc = tl.program_id(1)
     num_pb = tl.cdiv(P, BLOCK_P)
@@ -328,8 +330,7 @@ def _brnpa_bwd_reduce_kernel(
         tl.atomic_xchg(cnt, 0)  # ready for the next launch, without a fill
 
 
-@triton.autotune(configs=_configs(_BWD_DX_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_BWD_DX_CONFIGS, _INTERP_TILE),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_bwd_dx_kernel(
@@ -340,21 +341,7 @@ def _brnpa_bwd_dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = m_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    b = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    mask = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        b = b.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    b, offs_c, offs_p, mask_c, mask_p, mask = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
 
     # J (= 2K) rank-1 updates: a few FMAs per element of a pass that is
     # memory-bound, and no (J, C, P) product or tf32 question.
@@ -374,17 +361,6 @@ def _brnpa_bwd_dx_kernel(
 # --------------------------------------------------------------------------- #
 # stage kernels (reference/stages.py, issue 16)
 # --------------------------------------------------------------------------- #
-
-
-@triton.jit
-def _div(a, b):
-    """``a / b`` correctly rounded, as torch divides (fp32 ``/`` may be approximate
-    on a GPU; ``div_rn`` takes fp32 only, fp64 ``/`` is exact)."""
-    if a.dtype == tl.float64:
-        q = a / b
-    else:
-        q = tl.math.div_rn(a, b)
-    return q
 
 
 @triton.jit
@@ -412,8 +388,7 @@ def _first_argmax(row_ptr, P, BLOCK_A: tl.constexpr):
     return tl.where(first_nan < P, first_nan, i)
 
 
-@triton.autotune(configs=_configs(_NORMS_CONFIGS,
-                                  {"BLOCK_C": _INTERP_BLOCK, "BLOCK_P": _INTERP_BLOCK}),
+@triton.autotune(configs=_configs(_NORMS_CONFIGS, _INTERP_TILE),
                  key=["C", "P", "CHANNELS_LAST"])
 @triton.jit
 def _brnpa_prepare_kernel(
@@ -427,32 +402,11 @@ def _brnpa_prepare_kernel(
 ):
     """The norms kernel, plus ``inv = 1 / (nrm + eps)`` and the first score."""
     acc_t = nrm_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-    cols = x_ptr + b * sB + offs_p[None, :] * sP
-
-    sq = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m = (offs_c < C)[:, None] & mask_p[None, :]
-        if I64:
-            offs_c = offs_c.to(tl.int64)
-        f = tl.load(cols + offs_c[:, None] * sC, mask=m, other=0.0).to(acc_t)
-        sq += f * f
-    sq = tl.sum(sq, axis=0)
-    if acc_t == tl.float64:
-        nrm = tl.sqrt(sq)
-    else:
-        nrm = tl.sqrt_rn(sq)
+    b, offs_p, mask_p, nrm = _block_norms(x_ptr, nrm_ptr, C, P, sB, sC, sP,
+                                          I64, BLOCK_C, BLOCK_P)
     # torch's 1.0 / t is reciprocal(t) * 1.0, i.e. a correctly rounded 1 / t.
     ne = nrm + EPS
-    inv = _div(tl.full([BLOCK_P], 1.0, acc_t), ne)
+    inv = div_rn(tl.full([BLOCK_P], 1.0, acc_t), ne)
     if PAPER:
         score = nrm * nrm
     else:
@@ -478,17 +432,9 @@ def _brnpa_part_step_kernel(
     the step for its block of positions: ``s[:, j]`` and a partial of ``sv``. The
     sample's first program writes ``idx[:, j]``. Reads no output of its own, so
     autotune may rerun it."""
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    b = pid // num_pb
-    pb = pid % num_pb
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part = pid
-    if I64:
-        b = b.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part = part.to(tl.int64)
+    b, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part = tl.program_id(0).to(b.dtype)
+    pb = tl.program_id(0) % tl.cdiv(P, BLOCK_P)
     ridx = _first_argmax(score_ptr + b * P, P, BLOCK_A).to(tl.int64)
     row = b * K + j
     tl.store(idx_ptr + row, ridx, mask=pb == 0)
@@ -529,7 +475,7 @@ def _brnpa_part_finish_kernel(
         offs = p0 + tl.arange(0, BLOCK_P)
         m = offs < P
         sv = tl.load(s_row + offs, mask=m, other=0.0)
-        w = _div(sv, tot)
+        w = div_rn(sv, tot)
         tl.store(maps_row + offs, w.to(maps_ptr.dtype.element_ty), mask=m)
         sc = tl.load(score_row + offs, mask=m, other=0.0)
         if PAPER:
@@ -547,7 +493,7 @@ def _brnpa_part_finish_kernel(
         vacc = tl.zeros([BLOCK_C], dtype=acc_t)
         for q in range(0, NUM_PB):
             vacc += tl.load(part0 + q * C + offs_c, mask=mc, other=0.0)
-        tl.store(vec_ptr + row * C + offs_c, _div(vacc, tot).to(vec_ptr.dtype.element_ty),
+        tl.store(vec_ptr + row * C + offs_c, div_rn(vacc, tot).to(vec_ptr.dtype.element_ty),
                  mask=mc)
 
 
@@ -592,7 +538,7 @@ def _brnpa_bwd_finish_kernel(
             at = rows[:, None] * P + offs_p[None, :]
             sv = tl.load(s_ptr + at, mask=kp, other=0.0)
             dwv = tl.load(dw_ptr + at, mask=kp, other=0.0)
-            ck += tl.sum(dwv * _div(sv, tot[:, None]), axis=1)
+            ck += tl.sum(dwv * div_rn(sv, tot[:, None]), axis=1)
         if ONE_CHUNK:
             ck_keep = ck
         else:
@@ -617,7 +563,7 @@ def _brnpa_bwd_finish_kernel(
             tl.store(m_b + K * C + kcs, r, mask=kc)
             uv = tl.load(u_ptr + kc_b + kcs, mask=kc, other=0.0)
             tv = tl.load(t_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-            q = _div(uv - ck[:, None] * tv[None, :], tot[:, None])
+            q = div_rn(uv - ck[:, None] * tv[None, :], tot[:, None])
             tl.store(m_b + 2 * K * C + kcs, q * inv_r[:, None], mask=kc)
 
     if not ONE_CHUNK:
@@ -646,15 +592,15 @@ def _brnpa_bwd_finish_kernel(
             at = rows[:, None] * P + offs_p[None, :]
             sv = tl.load(s_ptr + at, mask=kp, other=0.0)
             dwv = tl.load(dw_ptr + at, mask=kp, other=0.0)
-            ds = _div(dwv - ck[:, None], tot[:, None])  # padding rows and lanes: 0
+            ds = div_rn(dwv - ck[:, None], tot[:, None])  # padding rows and lanes: 0
             kps = offs_k[:, None] * P + offs_p[None, :]
-            tl.store(a_b + kps, _div(sv, tot[:, None]), mask=kp)
+            tl.store(a_b + kps, div_rn(sv, tot[:, None]), mask=kp)
             tl.store(a_b + K * P + kps, (ds * inv[None, :]) * inv_r[:, None], mask=kp)
             hit = offs_p[None, :] == ridx[:, None]
             tl.store(a_b + 2 * K * P + kps, tl.where(hit, 1.0, 0.0).to(acc_t), mask=kp)
             cacc += tl.sum(ds * sv, axis=0)
         nr = tl.load(nrm_ptr + b * P + offs_p, mask=mask_p, other=0.0)
-        safe = tl.where(nr > 0, _div(inv, nr), 0.0)
+        safe = tl.where(nr > 0, div_rn(inv, nr), 0.0)
         tl.store(c_ptr + b * P + offs_p, cacc * safe, mask=mask_p)
 
 
@@ -668,15 +614,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    cfg = _FORCED_CONFIGS.get(kernel)
-    if cfg is None and torch.are_deterministic_algorithms_enabled():
-        # The tile sets the summation order and autotune may pick another tile
-        # in another process; a fixed pick per layout keeps the bits equal.
-        cfg = kernel.configs[-1 if kwargs["CHANNELS_LAST"] else 0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    launch(_FORCED_CONFIGS, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -690,23 +628,7 @@ def _device_ctx(x: Tensor):
 def _check_x(name: str, t) -> tuple[int, int, int, bool]:
     """Validate an activation; return its (sB, sC, sP) as a (B, C, P) view and
     whether it is channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _X_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    b, c, h, w = t.shape
-    if b > 0 and min(c, h, w) < 1:
-        raise ValueError(f"{name}: expected C, H, W >= 1, got shape {tuple(t.shape)}")
-    p = h * w
-    # Canonical strides, not t.stride(): a dim of size 1 may carry any stride.
-    if t.is_contiguous():
-        return c * p, p, 1, False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return p * c, 1, c, True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return ncp_strides(name, t, _X_DTYPES, batch="B", sizes="nonempty_if_batch")
 
 
 def _check_rank(name: str, t, dim: int) -> None:
@@ -726,7 +648,7 @@ def brnpa_norms(x: Tensor) -> Tensor:
     if b == 0:
         return nrm
     with _device_ctx(x):
-        _launch(_brnpa_norms_kernel, lambda meta: (b * triton.cdiv(p, meta["BLOCK_P"]),),
+        _launch(_brnpa_norms_kernel, block_grid(b, p, "BLOCK_P"),
                 x, nrm, c, p, sb, sc, sp, CHANNELS_LAST=cl, I64=_i64(x))
     return nrm
 
@@ -814,8 +736,7 @@ def brnpa_bwd_dx(x: Tensor, a: Tensor, m: Tensor, c: Tensor) -> Tensor:
     dsb, dsc, dsp, _ = _check_x("df", df)
     with _device_ctx(x):
         _launch(_brnpa_bwd_dx_kernel,
-                lambda meta: (b * triton.cdiv(ch, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(b, ch, p),
                 x, a, m, c, df, ch, p, j, sb, sc, sp, dsb, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_i64(x, a, m))
     return df
@@ -877,7 +798,7 @@ def brnpa_prepare(x: Tensor, paper: bool, eps: float) -> tuple[Tensor, Tensor, T
     if b == 0:
         return nrm, inv, score
     with _device_ctx(x):
-        _launch(_brnpa_prepare_kernel, lambda meta: (b * triton.cdiv(p, meta["BLOCK_P"]),),
+        _launch(_brnpa_prepare_kernel, block_grid(b, p, "BLOCK_P"),
                 x, nrm, inv, score, c, p, sb, sc, sp, EPS=float(eps), PAPER=bool(paper),
                 CHANNELS_LAST=cl, I64=_i64(x))
     return nrm, inv, score

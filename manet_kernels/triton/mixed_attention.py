@@ -30,9 +30,19 @@ from torch import Tensor
 
 from manet_kernels.triton._common import INTERPRET as _INTERPRET_AT_IMPORT
 from manet_kernels.triton._common import acc_dtype as _acc_dtype
+from manet_kernels.triton._common import (
+    block_grid,
+    device_ctx,
+    interpreting,
+    launch,
+    ncp_strides,
+    small,
+    tile_grid,
+)
 from manet_kernels.triton._common import configs as _configs
-from manet_kernels.triton._common import device_ctx, interpreting, small
 from manet_kernels.triton._common import needs_i64 as _needs_i64
+from manet_kernels.triton._common import sample_counters as _sample_counters
+from manet_kernels.triton._tiles import cp_tile, div_rn, sample_block, sqrt_rn
 
 __all__ = [
     "mixed_attention_channel_pool",
@@ -150,14 +160,7 @@ def _mixed_attention_channel_pool_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = avg_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -194,14 +197,7 @@ def _mixed_attention_spatial_pool_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    n = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    if I64:
-        n = n.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
     cols = x_ptr + n * sN + offs_p[None, :] * sP
 
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_t)
@@ -242,21 +238,7 @@ def _mixed_attention_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    n = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    m = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_c, offs_p, mask_c, mask_p, m = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
     mcv = tl.load(mc_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     msv = tl.load(ms_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     xv = tl.load(x_ptr + n * sN + offs_c[:, None] * sC + offs_p[None, :] * sP, mask=m, other=0.0)
@@ -277,16 +259,9 @@ def _mixed_attention_bwd_reduce_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    n, offs_p, mask_p = sample_block(P, I64, BLOCK_P)
+    part_row = tl.program_id(0).to(n.dtype)
     num_pb = tl.cdiv(P, BLOCK_P)
-    n = pid // num_pb
-    offs_p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    part_row = pid
-    if I64:
-        n = n.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
-        part_row = part_row.to(tl.int64)
     msv = tl.load(ms_ptr + n * P + offs_p, mask=mask_p, other=0.0)
     g_cols = g_ptr + n * gsN + offs_p[None, :] * gsP
     x_cols = x_ptr + n * xsN + offs_p[None, :] * xsP
@@ -368,14 +343,7 @@ def _mixed_attention_bwd_channel_kernel(
     I64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
     tl.store(out_ptr + n * C + offs_c,
              _bwd_channel_rows(rows, da_ptr, dm_ptr, ic_ptr, n, offs_c, mask_c, C, P, sP,
@@ -394,21 +362,7 @@ def _mixed_attention_bwd_dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = mc_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pb = tl.cdiv(P, BLOCK_P)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    pb = pid % num_pb
-    cb = (pid // num_pb) % num_cb
-    n = pid // (num_pb * num_cb)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-    mask_p = offs_p < P
-    m = mask_c[:, None] & mask_p[None, :]
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
-        offs_p = offs_p.to(tl.int64)
+    n, offs_c, offs_p, mask_c, mask_p, m = cp_tile(C, P, I64, BLOCK_C, BLOCK_P)
     per_c = n * C + offs_c
     per_p = n * P + offs_p
     mcv = tl.load(mc_ptr + per_c, mask=mask_c, other=0.0)
@@ -450,12 +404,8 @@ def _f64_arg(bits):
 @triton.jit
 def _rsqrt(v):
     # 1 / sqrt(v) rounded as torch.rsqrt's (IEEE sqrt and division, not the fast
-    # approximations); sqrt_rn and div_rn are float32-only, float64's are IEEE anyway.
-    if v.dtype == tl.float64:
-        r = 1.0 / tl.sqrt(v)
-    else:
-        r = tl.div_rn(tl.full(v.shape, 1.0, v.dtype), tl.sqrt_rn(v))
-    return r
+    # approximations).
+    return div_rn(tl.full(v.shape, 1.0, v.dtype), sqrt_rn(v))
 
 
 @triton.jit
@@ -852,14 +802,7 @@ def _mixed_attention_channel_attn_bwd_kernel(
     # B2 for one tile of channels of one sample, then dl = (dmc + B2 + gmc) * mc *
     # (1 - mc) for them; the last program of the sample to finish (an int32 counter
     # per sample) takes dl back through the MLP and resets the counter to 0.
-    pid = tl.program_id(0)
-    num_cb = tl.cdiv(C, BLOCK_C)
-    n = pid // num_cb
-    offs_c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    if I64:
-        n = n.to(tl.int64)
-        offs_c = offs_c.to(tl.int64)
+    n, offs_c, mask_c = sample_block(C, I64, BLOCK_C)
     rows = x_ptr + n * sN + offs_c[:, None] * sC
     dmc2 = _bwd_channel_rows(rows, da_ptr, dm_ptr, ic_ptr, n, offs_c, mask_c, C, P, sP,
                              I64, BLOCK_C, BLOCK_P)
@@ -873,7 +816,7 @@ def _mixed_attention_channel_attn_bwd_kernel(
     # that sees num_cb - 1 comes after every other program's increment, hence stores.
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr + n, 1)
-    if done == num_cb - 1:
+    if done == tl.cdiv(C, BLOCK_C) - 1:
         tl.debug_barrier()
         _channel_mlp_bwd_finish(n.to(tl.int64), avg_ptr, mx_ptr, dl_ptr, w1_ptr, b1_ptr, w2_ptr,
                                 hid_ptr, dh_ptr, davg_ptr, dmx_ptr, C, CR, HAS_B1, BLOCK_R,
@@ -943,17 +886,7 @@ _FORCED_CONFIGS: dict = {}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    cfg = _FORCED_CONFIGS.get(kernel)
-    # Plain jit kernels (most stage kernels) have tiles fixed by the launcher already.
-    if cfg is None and torch.are_deterministic_algorithms_enabled() and hasattr(kernel, "configs"):
-        # Tiles set the summation order, and autotune may pick another tile in
-        # another process; a fixed pick keeps the bits equal across processes.
-        channels_last = kwargs.get("CHANNELS_LAST", kwargs.get("X_CHANNELS_LAST"))
-        cfg = kernel.configs[-1 if channels_last else 0]
-    if cfg is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    launch(_FORCED_CONFIGS, kernel, grid, *args, **kwargs)
 
 
 def _interpreting() -> bool:
@@ -967,21 +900,7 @@ def _device_ctx(t: Tensor, name: str = "x"):
 def _activation(name: str, t) -> tuple[int, int, int, bool]:
     """Validate an activation; return its (sN, sC, sP) as a (N, C, P) view and
     whether it is channels_last."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
-    if t.dtype not in _ACT_DTYPES:
-        raise TypeError(f"{name}: expected float16/bfloat16/float32/float64, got {t.dtype}")
-    _, c, h, w = t.shape
-    p = h * w
-    # Canonical strides, not t.stride(): dims of size 1 may carry any stride.
-    if t.is_contiguous():
-        return c * p, p, 1, False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return p * c, 1, c, True
-    raise ValueError(f"{name}: expected an NCHW-contiguous or channels_last-contiguous tensor, "
-                     f"got strides {t.stride()} for shape {tuple(t.shape)}")
+    return ncp_strides(name, t, _ACT_DTYPES)
 
 
 def _small(name: str, t, shape: tuple[int, ...], dtype: torch.dtype,
@@ -1013,7 +932,7 @@ def mixed_attention_channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"x: cannot take a max over zero positions (shape {tuple(x.shape)})")
     with _device_ctx(x):
         _launch(_mixed_attention_channel_pool_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                block_grid(n, c, "BLOCK_C"),
                 x, avg, mx, im, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return avg, mx, im
 
@@ -1035,7 +954,7 @@ def mixed_attention_spatial_pool(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor,
         raise ValueError(f"x: cannot take a max over zero channels (shape {tuple(x.shape)})")
     with _device_ctx(x):
         _launch(_mixed_attention_spatial_pool_kernel,
-                lambda meta: (n * triton.cdiv(p, meta["BLOCK_P"]),),
+                block_grid(n, p, "BLOCK_P"),
                 x, mc, sa, sm, ic, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return sa, sm, ic
 
@@ -1055,8 +974,7 @@ def mixed_attention_apply(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     ysn, ysc, ysp, _ = _activation("y", y)
     with _device_ctx(x):
         _launch(_mixed_attention_apply_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(n, c, p),
                 x, mc, ms, y, c, p, sn, sc, sp, ysn, ysc, ysp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return y
 
@@ -1109,7 +1027,7 @@ def mixed_attention_bwd_channel(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: Tenso
     out = torch.empty((n, c), dtype=acc, device=x.device)
     with _device_ctx(x):
         _launch(_mixed_attention_bwd_channel_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                block_grid(n, c, "BLOCK_C"),
                 x, da_s, dm_s, ic, out, c, p, sn, sc, sp, CHANNELS_LAST=cl, I64=_needs_i64(x))
     return out
 
@@ -1137,8 +1055,7 @@ def mixed_attention_bwd_dx(g: Tensor, mc: Tensor, ms: Tensor, da_s: Tensor, dm_s
     dsn, dsc, dsp, _ = _activation("dx", dx)
     with _device_ctx(g, "g"):
         _launch(_mixed_attention_bwd_dx_kernel,
-                lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"])
-                              * triton.cdiv(p, meta["BLOCK_P"]),),
+                tile_grid(n, c, p),
                 g, mc, ms, da_s, dm_s, ic, d_avg, d_mx, im, dx, c, p, sn, sc, sp, dsn, dsc, dsp,
                 CHANNELS_LAST=cl, I64=_needs_i64(g))
     return dx
@@ -1192,20 +1109,29 @@ def _conv_weight(conv_w, acc: torch.dtype, device: torch.device) -> tuple[Tensor
     return _small("conv_w", conv_w, (1, 2, k, k), acc, device), k
 
 
-# Per device: an int32 counter per sample for the last-program finishes of
-# channel_attn_bwd and bwd_reduce (and BR-NPA's bwd_reduce, which imports this),
-# zero-filled once; every launch leaves it at zero again. Launches that use it run in
-# stream order (two streams running these kernels at once would share it).
-_COUNTERS: dict[torch.device, Tensor] = {}
+def _mlp_weights(w1, b1, w2, c: int, acc: torch.dtype,
+                 dev: torch.device) -> tuple[Tensor, Tensor | None, Tensor, int]:
+    """Check the shared MLP's ``w1 (C_r, C)``, ``b1 (C_r,)`` or None and ``w2 (C, C_r)``;
+    return them and ``C_r``."""
+    if not isinstance(w1, Tensor) or w1.dim() != 2:
+        raise ValueError("w1: expected a (C_r, C) tensor")
+    cr = w1.shape[0]
+    w1 = _small("w1", w1, (cr, c), acc, dev)
+    b1 = _opt("b1", b1, (cr,), acc, dev)
+    w2 = _small("w2", w2, (c, cr), acc, dev)
+    return w1, b1, w2, cr
 
 
-def _sample_counters(n: int, device: torch.device) -> Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        size = max(n, 256, 2 * buf.numel() if buf is not None else 0)
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+def _bn_given(bn_mean, bn_var, bn_weight, acc: torch.dtype,
+              dev: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check BatchNorm's given statistics (``bn_var`` goes with ``bn_mean``) and its
+    weight or None; return them."""
+    bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
+    if bn_var is None:
+        raise ValueError("bn_var: expected a tensor with bn_mean, got None")
+    bn_var = _small("bn_var", bn_var, (1,), acc, dev)
+    bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+    return bn_mean, bn_var, bn_weight
 
 
 def mixed_attention_channel_attn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
@@ -1216,12 +1142,7 @@ def mixed_attention_channel_attn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: T
     n, c = x.shape[:2]
     acc = _acc_dtype(x.dtype)
     dev = x.device
-    if not isinstance(w1, Tensor) or w1.dim() != 2:
-        raise ValueError("w1: expected a (C_r, C) tensor")
-    cr = w1.shape[0]
-    w1 = _small("w1", w1, (cr, c), acc, dev)
-    b1 = _opt("b1", b1, (cr,), acc, dev)
-    w2 = _small("w2", w2, (c, cr), acc, dev)
+    w1, b1, w2, cr = _mlp_weights(w1, b1, w2, c, acc, dev)
     b2 = _opt("b2", b2, (c,), acc, dev)
     avg, mx, im = mixed_attention_channel_pool(x)
     mc = torch.empty((n, c), dtype=acc, device=dev)
@@ -1252,11 +1173,7 @@ def mixed_attention_spatial_attn(x: Tensor, mc: Tensor, conv_w: Tensor, conv_b: 
     conv_b = _opt("conv_b", conv_b, (1,), acc, dev)
     bn = not batch_norm and bn_mean is not None
     if bn:
-        bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
-        if bn_var is None:
-            raise ValueError("bn_var: expected a tensor with bn_mean, got None")
-        bn_var = _small("bn_var", bn_var, (1,), acc, dev)
-        bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+        bn_mean, bn_var, bn_weight = _bn_given(bn_mean, bn_var, bn_weight, acc, dev)
         bn_bias = _opt("bn_bias", bn_bias, (1,), acc, dev)
     else:
         bn_weight = bn_bias = bn_mean = bn_var = None
@@ -1380,11 +1297,7 @@ def mixed_attention_spatial_attn_bwd(d: Tensor, gms: Tensor | None, ms: Tensor |
         gms = None
     bn = has_ms and bn_mean is not None
     if bn:
-        bn_mean = _small("bn_mean", bn_mean, (1,), acc, dev)
-        if bn_var is None:
-            raise ValueError("bn_var: expected a tensor with bn_mean, got None")
-        bn_var = _small("bn_var", bn_var, (1,), acc, dev)
-        bn_weight = _opt("bn_weight", bn_weight, (1,), acc, dev)
+        bn_mean, bn_var, bn_weight = _bn_given(bn_mean, bn_var, bn_weight, acc, dev)
     else:
         bn_weight = bn_mean = bn_var = None
     has_bn_w = bn and bn_weight is not None
@@ -1430,12 +1343,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
     mc = _small("mc", mc, (n, c), acc, dev)
     avg = _small("avg", avg, (n, c), acc, dev)
     mx = _small("mx", mx, (n, c), acc, dev)
-    if not isinstance(w1, Tensor) or w1.dim() != 2:
-        raise ValueError("w1: expected a (C_r, C) tensor")
-    cr = w1.shape[0]
-    w1 = _small("w1", w1, (cr, c), acc, dev)
-    b1 = _opt("b1", b1, (cr,), acc, dev)
-    w2 = _small("w2", w2, (c, cr), acc, dev)
+    w1, b1, w2, cr = _mlp_weights(w1, b1, w2, c, acc, dev)
     d_avg = torch.empty((n, c), dtype=acc, device=dev)
     d_mx = torch.empty((n, c), dtype=acc, device=dev)
     dw1 = torch.empty((cr, c), dtype=acc, device=dev)
@@ -1451,7 +1359,7 @@ def mixed_attention_channel_attn_bwd(x: Tensor, da_s: Tensor, dm_s: Tensor, ic: 
     with _device_ctx(x):
         if n * c > 0:
             _launch(_mixed_attention_channel_attn_bwd_kernel,
-                    lambda meta: (n * triton.cdiv(c, meta["BLOCK_C"]),),
+                    block_grid(n, c, "BLOCK_C"),
                     x, da_s, dm_s, ic, dmc, gmc, mc, avg, mx, w1, b1, w2, dl, hid, dh, d_avg,
                     d_mx, _sample_counters(n, dev), c, p, cr, sn, sc, sp, CHANNELS_LAST=cl,
                     I64=_needs_i64(x), HAS_G=gmc is not None, HAS_B1=b1 is not None,
