@@ -259,7 +259,8 @@ OPS = {
                          "manet_kernels.triton.mixed_attention_stages"),
                         _run_mixed_attention, lambda m: []),
     "aw_conv2d": (("manet_kernels.triton.aw_conv2d",), _run_aw_conv2d, _aw_patches),
-    "brnpa": (("manet_kernels.triton.brnpa",), _run_brnpa, lambda m: []),
+    "brnpa": (("manet_kernels.triton.brnpa", "manet_kernels.triton.brnpa_stages"), _run_brnpa,
+              lambda m: []),
 }
 
 
