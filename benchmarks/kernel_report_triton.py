@@ -160,14 +160,17 @@ def _launched_kernels(module) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def recording(module, extra_patches=()):
-    """Inside, the Triton ``module``'s launchers record their launches into the yielded
-    list instead of launching, and accept CPU tensors."""
+def recording(modules, extra_patches=()):
+    """Inside, the launchers of the Triton ``modules`` (an op's pass module, whose launch
+    and device hooks they share, then its stage module if any) record their launches
+    into the yielded list instead of launching, and accept CPU tensors."""
     sink: list[Launch] = []
+    module = modules[0]
     with contextlib.ExitStack() as stack:
-        for name, kernel in _launched_kernels(module).items():
-            stack.enter_context(mock.patch.object(module, name, _Recorder(_jit_fn(kernel).__name__,
-                                                                        kernel, sink)))
+        for mod in modules:
+            for name, kernel in _launched_kernels(mod).items():
+                stack.enter_context(mock.patch.object(
+                    mod, name, _Recorder(_jit_fn(kernel).__name__, kernel, sink)))
         # CPU tensors pass the launchers' device checks, and the op layer's check that
         # backend="triton" on CPU means the interpreter.
         stack.enter_context(mock.patch.object(module, "_interpreting", lambda: True))
@@ -249,11 +252,15 @@ def _aw_patches(module):
     return [mock.patch.object(module, "_wgrad_splits", _on_h100(module._wgrad_splits))]
 
 
-# op -> (Triton module, run one forward + backward, extra patches while recording)
+# op -> (Triton modules: passes, then stages if apart; run one forward + backward; extra
+# patches while recording, given the pass module)
 OPS = {
-    "mixed_attention": ("manet_kernels.triton.mixed_attention", _run_mixed_attention, lambda m: []),
-    "aw_conv2d": ("manet_kernels.triton.aw_conv2d", _run_aw_conv2d, _aw_patches),
-    "brnpa": ("manet_kernels.triton.brnpa", _run_brnpa, lambda m: []),
+    "mixed_attention": (("manet_kernels.triton.mixed_attention",
+                         "manet_kernels.triton.mixed_attention_stages"),
+                        _run_mixed_attention, lambda m: []),
+    "aw_conv2d": (("manet_kernels.triton.aw_conv2d",), _run_aw_conv2d, _aw_patches),
+    "brnpa": (("manet_kernels.triton.brnpa", "manet_kernels.triton.brnpa_stages"), _run_brnpa,
+              lambda m: []),
 }
 
 
@@ -262,10 +269,10 @@ def launches(op: str, shape, dtype: str, layout: str) -> list[Launch]:
     import importlib
     if op not in OPS:
         raise ValueError(f"op: expected one of {sorted(OPS)}, got {op!r}")
-    mod_name, run, patches = OPS[op]
-    module = importlib.import_module(mod_name)
+    mod_names, run, patches = OPS[op]
+    modules = [importlib.import_module(name) for name in mod_names]
     x = _activation(shape, _DTYPES[dtype], layout)
-    with recording(module, patches(module)) as sink:
+    with recording(modules, patches(modules[0])) as sink:
         run(x)
     seen, out = set(), []
     for launch in sink:

@@ -7,7 +7,8 @@ A pass test compares one backend's pass kernels with the contract,
 * ``cpu``: the C++ CPU kernels, the private ops ``torch.ops.manet_kernels._<pass>`` on
   CPU tensors;
 * ``cuda``: the CUDA kernels, the same ops on CUDA tensors;
-* ``triton``: ``manet_kernels.triton.<op>``, on a GPU or under the interpreter
+* ``triton``: ``manet_kernels.triton.<op>`` (its stages: ``<op>_stages`` where the op
+  has that module), on a GPU or under the interpreter
   (tests/conftest.py sets TRITON_INTERPRET=1 on a machine without one);
 * ``torch``: the contract itself, for the tests that state a semantic fact (ties,
   NaN, empty batches) rather than compare with the contract.
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 from manet_kernels import _ext
-from manet_kernels.ops._common import CPP_PASSES, triton_available
+from manet_kernels.ops._common import CPP_PASSES, triton_available, triton_stage_module
 from manet_kernels.reference import passes as ref
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
@@ -280,13 +281,25 @@ class Backend:
 
     @cached_property
     def namespace(self):
+        """Where the backend's passes are (for Triton, the module whose attributes the
+        tests patch: its hooks serve its stage module too)."""
         if self.name == "triton":
             return triton_module(self.op)
         return ref if self.name == "torch" else CPP_PASSES
 
-    def __getattr__(self, name):  # backend.mixed_attention_apply(...): the backend's pass
+    @cached_property
+    def stage_namespace(self):
+        """Triton: ``manet_kernels.triton.<op>_stages`` where the op has it, else None."""
+        if self.name != "triton" or not triton_available():
+            return None
+        return triton_stage_module(self.op)
+
+    def __getattr__(self, name):  # backend.mixed_attention_apply(...): its pass/stage
         if name.startswith(("_", "__")):
             raise AttributeError(name)
+        stages = self.stage_namespace
+        if stages is not None and hasattr(stages, name):
+            return getattr(stages, name)
         return getattr(self.namespace, name)
 
     def __repr__(self):

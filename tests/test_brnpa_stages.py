@@ -2,7 +2,7 @@
 same inputs, one tester for every backend that has them: ``cpu`` (csrc/cpu/brnpa_stages.cpp,
 ``torch.ops.manet_kernels._<stage>`` on CPU tensors), ``cuda`` (the same ops on CUDA
 tensors) and ``triton`` (``brnpa_prepare``, ``brnpa_part``, ``brnpa_bwd_finish`` in
-manet_kernels/triton/brnpa.py, under the interpreter without a GPU).
+manet_kernels/triton/brnpa_stages.py, under the interpreter without a GPU).
 
 The stages:
 
@@ -46,7 +46,7 @@ BACKENDS = ("cpu", "cuda", "triton")
 def stage(bk, name):
     """The backend's stage ``name``; a Triton case without it is skipped."""
     if bk.name == "triton":
-        fn = getattr(bk.namespace, name, None)
+        fn = getattr(bk, name, None)
         if fn is None:
             pytest.skip("no Triton stage yet")
         return fn

@@ -2,8 +2,8 @@
 ``manet_kernels.reference.stages``, evaluated on the same inputs, for every backend that
 has them: ``cpu`` (the C++ ops ``manet_kernels::_mixed_attention_<stage>`` on CPU
 tensors), ``cuda`` (the same ops on CUDA tensors) and ``triton``
-(``manet_kernels.triton.mixed_attention.mixed_attention_<stage>``; a case is skipped while
-that module has no such function).
+(``manet_kernels.triton.mixed_attention_stages.mixed_attention_<stage>``; a case is skipped
+while that module has no such function).
 
 How an output is judged (``check_bounded``): a stage is sums and products, then perhaps a
 sigmoid, so its error is bounded by ``SUM_ULPS`` ulps of the accumulation dtype times the

@@ -145,6 +145,14 @@ def pass_kernels(backend: str, op: str):
     raise ValueError(f"no pass kernels for backend {backend!r}")
 
 
+def triton_stage_module(op: str):
+    """``manet_kernels.triton.<op>_stages``, the Triton kernels of ``op``'s fused stages
+    (built on the passes of ``manet_kernels.triton.<op>``), or None where the op has no
+    such module (its Triton stages, if any, are in the pass module)."""
+    name = f"manet_kernels.triton.{op}_stages"
+    return importlib.import_module(name) if importlib.util.find_spec(name) else None
+
+
 # Whether the CUDA kernels of the fused stages (csrc/cuda, issue 16) have passed their
 # GPU tests (tests/test_<op>_stages.py -k cuda): until then the "cuda" backend composes
 # each stage from its verified pass kernels and PyTorch (reference/stages.py over the
@@ -209,7 +217,7 @@ _CPP_STAGES = {"cpu": CppStages("cpu"), "cuda": CppStages("cuda")}
 
 def stage_kernels(backend: str, op: str, device_type: str):
     """The fused stages of ``op`` (and its passes) for a backend, as a namespace: the
-    C++ stage ops on CPU (CUDA once verified), the Triton module's stages, or the
+    C++ stage ops on CPU (CUDA once verified), the Triton stage module's, or the
     contract composed over the backend's passes where a stage has no kernel yet."""
     if backend in ("cpu", "cuda"):
         return _CPP_STAGES[device_type]
@@ -234,15 +242,18 @@ class _Chain:
 
 @functools.cache
 def _composed(backend: str, op: str):
-    """Triton: the module's own stages and passes, the contract for the rest (a stage
-    composed over the Triton passes; the spatial conv, which has no Triton kernel)."""
+    """Triton: the stage module's stages (``triton_stage_module``) and the pass module's
+    passes, the contract for the rest (a stage composed over the Triton passes; the
+    spatial conv, which has no Triton kernel)."""
     from manet_kernels.reference import passes as torch_passes
     if backend == "triton_passes":  # the stage contract over the Triton passes only
         return ComposedStages(_Chain(pass_kernels("triton", op), torch_passes))
     passes = pass_kernels(backend, op)
     if backend == "torch":
         return ComposedStages(passes)
-    return _Chain(passes, ComposedStages(_Chain(passes, torch_passes)))
+    stages = triton_stage_module(op) if backend == "triton" else None
+    own = (passes,) if stages is None else (stages, passes)
+    return _Chain(*own, ComposedStages(_Chain(passes, torch_passes)))
 
 
 def _clear_stage_caches() -> None:
