@@ -1,5 +1,5 @@
 """The second-generation CUDA kernels of AW-conv (``_aw_conv2d_fwd_v2_kernel`` and
-``_aw_conv2d_wgrad_v2_kernel`` in csrc/cuda/aw_conv2d.cu, reached through
+``_aw_conv2d_wgrad_v2_kernel`` in csrc/cuda/aw_conv2d_v2.cuh, reached through
 ``_aw_conv2d_fwd_v2`` / ``_aw_conv2d_bwd_v2`` behind ``CUDA_AW_V2_VERIFIED``;
 docs/design.md §2.4).
 

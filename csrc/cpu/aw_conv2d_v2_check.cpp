@@ -1,5 +1,5 @@
 // manet_kernels::_aw_conv2d_{wgrad,fwd,dx}_v2_emulate: the CUDA v2 weight-gradient,
-// forward and dx kernels (csrc/cuda/aw_conv2d.cu) replayed on the CPU in float64,
+// forward and dx kernels (csrc/cuda/aw_conv2d_v2.cuh) replayed on the CPU in float64,
 // thread by thread and K step by K step, through the same index functions
 // (csrc/cuda/aw_conv2d_v2_index.h) and launch plan (csrc/cuda/aw_conv2d_plan.h): block
 // decoding, sample splits, the 16-byte chunk -> tile-slot map, the division-free position
@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> wgrad_v2_emulate(const Tensor& g_in, const Te
   return {dw_part.sum(0), ds_part.sum(0), plan};
 }
 
-// The forward / dx v2 kernels (conv_v2_body in csrc/cuda/aw_conv2d.cu) replayed the same
+// The forward / dx v2 kernels (conv_v2_body in csrc/cuda/aw_conv2d_v2.cuh) replayed the same
 // way on the channels_last activation `in` (x, or g for dx): returns the channels_last
 // output (N, rows, cols, channels) and plan = [blocks, ks_tap, smem].
 std::tuple<Tensor, Tensor> conv_v2_replay(const aw_plan::Geo& geo, bool dx, int elem_bytes,

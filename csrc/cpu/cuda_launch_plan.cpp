@@ -241,8 +241,8 @@ bool brnpa(std::vector<Launch>& out, const std::string& op, bool cl, c10::Scalar
 
 // ---------------------------------------------------------------------------------------
 // AW-conv and per-sample conv (csrc/cuda/aw_conv2d.cu: ConvLaunch, WgradLaunch, and
-// wgrad_v2 for aw_conv2d_bwd_v2, which falls back to WgradLaunch where the v2 kernel does
-// not take the call)
+// csrc/cuda/aw_conv2d_v2.cuh: wgrad_v2 for aw_conv2d_bwd_v2, which falls back to
+// WgradLaunch where the v2 kernel does not take the call)
 
 bool aw_conv2d(std::vector<Launch>& out, const std::string& op_name, bool channels_last,
                c10::ScalarType dt, at::IntArrayRef shape, at::IntArrayRef params, const Gpu& gpu) {

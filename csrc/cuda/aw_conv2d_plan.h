@@ -1,4 +1,5 @@
-// Launch planning of the AW-conv / per-sample conv CUDA kernels (csrc/cuda/aw_conv2d.cu):
+// Launch planning of the AW-conv / per-sample conv CUDA kernels (csrc/cuda/aw_conv2d.cu,
+// second generation csrc/cuda/aw_conv2d_v2.cuh):
 // host-only C++, shared with the CPU-side launch-plan op that the kernel report calls
 // (csrc/cpu/cuda_launch_plan.cpp), so both compute grids with the same code.
 #pragma once

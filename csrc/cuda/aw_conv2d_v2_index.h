@@ -1,5 +1,5 @@
 // Index math of the second-generation AW-conv CUDA weight-gradient kernel
-// (_aw_conv2d_wgrad_v2_kernel in csrc/cuda/aw_conv2d.cu): which block does what, which
+// (_aw_conv2d_wgrad_v2_kernel in csrc/cuda/aw_conv2d_v2.cuh): which block does what, which
 // 16-byte chunk of g and x each thread copies into which tile slot, how a thread's
 // position cursor steps along GEMM-K without division, and where the fold writes its
 // partials. Plain C++ that compiles as host code too, so the CPU-side emulator

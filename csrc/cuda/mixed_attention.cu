@@ -463,6 +463,30 @@ void launch_finalize(const at::Tensor& psum, const at::Tensor& pmax, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Per-tile partials (N, tiles, K) of one reduction direction, summed by launch_finalize.
+struct Partials {
+  at::Tensor sum, max, idx;
+};
+
+// Where the tile kernel writes one reduction direction's (N, K) results: straight into
+// `out` when one tile covers the direction, else into partials allocated in `p` (scale 1,
+// max and idx only with `with_max`).
+template <typename acc_t>
+Result<acc_t> reduction_target(const Result<acc_t>& out, int64_t N, int64_t tiles, int64_t K,
+                               bool with_max, const at::TensorOptions& opts, Partials& p) {
+  if (tiles == 1) return out;
+  Result<acc_t> r;
+  p.sum = at::empty({N, tiles, K}, opts);
+  r.sum = p.sum.data_ptr<acc_t>();
+  if (with_max) {
+    p.max = at::empty({N, tiles, K}, opts);
+    p.idx = at::empty({N, tiles, K}, opts.dtype(at::kInt));
+    r.max = p.max.data_ptr<acc_t>();
+    r.idx = p.idx.data_ptr<int32_t>();
+  }
+  return r;
+}
+
 template <typename scalar_t, int OP, bool CL, int VEC>
 void launch_tile(const TileArgs<scalar_t, at::opmath_type<scalar_t>>& a, int64_t blocks,
                  cudaStream_t stream) {
@@ -520,53 +544,30 @@ void run_pass(TileArgs<scalar_t, at::opmath_type<scalar_t>> a, const at::Tensor&
   const auto opts = act.options()
                         .dtype(c10::CppTypeToScalarType<acc_t>::value)
                         .memory_format(at::MemoryFormat::Contiguous);
-  const auto iopts = opts.dtype(at::kInt);
   const Result<acc_t> row_out = CL ? over_c : over_p;
   const Result<acc_t> col_out = CL ? over_p : over_c;
-  at::Tensor rps, rpm, rpi, cps, cpm, cpi;
+  Partials rp, cp;
   if constexpr (T::kRowRed) {
-    if (pl.nLT == 1) {
-      a.row_sum = row_out.sum;
-      a.row_max = row_out.max;
-      a.row_idx = row_out.idx;
-      a.row_scale = row_out.scale;
-    } else {
-      rps = at::empty({N, pl.nLT, R}, opts);
-      a.row_sum = rps.data_ptr<acc_t>();
-      if (T::kMax) {
-        rpm = at::empty({N, pl.nLT, R}, opts);
-        rpi = at::empty({N, pl.nLT, R}, iopts);
-        a.row_max = rpm.data_ptr<acc_t>();
-        a.row_idx = rpi.data_ptr<int32_t>();
-      }
-      a.row_scale = acc_t(1);
-    }
+    const Result<acc_t> r = reduction_target(row_out, N, pl.nLT, R, T::kMax, opts, rp);
+    a.row_sum = r.sum;
+    a.row_max = r.max;
+    a.row_idx = r.idx;
+    a.row_scale = r.scale;
   }
   if constexpr (T::kColRed) {
-    if (pl.nRT == 1) {
-      a.col_sum = col_out.sum;
-      a.col_max = col_out.max;
-      a.col_idx = col_out.idx;
-      a.col_scale = col_out.scale;
-    } else {
-      cps = at::empty({N, pl.nRT, L}, opts);
-      a.col_sum = cps.data_ptr<acc_t>();
-      if (T::kMax) {
-        cpm = at::empty({N, pl.nRT, L}, opts);
-        cpi = at::empty({N, pl.nRT, L}, iopts);
-        a.col_max = cpm.data_ptr<acc_t>();
-        a.col_idx = cpi.data_ptr<int32_t>();
-      }
-      a.col_scale = acc_t(1);
-    }
+    const Result<acc_t> c = reduction_target(col_out, N, pl.nRT, L, T::kMax, opts, cp);
+    a.col_sum = c.sum;
+    a.col_max = c.max;
+    a.col_idx = c.idx;
+    a.col_scale = c.scale;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_tile_vec<scalar_t, OP, CL>(a, pl.vec, blocks, stream);
   if (pp.row_fin > 0) {
-    launch_finalize<acc_t>(rps, rpm, rpi, row_out, N, pl.nLT, R, T::kMax, stream);
+    launch_finalize<acc_t>(rp.sum, rp.max, rp.idx, row_out, N, pl.nLT, R, T::kMax, stream);
   }
   if (pp.col_fin > 0) {
-    launch_finalize<acc_t>(cps, cpm, cpi, col_out, N, pl.nRT, L, T::kMax, stream);
+    launch_finalize<acc_t>(cp.sum, cp.max, cp.idx, col_out, N, pl.nRT, L, T::kMax, stream);
   }
 }
 
