@@ -33,6 +33,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: with the 2 cores shared, thread
+    hand-offs and spin-waits cost more than the work (a resnet20 forward on 3 16x16
+    images: 3 ms on 1 thread, 0.5 s on 2; test_models.py ran 2-3x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def no_tf32():
     """fp32 references in IEEE fp32 on a GPU: cuDNN convolutions take TF32 by default

@@ -22,14 +22,7 @@ K = 5  # classes
 KINDS = ["resnet20", "manet_resnet20", "resnet20_brnpa"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: with the 2 cores shared, thread hand-offs cost more than
-    # the convolutions (a resnet20 forward on 3 16x16 images: 3 ms on 1 thread, 0.5 s on 2).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name, **kw):

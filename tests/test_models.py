@@ -29,14 +29,7 @@ K = 5
 ATTENTION = ("MixedAttention", "AWConv2d", "BRNPA", "BRNPAHead")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a second thread only adds parallel-region overhead, and on
-    # a shared 2-core machine its spin-waits made this file 2-3x slower (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

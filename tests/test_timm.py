@@ -49,13 +49,7 @@ CBAM = dict(block_args=dict(attn_layer="cbam"))
 K = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second thread on the shared 2-core machine only adds spin-waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
